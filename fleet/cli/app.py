@@ -1,0 +1,87 @@
+"""The typer application and the helpers every command module shares."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import typer
+from pydantic import BaseModel
+
+from fleet.settings import Settings, get_settings
+
+app = typer.Typer(
+    name="fleet",
+    help="pgfleet: AI customer-support workers on PostgreSQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+JsonOption = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+def setup_logging(level: str | None = None) -> None:
+    logging.basicConfig(
+        level=(level or settings().fleet_log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine on a fresh event loop (uvloop when available)."""
+    try:
+        import uvloop
+
+        return uvloop.run(factory())
+    except ImportError:  # pragma: no cover
+        return asyncio.run(factory())
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def emit_json(data: Any) -> None:
+    typer.echo(json.dumps(_plain(data), default=str, indent=2))
+
+
+def _cell(value: Any, width: int) -> str:
+    if value is None:
+        text = "-"
+    elif isinstance(value, datetime):
+        text = value.strftime("%Y-%m-%d %H:%M:%S")
+    else:
+        text = str(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], width: int = 40) -> None:
+    """A plain aligned table; cells are cut at ``width`` characters."""
+    if not rows:
+        typer.echo("(none)")
+        return
+    cells = [[_cell(row.get(c), width) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

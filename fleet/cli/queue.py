@@ -1,0 +1,246 @@
+"""Queue commands: ``worker``, ``up``, ``enqueue``, ``messages``, ``status``."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import typer
+
+from fleet.cli.app import JsonOption, app, emit_json, emit_table, run, settings, setup_logging
+from fleet.errors import InvalidInput
+from fleet.handlers import HANDLER_NAMES
+
+HandlerOption = typer.Option("agent", "--handler", help=f"One of: {', '.join(HANDLER_NAMES)}.")
+
+
+def _check_handler(name: str) -> str:
+    if name not in HANDLER_NAMES:
+        raise InvalidInput(f"unknown handler {name!r}; expected one of: {', '.join(HANDLER_NAMES)}")
+    return name
+
+
+@app.command("worker")
+def worker_command(
+    concurrency: int = typer.Option(10, "--concurrency", min=1, help="Messages in flight at most."),
+    handler: str = HandlerOption,
+    work_delay: float = typer.Option(
+        0.0, "--work-delay", min=0.0, help="noop handler: seconds per message."
+    ),
+    poll_only: bool = typer.Option(
+        False, "--poll-only", help="No LISTEN (PgBouncer transaction pooling): poll only."
+    ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="Serve this process's /metrics on this port."
+    ),
+    drain: bool = typer.Option(False, "--drain", help="Exit once the queue is empty."),
+) -> None:
+    """Run one worker process until SIGTERM/SIGINT (then drain gracefully)."""
+    from fleet.database import resolve_url
+    from fleet.handlers import build_handler
+    from fleet.worker import Worker
+
+    setup_logging()
+    _check_handler(handler)
+    cfg = settings()
+
+    async def go() -> None:
+        import asyncio
+
+        worker = Worker(
+            cfg,
+            build_handler(handler, cfg, work_delay=work_delay),
+            concurrency=concurrency,
+            poll_only=poll_only,
+            drain=drain,
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        if metrics_port is not None:
+            from fleet.metrics_server import serve_process_metrics
+
+            serve_process_metrics(metrics_port, cfg, await resolve_url(cfg))
+        await worker.run()
+
+    run(go)
+
+
+@app.command("up")
+def up_command(
+    workers: int = typer.Option(2, "--workers", min=1, help="Worker processes."),
+    concurrency: int = typer.Option(10, "--concurrency", min=1, help="In flight per worker."),
+    handler: str = HandlerOption,
+    work_delay: float = typer.Option(
+        0.0, "--work-delay", min=0.0, help="noop handler: seconds per message."
+    ),
+    metrics_port: int | None = typer.Option(
+        None, "--metrics-port", help="One /metrics endpoint for all processes."
+    ),
+    poll_only: bool = typer.Option(False, "--poll-only", help="Workers poll instead of LISTEN."),
+) -> None:
+    """Supervise the MCP server and N workers; restart crashed children; SIGTERM drains."""
+    from fleet.supervisor import Supervisor
+
+    setup_logging()
+    _check_handler(handler)
+    code = Supervisor(
+        settings(),
+        workers=workers,
+        concurrency=concurrency,
+        handler=handler,
+        work_delay=work_delay,
+        metrics_port=metrics_port,
+        poll_only=poll_only,
+    ).run()
+    raise typer.Exit(code)
+
+
+def _reply_data(reply: Any) -> dict[str, Any]:
+    return reply.model_dump(mode="json")
+
+
+@app.command("enqueue")
+def enqueue_command(
+    session: str = typer.Argument(..., help="Conversation id."),
+    text: str = typer.Argument(..., help="The customer's message."),
+    customer_id: str | None = typer.Option(None, "--customer-id"),
+    dedupe_key: str | None = typer.Option(
+        None, "--dedupe-key", help="Enqueue at most once per key."
+    ),
+    agent: str | None = typer.Option(None, "--agent", help="Agent name (default: support)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait and print the reply."),
+    timeout: float = typer.Option(60.0, "--timeout", min=0.0, help="Seconds to wait."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Enqueue a message; prints its id (with --wait, the reply or the approval it waits on)."""
+    from fleet.client import Client
+
+    async def go() -> tuple[int, Any]:
+        async with Client(settings=settings()) as client:
+            message_id = await client.enqueue(
+                session, text, customer_id=customer_id, dedupe_key=dedupe_key, agent=agent
+            )
+            reply = await client.wait_for_reply(message_id, timeout) if wait else None
+            return message_id, reply
+
+    message_id, reply = run(go)
+    if reply is None:
+        if as_json:
+            emit_json({"id": message_id})
+        else:
+            typer.echo(message_id)
+        return
+    if as_json:
+        emit_json(_reply_data(reply))
+    elif reply.state == "done":
+        typer.echo(reply.reply)
+    elif reply.state == "awaiting_approval":
+        typer.echo(
+            f"message {message_id} is waiting for approval {reply.approval_id}: "
+            f"decide with 'fleet approve {reply.approval_id} --by NAME' or "
+            f"'fleet reject {reply.approval_id} --by NAME --reason TEXT'"
+        )
+    elif reply.state in ("dead", "cancelled"):
+        typer.echo(f"error: message {message_id} is {reply.state}: {reply.error}", err=True)
+        raise typer.Exit(1)
+    else:
+        typer.echo(
+            f"error: no reply within {timeout:g}s; message {message_id} is {reply.state}", err=True
+        )
+        raise typer.Exit(4)
+
+
+MESSAGE_COLUMNS = [
+    "id",
+    "session_id",
+    "state",
+    "attempts",
+    "enqueued_at",
+    "claimed_at",
+    "finished_at",
+    "reply",
+    "error",
+]
+
+
+@app.command("messages")
+def messages_command(
+    session: str | None = typer.Option(None, "--session", help="Only this session."),
+    state: str | None = typer.Option(
+        None, "--state", help="queued, running, awaiting_approval, done, dead or cancelled."
+    ),
+    limit: int = typer.Option(50, "--limit", min=1, help="At most this many, newest first."),
+    as_json: bool = JsonOption,
+) -> None:
+    """List messages, newest first."""
+    from fleet.client import Client
+    from fleet.queue import validate_state
+
+    validate_state(state)
+
+    async def go() -> list[Any]:
+        async with Client(settings=settings()) as client:
+            return await client.list_messages(session_id=session, state=state, limit=limit)
+
+    messages = run(go)
+    rows = [m.model_dump(mode="json") for m in messages]
+    if as_json:
+        emit_json(rows)
+    else:
+        emit_table([m.model_dump() for m in messages], MESSAGE_COLUMNS)
+
+
+async def read_status() -> dict[str, Any]:
+    from fleet import queue
+    from fleet.database import connect
+    from fleet.sql import queries
+
+    sql = queries("queries.sql")
+    conn = await connect(settings(), "fleet-status")
+    try:
+        counts = await queue.state_counts(conn)
+        workers = await conn.fetch(sql["live_workers"], 60.0)
+        approvals = 0
+        if await conn.fetchval("SELECT to_regclass('public.run_states') IS NOT NULL"):
+            approvals = await conn.fetchval(
+                "SELECT count(*) FROM run_states WHERE status = 'awaiting'"
+            )
+        return {
+            "counts": {s: int(counts.get(s, {}).get("count", 0)) for s in queue.MESSAGE_STATES},
+            "oldest_queued_age_seconds": await queue.oldest_queued_age(conn),
+            "live_workers": [dict(w) for w in workers],
+            "awaiting_approvals": approvals,
+        }
+    finally:
+        await conn.close()
+
+
+@app.command("status")
+def status_command(
+    as_json: bool = JsonOption,
+    watch: float | None = typer.Option(
+        None, "--watch", min=0.2, help="Refresh every N seconds until Ctrl-C."
+    ),
+) -> None:
+    """Counts per state, oldest queued age, live workers, awaiting approvals."""
+    while True:
+        status = run(read_status)
+        if as_json:
+            emit_json(status)
+        else:
+            if watch:
+                typer.echo("\x1b[2J\x1b[H", nl=False)
+            counts = "  ".join(f"{k}={v}" for k, v in status["counts"].items())
+            typer.echo(f"messages   {counts}")
+            typer.echo(f"oldest queued age   {status['oldest_queued_age_seconds']:.1f}s")
+            typer.echo(f"live workers        {len(status['live_workers'])}")
+            for w in status["live_workers"]:
+                typer.echo(
+                    f"  {w['worker_id']}  handler={w['handler']}  concurrency={w['concurrency']}"
+                )
+            typer.echo(f"awaiting approvals  {status['awaiting_approvals']}")
+        if not watch:
+            return
+        time.sleep(watch)

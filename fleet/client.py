@@ -1,0 +1,176 @@
+"""``fleet.Client``: enqueue messages and wait for their replies from Python.
+
+    async with fleet.Client() as client:
+        reply = await client.run_sync("session-1", "Where is my order #4429?")
+
+``enqueue(..., conn=my_conn)`` runs inside the caller's own transaction (AgentPG's ``RunTx``):
+rolled back, nothing is processed; committed, a worker is woken at commit. Waiting LISTENs on
+``fleet_outcome`` (sent once per batch of finished or parked messages) and re-reads the message,
+with a polling fallback, so a lost notification costs at most one poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel
+
+from fleet import metrics, queue
+from fleet.database import connect, create_pool, resolve_url
+from fleet.errors import InvalidInput, NotFound
+from fleet.queue import Message
+from fleet.settings import Settings, get_settings
+from fleet.sql import queries
+
+SQL = queries("queries.sql")
+OUTCOME_CHANNEL = "fleet_outcome"
+
+
+class Reply(BaseModel):
+    """Where a message stands for whoever waits on it."""
+
+    message_id: int
+    state: str
+    reply: str | None = None
+    error: str | None = None
+    approval_id: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in queue.FINISHED_STATES
+
+
+class Client:
+    """An async client of the fleet's queue (asyncpg underneath)."""
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self._database_url = database_url
+        self.poll_interval = poll_interval
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._outcome = asyncio.Event()
+
+    async def __aenter__(self) -> Client:
+        url = self._database_url or await resolve_url(self.settings)
+        self._pool = await create_pool(self.settings, "fleet-client", url=url, max_size=4)
+        try:
+            self._listener = await connect(self.settings, "fleet-client-listen", url=url)
+            await self._listener.add_listener(OUTCOME_CHANNEL, self._on_outcome)
+        except (OSError, asyncpg.PostgresError):
+            self._listener = None  # e.g. behind PgBouncer: polling alone still works
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+    def _on_outcome(self, *_: object) -> None:
+        self._outcome.set()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("use the client as `async with fleet.Client() as client:`")
+        return self._pool
+
+    async def enqueue(
+        self,
+        session_id: str,
+        body: str,
+        *,
+        agent: str | None = None,
+        customer_id: str | None = None,
+        variables: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        dedupe_key: str | None = None,
+        conn: asyncpg.Connection | None = None,
+    ) -> int:
+        """Enqueue a message; with ``conn``, inside that connection's current transaction."""
+        message_id = await queue.enqueue(
+            conn if conn is not None else self.pool,
+            session_id,
+            body,
+            customer_id=customer_id,
+            dedupe_key=dedupe_key,
+            metadata=metadata,
+            agent=agent,
+            variables=variables,
+        )
+        metrics.MESSAGES_ENQUEUED.inc()
+        return message_id
+
+    async def get_message(self, message_id: int) -> Message:
+        message = await queue.get_message(self.pool, message_id)
+        if message is None:
+            raise NotFound(f"no message with id {message_id}")
+        return message
+
+    async def list_messages(
+        self, session_id: str | None = None, state: str | None = None, limit: int = 100
+    ) -> list[Message]:
+        return await queue.list_messages(self.pool, session_id=session_id, state=state, limit=limit)
+
+    async def _reply(self, message_id: int) -> Reply:
+        message = await self.get_message(message_id)
+        approval_id = None
+        if message.state == "awaiting_approval":
+            approval_id = await self._approval_for(message_id)
+        return Reply(
+            message_id=message.id,
+            state=message.state,
+            reply=message.reply,
+            error=message.error,
+            approval_id=approval_id,
+        )
+
+    async def _approval_for(self, message_id: int) -> str | None:
+        try:
+            return await self.pool.fetchval(SQL["approval_for_message"], message_id)
+        except asyncpg.UndefinedTableError:
+            return None
+
+    async def wait_for_reply(self, message_id: int, timeout: float = 60.0) -> Reply:
+        """Wait until the message is finished or parked for approval, or ``timeout`` passes
+        (then the current state is returned, e.g. ``queued`` or ``running``)."""
+        if timeout < 0:
+            raise InvalidInput("timeout must not be negative")
+        deadline = time.monotonic() + timeout
+        while True:
+            self._outcome.clear()
+            reply = await self._reply(message_id)
+            if reply.finished or reply.state == "awaiting_approval":
+                return reply
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return reply
+            try:
+                await asyncio.wait_for(self._outcome.wait(), timeout=min(left, self.poll_interval))
+            except TimeoutError:
+                pass
+
+    async def run_sync(
+        self, session_id: str, body: str, *, timeout: float = 60.0, **enqueue_kwargs: Any
+    ) -> Reply:
+        """Enqueue and wait for the reply."""
+        message_id = await self.enqueue(session_id, body, **enqueue_kwargs)
+        return await self.wait_for_reply(message_id, timeout=timeout)
+
+    async def cancel(self, message_id: int) -> Reply:
+        """Cancel a message: at once when queued; a parked approval is rejected; a running one
+        stops at its next step."""
+        from fleet.cancellation import cancel_message
+
+        await cancel_message(self.pool, message_id)
+        return await self._reply(message_id)

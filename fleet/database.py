@@ -1,0 +1,86 @@
+"""Connections: which database, and how every fleet process opens connections to it.
+
+``DATABASE_URL`` wins; without it the embedded server is started on demand. Every connection is
+tagged with an ``application_name`` (``fleet-worker``, ``fleet-mcp``...) so that
+``pg_stat_activity`` shows who holds what, which is how the connection budget in README is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+
+from fleet.settings import Settings
+
+
+async def resolve_url(settings: Settings) -> str:
+    """The libpq URL of the fleet's database, starting the embedded server if that is the one."""
+    if settings.database_url:
+        return settings.database_url
+    from fleet.embedded import EmbeddedServer
+
+    return await asyncio.to_thread(EmbeddedServer(settings).ensure_running)
+
+
+def resolve_url_sync(settings: Settings) -> str:
+    """Same as :func:`resolve_url`, for synchronous callers (the CLI, the supervisor)."""
+    if settings.database_url:
+        return settings.database_url
+    from fleet.embedded import EmbeddedServer
+
+    return EmbeddedServer(settings).ensure_running()
+
+
+async def _init_json(conn: asyncpg.Connection) -> None:
+    """json/jsonb in and out as Python objects, on every connection the fleet opens."""
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def _init_vector(conn: asyncpg.Connection) -> None:
+    from pgvector.asyncpg import register_vector
+
+    await _init_json(conn)
+    await register_vector(conn)
+
+
+def connection_kwargs(settings: Settings, application_name: str) -> dict[str, Any]:
+    return {
+        "statement_cache_size": settings.fleet_statement_cache_size,
+        "server_settings": {"application_name": application_name},
+    }
+
+
+async def connect(
+    settings: Settings, application_name: str, *, url: str | None = None, vector: bool = False
+) -> asyncpg.Connection:
+    """One connection (LISTEN, migrations, CLI commands)."""
+    conn = await asyncpg.connect(
+        url or await resolve_url(settings), **connection_kwargs(settings, application_name)
+    )
+    await (_init_vector if vector else _init_json)(conn)
+    return conn
+
+
+async def create_pool(
+    settings: Settings,
+    application_name: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    url: str | None = None,
+    vector: bool = False,
+) -> asyncpg.Pool:
+    """A pool; ``vector=True`` registers pgvector's codec on each connection."""
+    pool = await asyncpg.create_pool(
+        url or await resolve_url(settings),
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_vector if vector else _init_json,
+        **connection_kwargs(settings, application_name),
+    )
+    assert pool is not None
+    return pool

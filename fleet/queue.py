@@ -1,0 +1,231 @@
+"""The queue: typed methods over the named statements in ``queue_sql/queries.sql``.
+
+This module and the MCP server are the only places that talk SQL. Every write a worker makes on
+a message it claimed carries the claim's lease token, and the statement itself refuses the write
+when the token no longer matches (fencing): a worker that lost its lease cannot overwrite the
+new owner's result, however late its write arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+from pydantic import BaseModel, Field
+
+from fleet.errors import InvalidInput
+from fleet.sql import queries
+
+SQL = queries("queries.sql")
+
+MessageState = Literal["queued", "running", "awaiting_approval", "done", "dead", "cancelled"]
+MESSAGE_STATES: tuple[str, ...] = MessageState.__args__  # type: ignore[attr-defined]
+FINISHED_STATES = frozenset({"done", "dead", "cancelled"})
+
+#: One connection or a pool: everything here works with either.
+Executor = asyncpg.Connection | asyncpg.Pool
+
+
+class ClaimedMessage(BaseModel):
+    """A message this worker holds a lease on."""
+
+    id: int
+    session_id: str
+    agent: str
+    body: str
+    customer_id: str | None = None
+    variables: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    attempts: int
+    max_attempts: int
+    takeovers: int = 0
+    lease_token: int
+    enqueued_at: datetime
+    claimed_at: datetime
+
+
+class Message(BaseModel):
+    """A message as ``fleet messages`` and ``Client.get_message`` show it."""
+
+    id: int
+    session_id: str
+    agent: str
+    body: str
+    customer_id: str | None = None
+    variables: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    dedupe_key: str | None = None
+    state: MessageState
+    attempts: int
+    max_attempts: int
+    takeovers: int
+    enqueued_at: datetime
+    claimed_at: datetime | None = None
+    finished_at: datetime | None = None
+    run_after: datetime
+    lease_owner: str | None = None
+    reply: str | None = None
+    error: str | None = None
+
+
+class Outcome(BaseModel):
+    """How a claimed message ends: ``done`` with its reply, or ``dead`` with its error."""
+
+    message_id: int
+    lease_token: int
+    state: Literal["done", "dead"]
+    reply: str | None = None
+    error: str | None = None
+
+
+def _invalid(exc: asyncpg.PostgresError) -> InvalidInput:
+    message = getattr(exc, "message", None) or str(exc)
+    return InvalidInput(message.removeprefix("fleet.enqueue: "))
+
+
+def validate_state(state: str | None) -> str | None:
+    if state is not None and state not in MESSAGE_STATES:
+        raise InvalidInput(
+            f"unknown message state {state!r}; expected one of: {', '.join(MESSAGE_STATES)}"
+        )
+    return state
+
+
+async def enqueue(
+    db: Executor,
+    session_id: str,
+    body: str,
+    *,
+    customer_id: str | None = None,
+    dedupe_key: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    agent: str | None = None,
+    variables: dict[str, Any] | None = None,
+    max_attempts: int | None = None,
+) -> int:
+    """Enqueue one message; inside ``db``'s transaction when ``db`` is a connection in one."""
+    try:
+        return await db.fetchval(
+            SQL["enqueue"],
+            session_id,
+            body,
+            customer_id,
+            dedupe_key,
+            metadata or {},
+            agent,
+            variables or {},
+            max_attempts,
+        )
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+        raise _invalid(exc) from exc
+    except asyncpg.RaiseError as exc:  # pragma: no cover - RAISE without a data errcode
+        raise _invalid(exc) from exc
+
+
+async def claim(
+    db: Executor, worker_id: str, limit: int, lease_seconds: float
+) -> list[ClaimedMessage]:
+    if limit <= 0:
+        return []
+    rows = await db.fetch(SQL["claim"], worker_id, limit, lease_seconds)
+    return [ClaimedMessage(**dict(row)) for row in rows]
+
+
+async def heartbeat(
+    db: Executor, leases: Sequence[tuple[int, int]], lease_seconds: float
+) -> set[int]:
+    """Extend leases; returns the message ids whose lease is still ours."""
+    if not leases:
+        return set()
+    ids, tokens = zip(*leases, strict=True)
+    rows = await db.fetch(SQL["heartbeat"], list(ids), list(tokens), lease_seconds)
+    return {row["id"] for row in rows}
+
+
+async def finish(db: Executor, outcomes: Sequence[Outcome]) -> set[int]:
+    """Write final outcomes in one statement; returns the ids accepted under their tokens."""
+    if not outcomes:
+        return set()
+    rows = await db.fetch(
+        SQL["finish"],
+        [o.message_id for o in outcomes],
+        [o.lease_token for o in outcomes],
+        [o.state for o in outcomes],
+        [o.reply for o in outcomes],
+        [o.error for o in outcomes],
+    )
+    return {row["id"] for row in rows}
+
+
+async def retry(db: Executor, message_id: int, token: int, error: str, delay: float) -> bool:
+    return await db.fetchval(SQL["retry"], message_id, token, error, delay) is not None
+
+
+async def release(db: Executor, leases: Iterable[tuple[int, int]]) -> set[int]:
+    leases = list(leases)
+    if not leases:
+        return set()
+    ids, tokens = zip(*leases, strict=True)
+    rows = await db.fetch(SQL["release"], list(ids), list(tokens))
+    return {row["id"] for row in rows}
+
+
+async def rescue_expired(db: Executor) -> list[int]:
+    return [row["id"] for row in await db.fetch(SQL["rescue_expired"])]
+
+
+async def repair_heads(db: Executor) -> int:
+    return await db.fetchval(SQL["repair_heads"])
+
+
+async def park(conn: asyncpg.Connection, message_id: int, token: int) -> bool:
+    """Mark a running message as waiting for a human (call inside the parking transaction)."""
+    return await conn.fetchval(SQL["park"], message_id, token) is not None
+
+
+async def unpark(conn: asyncpg.Connection, message_id: int) -> bool:
+    """Make a parked message claimable again once its approval is decided."""
+    return await conn.fetchval(SQL["unpark"], message_id) is not None
+
+
+async def lease_held(conn: asyncpg.Connection, message_id: int, token: int) -> bool:
+    """Row-lock the message if the lease is still ours (use inside a transaction)."""
+    return await conn.fetchval(SQL["lease_held"], message_id, token) is not None
+
+
+async def cancel(db: Executor, message_id: int, reason: str) -> bool:
+    """Cancel a queued or parked message at once; False if it is in another state."""
+    return bool(await db.fetchval(SQL["cancel"], message_id, reason))
+
+
+async def request_cancel(db: Executor, message_id: int) -> bool:
+    return await db.fetchval(SQL["request_cancel"], message_id) is not None
+
+
+async def get_message(db: Executor, message_id: int) -> Message | None:
+    row = await db.fetchrow(SQL["get_message"], message_id)
+    return Message(**dict(row)) if row else None
+
+
+async def list_messages(
+    db: Executor, *, session_id: str | None = None, state: str | None = None, limit: int = 100
+) -> list[Message]:
+    validate_state(state)
+    if limit < 1:
+        raise InvalidInput(f"limit must be a positive number, got {limit}")
+    rows = await db.fetch(SQL["list_messages"], session_id, state, limit)
+    return [Message(**dict(row)) for row in rows]
+
+
+async def state_counts(db: Executor) -> dict[str, dict[str, float]]:
+    rows = await db.fetch(SQL["state_counts"])
+    return {
+        row["state"]: {"count": row["n"], "oldest_age_seconds": row["oldest_age_seconds"]}
+        for row in rows
+    }
+
+
+async def oldest_queued_age(db: Executor) -> float:
+    return await db.fetchval(SQL["oldest_queued_age"])

@@ -1,0 +1,107 @@
+"""Every knob of the fleet, read once from the environment.
+
+One pydantic settings object so that a knob has exactly one name, one default and one
+docstring; README.md's configuration table is written from the same fields. Modules take a
+``Settings`` argument instead of reading ``os.environ`` themselves, which keeps tests able to run
+several differently configured fleets in one process.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The checkout's root: ``migrations/``, ``queue_sql/`` and ``skills/`` live beside ``fleet/``.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+#: The largest message body ``fleet.enqueue`` accepts, in bytes (UTF-8). Kept in sync with the
+#: CHECK constraint in ``migrations/0001_fleet_queue.sql``.
+MAX_BODY_BYTES = 16_384
+
+
+class Settings(BaseSettings):
+    """Configuration from environment variables (names are the field names, upper-cased)."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", case_sensitive=False)
+
+    database_url: str | None = None
+    """Any PostgreSQL >= 14 with pgvector. Unset: the embedded server under ``FLEET_HOME``."""
+
+    fleet_home: Path = Path(".fleet")
+    """Where the embedded server keeps its data (``pgdata/``) and its binaries' copy."""
+
+    fleet_embedded_port: int = 0
+    """TCP port of the embedded server on 127.0.0.1; 0 picks a free one at first start."""
+
+    fleet_model: str | None = None
+    """``offline`` (the rule-based support policy, no LLM) or a model name for an OpenAI-compatible
+    API. Unset: ``offline`` unless ``OPENAI_API_KEY`` is set, then ``gpt-4.1-mini``."""
+
+    openai_api_key: SecretStr | None = None
+    """Key for the OpenAI API or an OpenAI-compatible server."""
+
+    openai_base_url: str | None = None
+    """Base URL of an OpenAI-compatible server (chat completions)."""
+
+    fleet_embeddings: Literal["local", "openai"] = "local"
+    """``local``: all-MiniLM-L6-v2 (384 dims, offline); ``openai``: text-embedding-3-small."""
+
+    customer_data_url: str = "http://127.0.0.1:8765/mcp"
+    """Where workers reach the ``customer-data`` MCP server."""
+
+    customer_data_token: SecretStr | None = None
+    """The MCP server's bearer token. ``fleet up``/``fleet demo`` generate one when unset."""
+
+    fleet_lease_seconds: float = Field(30.0, gt=0)
+    """How long a claimed message may go without a heartbeat before another worker takes it."""
+
+    fleet_poll_interval: float = Field(1.0, gt=0)
+    """Polling fallback: a worker looks for work this often even without a NOTIFY."""
+
+    fleet_max_attempts: int = Field(5, ge=1)
+    """Handler failures before a message is ``dead``."""
+
+    fleet_retry_base_seconds: float = Field(1.0, ge=0)
+    """First retry delay; doubles per attempt up to ``FLEET_RETRY_MAX_SECONDS``, with jitter."""
+
+    fleet_retry_max_seconds: float = Field(300.0, ge=0)
+    """Upper bound of one retry delay."""
+
+    fleet_shutdown_grace: float = Field(20.0, ge=0)
+    """On SIGTERM/SIGINT, how long in-flight messages may run before they are released."""
+
+    fleet_statement_cache_size: int = Field(100, ge=0)
+    """asyncpg prepared-statement cache; 0 behind PgBouncer in transaction mode."""
+
+    fleet_approval_ttl_seconds: float = Field(86_400.0, gt=0)
+    """How long a parked refund waits for a human before it is rejected as expired."""
+
+    fleet_log_level: str = "INFO"
+    """Python logging level for fleet processes."""
+
+    @field_validator("fleet_home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def model_name(self) -> str:
+        """The model the agent handler uses, with the documented default applied."""
+        if self.fleet_model:
+            return self.fleet_model
+        return "gpt-4.1-mini" if self.openai_api_key else "offline"
+
+    @property
+    def embedded(self) -> bool:
+        """True when the fleet runs on its embedded PostgreSQL."""
+        return not self.database_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,422 @@
+"""One worker process: claims messages, runs the handler on each, writes outcomes.
+
+The pieces, each an asyncio task started and stopped the same way:
+
+* **listener**: a dedicated connection LISTENing on ``fleet_wakeup``; it reconnects after the
+  database restarts and wakes the producer after every reconnect (NOTIFYs sent while it was
+  away are lost, the queue is not). ``--poll-only`` skips it (PgBouncer transaction pooling).
+* **producer**: claims ``concurrency - in_flight`` messages at a time when woken (NOTIFY,
+  a freed slot, or the poll interval) and starts one handler task per message.
+* **completer**: writes finished outcomes in batches (one statement for all that finished
+  since the last write), so the database round trip is shared under load.
+* **heartbeat**: extends the leases held; a lease found taken over cancels its handler task.
+* **maintenance**: gives expired leases of dead workers back to the queue, repairs lost heads,
+  keeps this worker's row in ``fleet.workers`` fresh.
+
+Shutdown (SIGTERM/SIGINT): stop claiming, let handlers finish within the grace period, cancel
+the rest and release their messages so another worker takes them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from fleet import metrics, queue
+from fleet.database import connect, create_pool, resolve_url
+from fleet.errors import LeaseLost, PermanentHandlerError
+from fleet.handlers import Handler, Lease, Parked, Reply
+from fleet.queue import ClaimedMessage, Outcome
+from fleet.settings import Settings
+from fleet.sql import queries
+
+log = logging.getLogger("fleet.worker")
+SQL = queries("queries.sql")
+CHANNEL = "fleet_wakeup"
+
+#: Connection errors that mean "the database is away for now": back off and try again.
+TRANSIENT = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncio.TimeoutError,
+)
+
+
+def retry_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, capped."""
+    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass
+class _InFlight:
+    message: ClaimedMessage
+    task: asyncio.Task[None]
+    started: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    """A worker process's main object. ``await Worker(...).run()`` until :meth:`stop`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        *,
+        concurrency: int = 10,
+        poll_only: bool = False,
+        drain: bool = False,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.settings = settings
+        self.handler = handler
+        self.concurrency = concurrency
+        self.poll_only = poll_only
+        self.drain = drain
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease_seconds = settings.fleet_lease_seconds
+        self.poll_interval = settings.fleet_poll_interval
+        self.in_flight: dict[int, _InFlight] = {}
+        #: leases held, including outcomes not yet written (the heartbeat keeps them alive)
+        self.held: dict[int, int] = {}
+        self._pending: list[Outcome] = []
+        self._pending_event = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.pool: asyncpg.Pool | None = None
+        self.url: str | None = None
+        self.processed = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe to call from a signal handler)."""
+        self._stopping.set()
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        self.url = await resolve_url(self.settings)
+        self.pool = await create_pool(
+            self.settings, "fleet-worker", url=self.url, min_size=1, max_size=4
+        )
+        await self.handler.start()
+        await self.pool.execute(
+            SQL["worker_register"],
+            self.worker_id,
+            socket.gethostname(),
+            os.getpid(),
+            self.concurrency,
+            self.handler.name,
+        )
+        metrics.WORKER_UP.inc()
+        log.info(
+            "worker %s started: concurrency=%d handler=%s poll_only=%s",
+            self.worker_id,
+            self.concurrency,
+            self.handler.name,
+            self.poll_only,
+        )
+        self._tasks = [
+            asyncio.create_task(self._complete_loop(), name="completer"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+        ]
+        if not self.poll_only:
+            self._tasks.append(asyncio.create_task(self._listen_loop(), name="listener"))
+        try:
+            await self._produce_loop()
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        grace = self.settings.fleet_shutdown_grace
+        if self.in_flight:
+            log.info("draining %d in-flight messages (grace %.0fs)", len(self.in_flight), grace)
+            tasks = [f.task for f in self.in_flight.values()]
+            _, still_running = await asyncio.wait(tasks, timeout=grace)
+            for task in still_running:
+                task.cancel()
+            if still_running:
+                await asyncio.wait(still_running)
+        await self._flush_outcomes()
+        leftover = dict(self.held)
+        if leftover:
+            try:
+                released = await queue.release(self.pool, leftover.items())
+                log.info("released %d messages back to the queue", len(released))
+            except TRANSIENT as exc:
+                log.warning(
+                    "could not release %d messages (%s); their leases will expire",
+                    len(leftover),
+                    exc,
+                )
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        metrics.WORKER_UP.dec()
+        try:
+            await self.pool.execute(SQL["worker_unregister"], self.worker_id)
+        except TRANSIENT:
+            pass
+        await self.handler.close()
+        await self.pool.close()
+        log.info("worker %s stopped after %d messages", self.worker_id, self.processed)
+
+    # -- producer ----------------------------------------------------------------------------
+
+    async def _produce_loop(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            self._wakeup.clear()
+            free = self.concurrency - len(self.in_flight)
+            claimed: list[ClaimedMessage] = []
+            if free > 0:
+                try:
+                    claimed = await queue.claim(self.pool, self.worker_id, free, self.lease_seconds)
+                    backoff = 0.1
+                except TRANSIENT as exc:
+                    log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                for message in claimed:
+                    self._start(message)
+                if len(claimed) == free:
+                    continue  # there may be more: claim again as soon as a slot frees
+            if self.drain and not claimed and not self.in_flight and not self._pending:
+                if await self._queue_is_empty():
+                    log.info("queue drained")
+                    return
+            await self._wait_for_work()
+
+    async def _wait_for_work(self) -> None:
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=self.poll_interval)
+        except TimeoutError:
+            metrics.WAKEUPS.labels("poll").inc()
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _queue_is_empty(self) -> bool:
+        counts = await queue.state_counts(self.pool)
+        return all(counts.get(s, {}).get("count", 0) == 0 for s in ("queued", "running"))
+
+    def _start(self, message: ClaimedMessage) -> None:
+        metrics.MESSAGES_CLAIMED.inc()
+        metrics.QUEUE_WAIT.observe(
+            max((message.claimed_at - message.enqueued_at).total_seconds(), 0.0)
+        )
+        metrics.IN_FLIGHT.inc()
+        self.held[message.id] = message.lease_token
+        task = asyncio.create_task(self._execute(message), name=f"message-{message.id}")
+        self.in_flight[message.id] = _InFlight(message, task)
+
+    # -- executor ----------------------------------------------------------------------------
+
+    async def _execute(self, message: ClaimedMessage) -> None:
+        started = time.monotonic()
+        try:
+            result = await self.handler.handle(message, Lease(message, self.pool))
+            if isinstance(result, Reply):
+                self._queue_outcome(
+                    Outcome(
+                        message_id=message.id,
+                        lease_token=message.lease_token,
+                        state="done",
+                        reply=result.text,
+                    )
+                )
+            elif isinstance(result, Parked):
+                self.held.pop(message.id, None)
+                metrics.MESSAGES_COMPLETED.labels("awaiting_approval").inc()
+            else:
+                raise TypeError(f"handler returned {type(result).__name__}, not Reply or Parked")
+        except asyncio.CancelledError:
+            # Shutdown past the grace period or a lost lease: the message is released (or is
+            # already someone else's). Nothing to write.
+            raise
+        except LeaseLost as exc:
+            metrics.LEASES_LOST.inc()
+            self.held.pop(message.id, None)
+            log.warning("message %d: %s", message.id, exc)
+        except Exception as exc:  # a failed attempt, whatever the handler raised
+            await self._fail(message, exc)
+        finally:
+            metrics.TURN_DURATION.labels(self.handler.name).observe(time.monotonic() - started)
+            metrics.IN_FLIGHT.dec()
+            self.in_flight.pop(message.id, None)
+            self.processed += 1
+            self._wakeup.set()
+
+    async def _fail(self, message: ClaimedMessage, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        final = isinstance(exc, PermanentHandlerError) or message.attempts >= message.max_attempts
+        if final:
+            log.warning(
+                "message %d dead after %d attempts: %s", message.id, message.attempts, error
+            )
+            self._queue_outcome(
+                Outcome(
+                    message_id=message.id,
+                    lease_token=message.lease_token,
+                    state="dead",
+                    error=error,
+                )
+            )
+            return
+        delay = retry_delay(
+            message.attempts,
+            self.settings.fleet_retry_base_seconds,
+            self.settings.fleet_retry_max_seconds,
+        )
+        log.info(
+            "message %d attempt %d failed (%s); retry in %.2fs",
+            message.id,
+            message.attempts,
+            error,
+            delay,
+        )
+        try:
+            await queue.retry(self.pool, message.id, message.lease_token, error, delay)
+            metrics.MESSAGE_RETRIES.inc()
+        except TRANSIENT as exc2:
+            log.warning(
+                "message %d: could not schedule retry (%s); lease will expire", message.id, exc2
+            )
+        self.held.pop(message.id, None)
+
+    # -- completer ---------------------------------------------------------------------------
+
+    def _queue_outcome(self, outcome: Outcome) -> None:
+        self._pending.append(outcome)
+        self._pending_event.set()
+
+    async def _complete_loop(self) -> None:
+        while True:
+            await self._pending_event.wait()
+            self._pending_event.clear()
+            try:
+                await self._flush_outcomes()
+            except TRANSIENT as exc:
+                log.warning("writing outcomes failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                self._pending_event.set()
+
+    async def _flush_outcomes(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        try:
+            accepted = await queue.finish(self.pool, batch)
+        except BaseException:
+            self._pending = batch + self._pending
+            raise
+        for outcome in batch:
+            self.held.pop(outcome.message_id, None)
+            if outcome.message_id in accepted:
+                metrics.MESSAGES_COMPLETED.labels(outcome.state).inc()
+            else:
+                metrics.LEASES_LOST.inc()
+                log.warning(
+                    "message %d: outcome refused, the lease was taken over", outcome.message_id
+                )
+        self._wakeup.set()
+
+    # -- heartbeat ---------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = max(self.lease_seconds / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            leases = list(self.held.items())
+            if not leases:
+                continue
+            try:
+                kept = await queue.heartbeat(self.pool, leases, self.lease_seconds)
+            except TRANSIENT as exc:
+                log.warning("heartbeat failed (%s)", exc)
+                continue
+            for message_id, token in leases:
+                if message_id in kept or self.held.get(message_id) != token:
+                    continue
+                self.held.pop(message_id, None)
+                metrics.LEASES_LOST.inc()
+                flight = self.in_flight.get(message_id)
+                if flight is not None:
+                    log.warning("message %d: lease lost; stopping its handler", message_id)
+                    flight.task.cancel()
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    async def _maintenance_loop(self) -> None:
+        last_repair = last_seen = 0.0
+        while True:
+            try:
+                rescued = await queue.rescue_expired(self.pool)
+                if rescued:
+                    metrics.LEASE_TAKEOVERS.inc(len(rescued))
+                    log.warning("took over %d messages with expired leases", len(rescued))
+                    self._wakeup.set()
+                now = time.monotonic()
+                if now - last_seen > 10:
+                    await self.pool.execute(SQL["worker_seen"], self.worker_id)
+                    await self.pool.execute(SQL["workers_prune"], 300.0)
+                    last_seen = now
+                if now - last_repair > 30:
+                    if await queue.repair_heads(self.pool):
+                        self._wakeup.set()
+                    last_repair = now
+            except TRANSIENT as exc:
+                log.warning("maintenance failed (%s)", exc)
+            await asyncio.sleep(min(self.poll_interval, self.lease_seconds / 2))
+
+    # -- listener ----------------------------------------------------------------------------
+
+    def _on_notify(self, *_: object) -> None:
+        metrics.WAKEUPS.labels("notify").inc()
+        self._wakeup.set()
+
+    async def _listen_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await connect(self.settings, "fleet-listener", url=self.url)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                backoff = 0.2
+                self._wakeup.set()  # NOTIFYs sent while we were away are gone; look once
+                while not lost.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), timeout=5.0)
+                    except TimeoutError:
+                        await conn.fetchval("SELECT 1", timeout=5.0)  # detects a dead socket
+            except asyncio.CancelledError:
+                raise
+            except TRANSIENT as exc:
+                log.warning("LISTEN connection lost (%s); reconnecting in %.1fs", exc, backoff)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,226 @@
+-- The queue's server-side functions. `fleet migrate` re-applies this file (CREATE OR REPLACE)
+-- whenever its content changes, after the numbered migrations, under the migration lock.
+--
+-- Locking rule: whoever changes which message is a session's head holds the session's row lock
+-- in fleet.sessions (SELECT ... FOR UPDATE) while doing it. Enqueue takes it at COMMIT time only
+-- (a deferred trigger), so a caller's long transaction never blocks the workers. Row locks rather
+-- than advisory locks: they live in the tuple, so a bulk enqueue of 100k sessions in one
+-- transaction cannot exhaust the shared lock table, and they behave the same behind PgBouncer.
+
+-- enqueue --------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION fleet.enqueue(
+    session_id   text,
+    body         text,
+    customer_id  text DEFAULT NULL,
+    dedupe_key   text DEFAULT NULL,
+    metadata     jsonb DEFAULT '{}'::jsonb,
+    agent        text DEFAULT NULL,
+    variables    jsonb DEFAULT '{}'::jsonb,
+    max_attempts integer DEFAULT NULL
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    new_id bigint;
+BEGIN
+    IF enqueue.session_id IS NULL THEN
+        RAISE EXCEPTION 'fleet.enqueue: session_id must not be NULL' USING ERRCODE = '22004';
+    END IF;
+    IF enqueue.session_id !~ '^[^[:cntrl:][:space:]]{1,128}$' THEN
+        RAISE EXCEPTION 'fleet.enqueue: session_id must be 1 to 128 characters with no spaces or control characters'
+            USING ERRCODE = '22023';
+    END IF;
+    IF enqueue.body IS NULL OR btrim(enqueue.body) = '' THEN
+        RAISE EXCEPTION 'fleet.enqueue: body must not be empty' USING ERRCODE = '22023';
+    END IF;
+    IF octet_length(enqueue.body) > 16384 THEN
+        RAISE EXCEPTION 'fleet.enqueue: body is % bytes; the limit is 16384', octet_length(enqueue.body)
+            USING ERRCODE = '22001';
+    END IF;
+    IF enqueue.metadata IS NOT NULL AND (jsonb_typeof(enqueue.metadata) <> 'object'
+            OR octet_length(enqueue.metadata::text) > 16384) THEN
+        RAISE EXCEPTION 'fleet.enqueue: metadata must be a JSON object of at most 16384 bytes'
+            USING ERRCODE = '22023';
+    END IF;
+    IF enqueue.variables IS NOT NULL AND (jsonb_typeof(enqueue.variables) <> 'object'
+            OR octet_length(enqueue.variables::text) > 16384) THEN
+        RAISE EXCEPTION 'fleet.enqueue: variables must be a JSON object of at most 16384 bytes'
+            USING ERRCODE = '22023';
+    END IF;
+    IF enqueue.dedupe_key IS NOT NULL AND octet_length(enqueue.dedupe_key) NOT BETWEEN 1 AND 256 THEN
+        RAISE EXCEPTION 'fleet.enqueue: dedupe_key must be 1 to 256 bytes' USING ERRCODE = '22023';
+    END IF;
+    IF enqueue.max_attempts IS NOT NULL AND enqueue.max_attempts < 1 THEN
+        RAISE EXCEPTION 'fleet.enqueue: max_attempts must be at least 1' USING ERRCODE = '22023';
+    END IF;
+
+    -- Session metadata is set by the first enqueue of a session and kept afterwards.
+    INSERT INTO fleet.sessions AS s (session_id, metadata)
+    VALUES (enqueue.session_id, coalesce(enqueue.metadata, '{}'::jsonb))
+    ON CONFLICT DO NOTHING;
+
+    INSERT INTO fleet.messages AS m
+        (session_id, body, customer_id, dedupe_key, metadata, agent, variables, max_attempts)
+    VALUES (enqueue.session_id, enqueue.body, enqueue.customer_id, enqueue.dedupe_key,
+            coalesce(enqueue.metadata, '{}'::jsonb), coalesce(enqueue.agent, 'support'),
+            coalesce(enqueue.variables, '{}'::jsonb),
+            coalesce(enqueue.max_attempts,
+                     nullif(current_setting('fleet.max_attempts', true), '')::integer, 5))
+    ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+    RETURNING m.id INTO new_id;
+
+    IF new_id IS NULL THEN
+        SELECT m.id INTO new_id FROM fleet.messages m WHERE m.dedupe_key = enqueue.dedupe_key;
+    END IF;
+    RETURN new_id;
+END
+$$;
+
+COMMENT ON FUNCTION fleet.enqueue(text, text, text, text, jsonb, text, jsonb, integer) IS
+    'Enqueue a message inside the caller''s transaction; returns its id (the existing id when dedupe_key repeats). Workers are woken at commit.';
+
+-- head election at commit ----------------------------------------------------------------------
+
+-- Deferred to COMMIT: the message becomes its session's head if the session has no live head.
+-- Runs for direct INSERTs into fleet.messages too, so enqueueing by plain SQL keeps the rules.
+CREATE OR REPLACE FUNCTION fleet.elect_head_at_commit() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    head_id bigint;
+BEGIN
+    INSERT INTO fleet.sessions (session_id) VALUES (NEW.session_id) ON CONFLICT DO NOTHING;
+    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR UPDATE;
+    IF EXISTS (SELECT 1 FROM fleet.messages m
+               WHERE m.session_id = NEW.session_id AND m.is_head
+                 AND m.state IN ('queued', 'running', 'awaiting_approval')) THEN
+        RETURN NULL;
+    END IF;
+    SELECT m.id INTO head_id FROM fleet.messages m
+    WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'running', 'awaiting_approval')
+    ORDER BY m.id LIMIT 1;
+    IF head_id IS NOT NULL THEN
+        UPDATE fleet.messages SET is_head = true WHERE id = head_id;
+        -- Identical notifications in one transaction collapse into one: a bulk enqueue wakes
+        -- the fleet once, and a message queued behind a busy head wakes nobody.
+        PERFORM pg_notify('fleet_wakeup', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS messages_elect_head ON fleet.messages;
+CREATE CONSTRAINT TRIGGER messages_elect_head
+    AFTER INSERT ON fleet.messages
+    DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION fleet.elect_head_at_commit();
+
+-- promotion after a head finishes ----------------------------------------------------------------
+
+-- Make the earliest live message of each given session its head, for sessions that have none.
+-- Callers hold the sessions' row locks.
+CREATE OR REPLACE FUNCTION fleet.promote_heads(sessions text[]) RETURNS integer
+LANGUAGE sql AS $$
+    WITH next AS (
+        SELECT (SELECT m.id FROM fleet.messages m
+                WHERE m.session_id = s.session_id
+                  AND m.state IN ('queued', 'running', 'awaiting_approval')
+                ORDER BY m.id LIMIT 1) AS id
+        FROM unnest(sessions) AS s(session_id)
+        WHERE NOT EXISTS (SELECT 1 FROM fleet.messages h
+                          WHERE h.session_id = s.session_id AND h.is_head
+                            AND h.state IN ('queued', 'running', 'awaiting_approval'))
+    ), promoted AS (
+        UPDATE fleet.messages m SET is_head = true
+        FROM next WHERE m.id = next.id
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM promoted
+$$;
+
+-- Finish messages (done/dead/cancelled) and promote their sessions' next messages. Every row is
+-- guarded by its lease token (fencing): a worker that lost its lease changes nothing. Returns
+-- the ids that were actually finished.
+CREATE OR REPLACE FUNCTION fleet.finish_messages(
+    ids bigint[], tokens bigint[], states text[], replies text[], errors text[]
+) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    finished bigint[];
+    touched  text[];
+BEGIN
+    PERFORM 1 FROM fleet.sessions s
+    WHERE s.session_id IN (SELECT m.session_id FROM fleet.messages m WHERE m.id = ANY (ids))
+    ORDER BY s.session_id
+    FOR UPDATE OF s;
+
+    WITH done AS (
+        UPDATE fleet.messages m
+        SET state = u.state, reply = u.reply, error = u.error, finished_at = clock_timestamp(),
+            is_head = false, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+        FROM unnest(ids, tokens, states, replies, errors) AS u(id, token, state, reply, error)
+        WHERE m.id = u.id AND m.lease_token = u.token AND m.state = 'running'
+        RETURNING m.id, m.session_id
+    )
+    SELECT array_agg(id), array_agg(DISTINCT session_id) INTO finished, touched FROM done;
+
+    IF finished IS NOT NULL THEN
+        PERFORM fleet.promote_heads(touched);
+        -- One notification per batch, on a channel only reply waiters (fleet.Client) listen
+        -- to; workers are never woken by completions.
+        PERFORM pg_notify('fleet_outcome', '');
+        RETURN QUERY SELECT unnest(finished);
+    END IF;
+END
+$$;
+
+-- Finish messages that no worker holds (cancel a queued or parked message, expire an approval).
+CREATE OR REPLACE FUNCTION fleet.finish_unleased(
+    message_id bigint, new_state text, new_reply text, new_error text, from_states text[]
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    sid text;
+BEGIN
+    SELECT m.session_id INTO sid FROM fleet.messages m WHERE m.id = message_id;
+    IF sid IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = sid FOR UPDATE;
+    UPDATE fleet.messages m
+    SET state = new_state, reply = coalesce(new_reply, m.reply), error = new_error,
+        finished_at = clock_timestamp(), is_head = false,
+        lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+    WHERE m.id = message_id AND m.state = ANY (from_states);
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM fleet.promote_heads(ARRAY[sid]);
+    PERFORM pg_notify('fleet_outcome', '');
+    PERFORM pg_notify('fleet_wakeup', '');
+    RETURN true;
+END
+$$;
+
+-- Safety net for heads lost to an enqueue made in a REPEATABLE READ / SERIALIZABLE transaction
+-- (its commit-time check reads an old snapshot): sessions with live messages and no head.
+CREATE OR REPLACE FUNCTION fleet.repair_heads(max_sessions integer DEFAULT 100) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    orphans text[];
+BEGIN
+    SELECT array_agg(DISTINCT m.session_id) INTO orphans
+    FROM (SELECT q.session_id FROM fleet.messages q
+          WHERE q.state = 'queued' AND NOT q.is_head
+            AND NOT EXISTS (SELECT 1 FROM fleet.messages h
+                            WHERE h.session_id = q.session_id AND h.is_head
+                              AND h.state IN ('queued', 'running', 'awaiting_approval'))
+          LIMIT max_sessions) m;
+    IF orphans IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = ANY (orphans)
+    ORDER BY s.session_id FOR UPDATE OF s;
+    RETURN fleet.promote_heads(orphans);
+END
+$$;

@@ -1,0 +1,165 @@
+-- The statements the worker, the CLI and the client run against the queue. fleet/queue.py loads
+-- them by name (`-- name: <name>`); each can be pasted into psql and EXPLAINed as it is.
+
+-- name: enqueue
+-- Enqueue one message (validation and head election happen in the database).
+SELECT fleet.enqueue(session_id => $1, body => $2, customer_id => $3, dedupe_key => $4,
+                     metadata => $5::jsonb, agent => $6, variables => $7::jsonb,
+                     max_attempts => $8) AS id;
+
+-- name: claim
+-- Claim up to $2 claimable heads for worker $1 with a lease of $3 seconds. Reads only the
+-- messages_claimable partial index, so its cost follows the batch size, not the backlog.
+WITH candidates AS (
+    SELECT id FROM fleet.messages
+    WHERE state = 'queued' AND is_head AND run_after <= now()
+    ORDER BY run_after, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE fleet.messages m
+SET state = 'running', attempts = m.attempts + 1, claimed_at = clock_timestamp(),
+    lease_owner = $1, lease_token = nextval('fleet.lease_tokens'),
+    lease_expires_at = clock_timestamp() + make_interval(secs => $3)
+FROM candidates c
+WHERE m.id = c.id
+RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.metadata,
+          m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
+
+-- name: heartbeat
+-- Extend the leases this worker still holds; returns the ids still held (the rest were lost).
+UPDATE fleet.messages m
+SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
+FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
+WHERE m.id = u.id AND m.lease_token = u.token AND m.state = 'running'
+RETURNING m.id;
+
+-- name: finish
+-- Finish messages (done/dead) under their lease tokens; returns the ids actually finished.
+SELECT fleet.finish_messages($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) AS id;
+
+-- name: retry
+-- Put a failed message back in line after a backoff; it stays its session's head, so the
+-- session's later messages keep waiting behind it. Fenced by the lease token.
+UPDATE fleet.messages
+SET state = 'queued', error = $3, run_after = clock_timestamp() + make_interval(secs => $4),
+    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+WHERE id = $1 AND lease_token = $2 AND state = 'running'
+RETURNING id;
+
+-- name: release
+-- Give messages back untouched (graceful shutdown): the attempt does not count.
+UPDATE fleet.messages m
+SET state = 'queued', attempts = greatest(m.attempts - 1, 0), run_after = clock_timestamp(),
+    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
+WHERE m.id = u.id AND m.lease_token = u.token AND m.state = 'running'
+RETURNING m.id;
+
+-- name: rescue_expired
+-- Messages whose worker stopped heartbeating go back in line at once. Losing a worker is not the
+-- message's fault: the attempt is given back and the takeover counted.
+UPDATE fleet.messages m
+SET state = 'queued', attempts = greatest(m.attempts - 1, 0), takeovers = m.takeovers + 1,
+    run_after = clock_timestamp(),
+    lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+WHERE m.id IN (SELECT id FROM fleet.messages
+               WHERE state = 'running' AND lease_expires_at < clock_timestamp()
+               ORDER BY lease_expires_at
+               LIMIT 1000
+               FOR UPDATE SKIP LOCKED)
+RETURNING m.id;
+
+-- name: park
+-- A turn paused for a human: the message waits, still its session's head, holding no lease.
+-- Reply waiters are told (they report the approval it waits on).
+WITH parked AS (
+    UPDATE fleet.messages
+    SET state = 'awaiting_approval', lease_owner = NULL, lease_token = NULL,
+        lease_expires_at = NULL
+    WHERE id = $1 AND lease_token = $2 AND state = 'running'
+    RETURNING id
+)
+SELECT id, pg_notify('fleet_outcome', '') FROM parked;
+
+-- name: unpark
+-- A decision arrived: the parked message is claimable again (its run is resumed by whichever
+-- worker claims it), and the fleet is woken at commit.
+WITH unparked AS (
+    UPDATE fleet.messages
+    SET state = 'queued', run_after = clock_timestamp()
+    WHERE id = $1 AND state = 'awaiting_approval'
+    RETURNING id
+)
+SELECT id, pg_notify('fleet_wakeup', '') FROM unparked;
+
+-- name: lease_held
+-- Lock a message row if this worker still holds its lease (fencing for writes that go with it).
+SELECT id FROM fleet.messages
+WHERE id = $1 AND lease_token = $2 AND state = 'running'
+FOR UPDATE;
+
+-- name: cancel
+-- Cancel a message that no worker holds (queued, or parked for approval).
+SELECT fleet.finish_unleased($1, 'cancelled', NULL, $2, ARRAY['queued', 'awaiting_approval']) AS ok;
+
+-- name: request_cancel
+-- Ask the worker running a message to stop at its next step.
+UPDATE fleet.messages SET error = 'cancel requested'
+WHERE id = $1 AND state = 'running'
+RETURNING id;
+
+-- name: get_message
+SELECT id, session_id, agent, body, customer_id, variables, metadata, dedupe_key, state,
+       attempts, max_attempts, takeovers, enqueued_at, claimed_at, finished_at, run_after,
+       lease_owner, reply, error
+FROM fleet.messages WHERE id = $1;
+
+-- name: list_messages
+-- Newest first; $1 session (or NULL), $2 state (or NULL), $3 limit.
+SELECT id, session_id, agent, body, customer_id, variables, metadata, dedupe_key, state,
+       attempts, max_attempts, takeovers, enqueued_at, claimed_at, finished_at, run_after,
+       lease_owner, reply, error
+FROM fleet.messages
+WHERE ($1::text IS NULL OR session_id = $1) AND ($2::text IS NULL OR state = $2)
+ORDER BY id DESC
+LIMIT $3;
+
+-- name: state_counts
+SELECT state, count(*)::bigint AS n,
+       extract(epoch FROM clock_timestamp() - min(enqueued_at))::float8 AS oldest_age_seconds
+FROM fleet.messages GROUP BY state;
+
+-- name: oldest_queued_age
+-- Age of the oldest message that is due and waiting for a worker.
+SELECT coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at)), 0)::float8 AS age
+FROM fleet.messages WHERE state = 'queued' AND is_head AND run_after <= clock_timestamp();
+
+-- name: worker_register
+INSERT INTO fleet.workers (worker_id, hostname, pid, concurrency, handler)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (worker_id) DO UPDATE SET last_seen_at = now();
+
+-- name: worker_seen
+UPDATE fleet.workers SET last_seen_at = now() WHERE worker_id = $1;
+
+-- name: worker_unregister
+DELETE FROM fleet.workers WHERE worker_id = $1;
+
+-- name: workers_prune
+-- Forget workers silent for $1 seconds (they died without unregistering).
+DELETE FROM fleet.workers WHERE last_seen_at < now() - make_interval(secs => $1);
+
+-- name: live_workers
+SELECT worker_id, hostname, pid, concurrency, handler, started_at, last_seen_at
+FROM fleet.workers WHERE last_seen_at > now() - make_interval(secs => $1)
+ORDER BY started_at;
+
+-- name: repair_heads
+SELECT fleet.repair_heads(100) AS repaired;
+
+-- name: approval_for_message
+-- The approval a parked message waits on.
+SELECT id::text FROM run_states
+WHERE message_id = $1 AND status = 'awaiting'
+ORDER BY requested_at DESC LIMIT 1;
