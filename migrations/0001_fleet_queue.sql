@@ -49,7 +49,7 @@ CREATE TABLE fleet.messages (
         CHECK (state IN ('queued', 'running', 'awaiting_approval', 'done', 'dead', 'cancelled')),
     CONSTRAINT messages_session_id_valid
         CHECK (session_id ~ '^[^[:cntrl:][:space:]]{1,128}$'),
-    CONSTRAINT messages_body_not_empty CHECK (btrim(body) <> ''),
+    CONSTRAINT messages_body_not_empty CHECK (body ~ '[^[:space:]]'),
     CONSTRAINT messages_body_size CHECK (octet_length(body) <= 16384),
     CONSTRAINT messages_metadata_size
         CHECK (jsonb_typeof(metadata) = 'object' AND octet_length(metadata::text) <= 16384),

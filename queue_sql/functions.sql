@@ -31,7 +31,7 @@ BEGIN
         RAISE EXCEPTION 'fleet.enqueue: session_id must be 1 to 128 characters with no spaces or control characters'
             USING ERRCODE = '22023';
     END IF;
-    IF enqueue.body IS NULL OR btrim(enqueue.body) = '' THEN
+    IF enqueue.body IS NULL OR enqueue.body !~ '[^[:space:]]' THEN
         RAISE EXCEPTION 'fleet.enqueue: body must not be empty' USING ERRCODE = '22023';
     END IF;
     IF octet_length(enqueue.body) > 16384 THEN

@@ -1,0 +1,196 @@
+"""The queue's SQL on a real PostgreSQL: enqueue rules, per-session heads, leases and fencing."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import asyncpg
+import pytest
+
+from fleet import queue
+from fleet.errors import InvalidInput
+from fleet.handlers import NoopHandler
+from fleet.queue import Outcome
+from fleet.worker import Worker, retry_delay
+from tests.processes import wait_until
+
+
+async def test_enqueue_returns_id_and_dedupe_key_returns_the_same_id(conn: asyncpg.Connection):
+    first = await queue.enqueue(conn, "s1", "hello", dedupe_key="k1")
+    again = await queue.enqueue(conn, "s1", "hello again", dedupe_key="k1")
+    other = await queue.enqueue(conn, "s1", "different", dedupe_key="k2")
+    assert first == again != other
+    assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 2
+
+
+async def test_session_metadata_is_set_by_the_first_enqueue(conn: asyncpg.Connection):
+    await queue.enqueue(conn, "s1", "a", metadata={"tenant": "acme"})
+    await queue.enqueue(conn, "s1", "b", metadata={"tenant": "other"})
+    assert await conn.fetchval(
+        "SELECT metadata FROM fleet.sessions WHERE session_id = 's1'") == {"tenant": "acme"}
+
+
+@pytest.mark.parametrize(
+    ("session_id", "body", "expected"),
+    [
+        ("s1", "", "body must not be empty"),
+        ("s1", "   \n", "body must not be empty"),
+        ("s1", "x" * 16_385, "body is 16385 bytes; the limit is 16384"),
+        ("has space", "hi", "session_id must be 1 to 128 characters"),
+        ("", "hi", "session_id must be 1 to 128 characters"),
+        ("s" * 129, "hi", "session_id must be 1 to 128 characters"),
+    ],
+)
+async def test_bad_input_is_refused_with_a_clear_error_and_nothing_written(
+    conn: asyncpg.Connection, session_id: str, body: str, expected: str
+):
+    with pytest.raises(InvalidInput, match=expected):
+        await queue.enqueue(conn, session_id, body)
+    assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
+
+
+async def test_null_session_id_via_sql_is_refused(conn: asyncpg.Connection):
+    with pytest.raises(asyncpg.PostgresError, match="session_id must not be NULL"):
+        await conn.fetchval("SELECT fleet.enqueue(session_id => NULL, body => 'x')")
+    assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
+
+
+async def test_oversized_metadata_is_refused(conn: asyncpg.Connection):
+    with pytest.raises(InvalidInput, match="metadata must be a JSON object"):
+        await queue.enqueue(conn, "s1", "hi", metadata={"blob": "x" * 20_000})
+
+
+async def test_only_the_session_head_is_claimable_and_the_next_follows_in_order(
+    conn: asyncpg.Connection,
+):
+    ids = [await queue.enqueue(conn, "s1", f"m{i}") for i in range(3)]
+    other = await queue.enqueue(conn, "s2", "other session")
+    claimed = await queue.claim(conn, "w", 10, 30)
+    assert sorted(m.id for m in claimed) == sorted([ids[0], other])
+
+    first = next(m for m in claimed if m.id == ids[0])
+    done = await queue.finish(conn, [Outcome(message_id=first.id, lease_token=first.lease_token,
+                                             state="done", reply="r0")])
+    assert done == {ids[0]}
+    nxt = await queue.claim(conn, "w", 10, 30)
+    assert [m.id for m in nxt] == [ids[1]]
+
+
+async def test_a_retried_head_keeps_later_messages_of_its_session_waiting(conn: asyncpg.Connection):
+    first = await queue.enqueue(conn, "s1", "first")
+    await queue.enqueue(conn, "s1", "second")
+    [claimed] = await queue.claim(conn, "w", 10, 30)
+    assert await queue.retry(conn, first, claimed.lease_token, "boom", 0.0)
+    again = await queue.claim(conn, "w", 10, 30)
+    assert [m.id for m in again] == [first]  # not "second": order is kept across retries
+
+
+async def test_rolled_back_enqueue_leaves_nothing(conn: asyncpg.Connection):
+    tr = conn.transaction()
+    await tr.start()
+    await queue.enqueue(conn, "s1", "never")
+    await tr.rollback()
+    assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
+    assert await queue.claim(conn, "w", 10, 30) == []
+
+
+async def test_a_stale_worker_cannot_overwrite_the_new_owner(conn: asyncpg.Connection):
+    message_id = await queue.enqueue(conn, "s1", "contested")
+    [zombie] = await queue.claim(conn, "zombie", 1, 30)
+    # The zombie stops heartbeating; its lease runs out.
+    await conn.execute("UPDATE fleet.messages SET lease_expires_at = now() - interval '1 second'"
+                       " WHERE id = $1", message_id)
+    assert await queue.rescue_expired(conn) == [message_id]
+    [owner] = await queue.claim(conn, "owner", 1, 30)
+    assert owner.lease_token != zombie.lease_token
+    assert owner.takeovers == 1 and owner.attempts == 1  # losing a worker is not a failure
+
+    assert await queue.heartbeat(conn, [(message_id, zombie.lease_token)], 30) == set()
+    refused = await queue.finish(conn, [Outcome(message_id=message_id,
+                                                lease_token=zombie.lease_token,
+                                                state="done", reply="zombie reply")])
+    assert refused == set()
+    assert not await queue.retry(conn, message_id, zombie.lease_token, "late", 0)
+    accepted = await queue.finish(conn, [Outcome(message_id=message_id,
+                                                 lease_token=owner.lease_token,
+                                                 state="done", reply="owner reply")])
+    assert accepted == {message_id}
+    row = await conn.fetchrow("SELECT state, reply FROM fleet.messages WHERE id = $1", message_id)
+    assert dict(row) == {"state": "done", "reply": "owner reply"}
+
+
+async def test_claim_cost_follows_the_batch_not_the_backlog(conn: asyncpg.Connection):
+    await conn.execute(
+        "SELECT fleet.enqueue(session_id => 's' || g, body => 'x') FROM generate_series(1, 5000) g")
+    await conn.execute(
+        "SELECT fleet.enqueue(session_id => 'big', body => 'x') FROM generate_series(1, 5000) g")
+    await conn.execute("ANALYZE fleet.messages")
+    plan = "\n".join(
+        r[0] for r in await conn.fetch(
+            "EXPLAIN (ANALYZE, BUFFERS) SELECT id FROM fleet.messages"
+            " WHERE state = 'queued' AND is_head AND run_after <= now()"
+            " ORDER BY run_after, id LIMIT 10 FOR UPDATE SKIP LOCKED"))
+    assert "messages_claimable" in plan
+    # The index scan stops after the batch: it reads about 10 rows, not 10,000.
+    scanned = [line for line in plan.splitlines() if "Index Scan" in line][0]
+    assert re.search(r"actual time=\S+ rows=10(\.00)? ", scanned), plan
+
+
+def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
+    for attempt in range(1, 8):
+        ceiling = min(8.0, 0.5 * 2 ** (attempt - 1))
+        delays = [retry_delay(attempt, 0.5, 8.0) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > 0  # jitter
+    assert retry_delay(50, 0.5, 8.0) <= 8.0
+
+
+async def test_committed_enqueue_wakes_a_worker_by_notify_not_poll(settings, conn):
+    settings = settings.model_copy(update={"fleet_poll_interval": 60.0})
+    worker = Worker(settings, NoopHandler(), concurrency=2)
+    task = asyncio.create_task(worker.run())
+    try:
+        # Wait until the worker listens (its first claims are done).
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-listener'"),
+            message="the worker's LISTEN connection")
+        await asyncio.sleep(0.3)
+
+        tr = conn.transaction()
+        await tr.start()
+        rolled_back = await queue.enqueue(conn, "s-rb", "rolled back")
+        await tr.rollback()
+
+        started = asyncio.get_running_loop().time()
+        committed = await queue.enqueue(conn, "s-ok", "committed")
+        await wait_until(lambda: conn.fetchval(
+            "SELECT state = 'done' FROM fleet.messages WHERE id = $1", committed),
+            timeout=10, message="the committed message to be done")
+        # Poll interval is 60 s: finishing within a few seconds means NOTIFY woke the worker.
+        assert asyncio.get_running_loop().time() - started < 5
+        assert await conn.fetchval(
+            "SELECT count(*) FROM fleet.messages WHERE id = $1", rolled_back) == 0
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_failing_handler_is_retried_with_backoff_then_dead(settings, conn):
+    message_id = await queue.enqueue(conn, "s1", "please #fail", max_attempts=3)
+    follower = await queue.enqueue(conn, "s1", "after the failure")
+    worker = Worker(settings, NoopHandler(), concurrency=2)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT state = 'done' FROM fleet.messages WHERE id = $1", follower),
+            timeout=30, message="the follower to be done")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    row = await conn.fetchrow("SELECT * FROM fleet.messages WHERE id = $1", message_id)
+    assert row["state"] == "dead"
+    assert row["attempts"] == 3
+    assert "told to fail" in row["error"]
+    follower_row = await conn.fetchrow("SELECT * FROM fleet.messages WHERE id = $1", follower)
+    assert follower_row["claimed_at"] > row["finished_at"]  # order held across the failure
