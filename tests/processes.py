@@ -1,4 +1,4 @@
-"""Running the real ``fleet`` CLI in subprocesses, and waiting on the database instead of sleeping."""
+"""Running the real `fleet` CLI in subprocesses; waiting on the database, not sleeping."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def fleet_json(*args: str, env: dict[str, str], timeout: float = 120) -> Any:
 
 def start_fleet(*args: str, env: dict[str, str], log: Path | None = None) -> subprocess.Popen[str]:
     """Start ``fleet ARGS`` in the background (its own process group); output to ``log``."""
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
+    out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "fleet", *args],
         env=env, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=ROOT,

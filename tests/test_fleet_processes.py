@@ -1,8 +1,9 @@
-"""The fleet core with real OS processes: many workers, kill -9, SIGTERM, concurrent migrate, CLI."""
+"""The fleet core with real OS processes: workers, kill -9, SIGTERM, migrate, the CLI."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import subprocess
 import sys
@@ -51,7 +52,7 @@ async def test_three_workers_process_600_messages_once_each_in_session_order(
         by_session.setdefault(r["session_id"], []).append(r)
     assert len(by_session) == 40
     for session_rows in by_session.values():
-        for earlier, later in zip(session_rows, session_rows[1:], strict=False):
+        for earlier, later in itertools.pairwise(session_rows):
             # In enqueue order, and the next one starts only after the previous one finished.
             assert earlier["finished_at"] <= later["claimed_at"]
     owners = await conn.fetchval("SELECT count(*) FROM fleet.workers")

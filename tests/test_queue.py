@@ -133,7 +133,7 @@ async def test_claim_cost_follows_the_batch_not_the_backlog(conn: asyncpg.Connec
             " ORDER BY run_after, id LIMIT 10 FOR UPDATE SKIP LOCKED"))
     assert "messages_claimable" in plan
     # The index scan stops after the batch: it reads about 10 rows, not 10,000.
-    scanned = [line for line in plan.splitlines() if "Index Scan" in line][0]
+    scanned = next(line for line in plan.splitlines() if "Index Scan" in line)
     assert re.search(r"actual time=\S+ rows=10(\.00)? ", scanned), plan
 
 
