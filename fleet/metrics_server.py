@@ -1,96 +1,205 @@
 """Serving metrics: the database-derived collector and the per-process endpoint.
 
-:class:`QueueCollector` reads queue depth, oldest ages and live workers from the database at
-scrape time. It is registered in exactly one process (``fleet up``'s supervisor, or a lone
-``fleet worker --metrics-port``), so N workers do not run N copies of the same queries.
+:class:`QueueCollector` reads queue depth, oldest ages, live workers and approvals from the
+database at scrape time. It is registered in exactly one process per host (``fleet up``'s
+supervisor, or a lone ``fleet worker --metrics-port``), so N workers do not run N copies of the
+same queries. Several hosts each report the same global numbers: dashboards aggregate them with
+``max``, never ``sum``.
+
+``fleet status`` prints the same :class:`QueueSnapshot` (:func:`read_snapshot`), so the terminal
+and the dashboard cannot disagree about what they count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+import asyncpg
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from pydantic import BaseModel
 
 from fleet.settings import Settings
 from fleet.sql import queries
 
 log = logging.getLogger("fleet.metrics")
 SQL = queries("queries.sql")
+METRICS_SQL = queries("metrics.sql")
+
+#: A worker counts as alive when it was seen within this many seconds (it checks in every 10 s).
+LIVE_WORKER_SECONDS = 60.0
+#: Buckets of ``fleet_approval_decision_seconds``: a minute to a day, the human time scale.
+APPROVAL_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 86_400.0)
+#: A scrape must answer even when the database does not.
+SCRAPE_TIMEOUT_SECONDS = 5.0
+
+
+class StateCount(BaseModel):
+    count: int
+    oldest_age_seconds: float
+
+
+class ApprovalDecisions(BaseModel):
+    """Decisions of one kind (approved, rejected, expired, cancelled) and how long they took."""
+
+    count: int
+    seconds_sum: float
+    buckets: list[int]
+
+
+class QueueSnapshot(BaseModel):
+    """What the fleet looks like right now, read in one go from the database."""
+
+    states: dict[str, StateCount]
+    oldest_ready_age_seconds: float
+    live_workers: list[dict[str, object]]
+    approvals_pending: int
+    approvals_oldest_pending_age_seconds: float
+    approvals_decided: dict[str, ApprovalDecisions]
+
+
+async def read_snapshot(conn: asyncpg.Connection) -> QueueSnapshot:
+    """Counts per state, oldest ages, live workers and approvals (one connection, a few reads)."""
+    from fleet import queue
+
+    counts = await queue.state_counts(conn)
+    states = {
+        state: StateCount(
+            count=int(counts.get(state, {}).get("count", 0)),
+            oldest_age_seconds=float(counts.get(state, {}).get("oldest_age_seconds") or 0.0),
+        )
+        for state in queue.MESSAGE_STATES
+    }
+    workers = await conn.fetch(SQL["live_workers"], LIVE_WORKER_SECONDS)
+    pending, oldest_pending = 0, 0.0
+    decided: dict[str, ApprovalDecisions] = {}
+    if await conn.fetchval(METRICS_SQL["approvals_table_exists"]):
+        row = await conn.fetchrow(METRICS_SQL["approvals_pending"])
+        pending, oldest_pending = int(row["n"]), float(row["oldest_age"])
+        for row in await conn.fetch(METRICS_SQL["approvals_decided"], list(APPROVAL_BUCKETS)):
+            decided[row["kind"]] = ApprovalDecisions(
+                count=row["n"], seconds_sum=row["seconds_sum"], buckets=list(row["buckets"])
+            )
+    return QueueSnapshot(
+        states=states,
+        oldest_ready_age_seconds=float(await queue.oldest_queued_age(conn)),
+        live_workers=[dict(w) for w in workers],
+        approvals_pending=pending,
+        approvals_oldest_pending_age_seconds=oldest_pending,
+        approvals_decided=decided,
+    )
+
+
+def snapshot_metrics(snapshot: QueueSnapshot) -> list[Metric]:
+    """The snapshot as Prometheus metric families."""
+    depth = GaugeMetricFamily("fleet_queue_messages", "Messages per state", labels=["state"])
+    age = GaugeMetricFamily(
+        "fleet_queue_oldest_age_seconds",
+        "Age of the oldest message per state (since it was enqueued)",
+        labels=["state"],
+    )
+    for state, entry in snapshot.states.items():
+        depth.add_metric([state], entry.count)
+        age.add_metric([state], entry.oldest_age_seconds)
+    decided = CounterMetricFamily(
+        "fleet_approvals_decided",
+        "Approvals decided, by decision (approved, rejected, expired, cancelled)",
+        labels=["decision"],
+    )
+    wait = HistogramMetricFamily(
+        "fleet_approval_decision_seconds",
+        "Time from an approval request to its decision",
+        labels=["decision"],
+    )
+    for kind in ("approved", "rejected", "expired", "cancelled"):
+        entry = snapshot.approvals_decided.get(
+            kind, ApprovalDecisions(count=0, seconds_sum=0.0, buckets=[0] * len(APPROVAL_BUCKETS))
+        )
+        decided.add_metric([kind], entry.count)
+        buckets = [
+            (f"{bound:g}", count)
+            for bound, count in zip(APPROVAL_BUCKETS, entry.buckets, strict=True)
+        ]
+        wait.add_metric([kind], [*buckets, ("+Inf", entry.count)], entry.seconds_sum)
+    return [
+        depth,
+        age,
+        GaugeMetricFamily(
+            "fleet_queue_oldest_ready_age_seconds",
+            "Age of the oldest message that is due and waiting for a worker",
+            value=snapshot.oldest_ready_age_seconds,
+        ),
+        GaugeMetricFamily(
+            "fleet_workers_alive",
+            f"Workers that checked in within the last {LIVE_WORKER_SECONDS:g} s, on any host",
+            value=len(snapshot.live_workers),
+        ),
+        GaugeMetricFamily(
+            "fleet_approvals_pending",
+            "Parked runs awaiting a human",
+            value=snapshot.approvals_pending,
+        ),
+        GaugeMetricFamily(
+            "fleet_approvals_oldest_pending_age_seconds",
+            "Age of the oldest undecided approval",
+            value=snapshot.approvals_oldest_pending_age_seconds,
+        ),
+        decided,
+        wait,
+    ]
 
 
 class QueueCollector(Collector):
-    """Gauges computed from the database when Prometheus scrapes."""
+    """Gauges computed from the database when Prometheus scrapes.
+
+    ``collect`` runs in the HTTP server's thread, so it opens its own event loop and connection;
+    a failed read yields ``fleet_queue_collector_up 0`` (alertable) instead of breaking the
+    endpoint that also carries the workers' own metrics.
+    """
 
     def __init__(self, settings: Settings, url: str) -> None:
         self.settings = settings
         self.url = url
 
-    async def _read(self) -> dict[str, object]:
-        from fleet import queue
+    def describe(self) -> list[Metric]:
+        # Registering must not query the database (it may run inside the worker's event loop).
+        return []
+
+    async def _read(self) -> QueueSnapshot:
         from fleet.database import connect
 
         conn = await connect(self.settings, "fleet-metrics", url=self.url)
         try:
-            counts = await queue.state_counts(conn)
-            oldest = await queue.oldest_queued_age(conn)
-            workers = await conn.fetch(SQL["live_workers"], 60.0)
-            pending = 0
-            oldest_pending = 0.0
-            if await conn.fetchval("SELECT to_regclass('public.run_states') IS NOT NULL"):
-                row = await conn.fetchrow(
-                    "SELECT count(*) AS n, coalesce(extract(epoch FROM now() - min(requested_at)),"
-                    " 0)::float8 AS age FROM run_states WHERE status = 'awaiting'"
-                )
-                pending, oldest_pending = row["n"], row["age"]
-            return {
-                "counts": counts,
-                "oldest": oldest,
-                "workers": len(workers),
-                "pending": pending,
-                "oldest_pending": oldest_pending,
-            }
+            return await read_snapshot(conn)
         finally:
             await conn.close()
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
+        started = time.monotonic()
         try:
-            data = asyncio.run(self._read())
+            snapshot = asyncio.run(asyncio.wait_for(self._read(), SCRAPE_TIMEOUT_SECONDS))
         except Exception as exc:  # a scrape must not crash the endpoint
             log.warning("queue metrics unavailable: %s", exc)
-            return
-        depth = GaugeMetricFamily("fleet_queue_messages", "Messages per state", labels=["state"])
-        age = GaugeMetricFamily(
-            "fleet_queue_oldest_age_seconds",
-            "Age of the oldest message per state",
-            labels=["state"],
-        )
-        from fleet.queue import MESSAGE_STATES
-
-        counts = data["counts"]
-        for state in MESSAGE_STATES:
-            entry = counts.get(state, {"count": 0, "oldest_age_seconds": 0.0})
-            depth.add_metric([state], entry["count"])
-            age.add_metric([state], entry["oldest_age_seconds"] or 0.0)
-        yield depth
-        yield age
+            snapshot = None
+        if snapshot is not None:
+            yield from snapshot_metrics(snapshot)
         yield GaugeMetricFamily(
-            "fleet_queue_oldest_ready_age_seconds",
-            "Age of the oldest message due and waiting for a worker",
-            value=data["oldest"],
+            "fleet_queue_collector_up",
+            "1 when the database-derived metrics could be read at this scrape",
+            value=1 if snapshot is not None else 0,
         )
         yield GaugeMetricFamily(
-            "fleet_workers_alive", "Workers seen in the last minute", value=data["workers"]
-        )
-        yield GaugeMetricFamily(
-            "fleet_approvals_pending", "Parked runs awaiting a human", value=data["pending"]
-        )
-        yield GaugeMetricFamily(
-            "fleet_approvals_oldest_pending_age_seconds",
-            "Age of the oldest undecided approval",
-            value=data["oldest_pending"],
+            "fleet_queue_collector_duration_seconds",
+            "Time spent reading the database-derived metrics",
+            value=time.monotonic() - started,
         )
 
 
