@@ -193,28 +193,26 @@ def messages_command(
 
 
 async def read_status() -> dict[str, Any]:
-    from fleet import queue
+    """The same snapshot the metrics endpoint exports (fleet.metrics_server.read_snapshot)."""
     from fleet.database import connect
-    from fleet.sql import queries
+    from fleet.metrics_server import read_snapshot
 
-    sql = queries("queries.sql")
     conn = await connect(settings(), "fleet-status")
     try:
-        counts = await queue.state_counts(conn)
-        workers = await conn.fetch(sql["live_workers"], 60.0)
-        approvals = 0
-        if await conn.fetchval("SELECT to_regclass('public.run_states') IS NOT NULL"):
-            approvals = await conn.fetchval(
-                "SELECT count(*) FROM run_states WHERE status = 'awaiting'"
-            )
-        return {
-            "counts": {s: int(counts.get(s, {}).get("count", 0)) for s in queue.MESSAGE_STATES},
-            "oldest_queued_age_seconds": await queue.oldest_queued_age(conn),
-            "live_workers": [dict(w) for w in workers],
-            "awaiting_approvals": approvals,
-        }
+        snap = await read_snapshot(conn)
     finally:
         await conn.close()
+    return {
+        "counts": {state: entry.count for state, entry in snap.states.items()},
+        "oldest_queued_age_seconds": snap.oldest_ready_age_seconds,
+        "oldest_age_seconds": {
+            state: entry.oldest_age_seconds for state, entry in snap.states.items()
+        },
+        "live_workers": snap.live_workers,
+        "awaiting_approvals": snap.approvals_pending,
+        "oldest_awaiting_approval_age_seconds": snap.approvals_oldest_pending_age_seconds,
+        "approvals_decided": {kind: d.count for kind, d in snap.approvals_decided.items()},
+    }
 
 
 @app.command("status")
@@ -240,7 +238,10 @@ def status_command(
                 typer.echo(
                     f"  {w['worker_id']}  handler={w['handler']}  concurrency={w['concurrency']}"
                 )
-            typer.echo(f"awaiting approvals  {status['awaiting_approvals']}")
+            typer.echo(
+                f"awaiting approvals  {status['awaiting_approvals']}"
+                f"  (oldest {status['oldest_awaiting_approval_age_seconds']:.0f}s)"
+            )
         if not watch:
             return
         time.sleep(watch)
