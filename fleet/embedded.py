@@ -328,6 +328,9 @@ class EmbeddedServer:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as probe:
+        # As PostgreSQL itself does: a port held only by TIME_WAIT sockets of our own previous
+        # run is free to reuse, so a restart keeps its port (and every URL handed out).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:

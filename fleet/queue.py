@@ -106,6 +106,12 @@ async def enqueue(
     max_attempts: int | None = None,
 ) -> int:
     """Enqueue one message; inside ``db``'s transaction when ``db`` is a connection in one."""
+    for field, value in (("session_id", session_id), ("body", body),
+                         ("customer_id", customer_id), ("dedupe_key", dedupe_key),
+                         ("agent", agent)):
+        if isinstance(value, str) and "\x00" in value:
+            # PostgreSQL text cannot hold NUL; say so instead of an encoding error.
+            raise InvalidInput(f"{field} must not contain NUL bytes")
     try:
         return await db.fetchval(
             SQL["enqueue"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -191,3 +192,46 @@ async def test_enqueue_wait_prints_the_reply(conn, fleet_env, tmp_path: Path):
     assert done.stdout.strip() == "ok"
     status = fleet_json("status", env=fleet_env)
     assert status["counts"]["done"] == 1
+
+
+@pytest.mark.slow
+async def test_listen_reconnects_after_the_database_restarts(db_url, fleet_env, fleet_home,
+                                                             tmp_path: Path):
+    if os.environ.get("DATABASE_URL"):
+        pytest.skip("restarts the embedded test server")
+    from fleet.embedded import EmbeddedServer
+    from fleet.settings import Settings
+
+    env = dict(fleet_env, FLEET_POLL_INTERVAL="60")  # only NOTIFY can wake it quickly
+    worker = start_fleet("worker", "--handler", "noop", env=env, log=tmp_path / "worker.log")
+
+    async def listening() -> bool:
+        try:
+            conn = await asyncpg.connect(db_url)
+        except OSError:
+            return False
+        try:
+            return await conn.fetchval("SELECT count(*) FROM pg_stat_activity"
+                                       " WHERE application_name = 'fleet-listener'") == 1
+        finally:
+            await conn.close()
+
+    try:
+        await wait_until(listening, timeout=30, message="the LISTEN connection")
+        server = EmbeddedServer(Settings(fleet_home=fleet_home, database_url=None))
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(server.ensure_running)
+        await wait_until(listening, timeout=30, message="LISTEN to reconnect")
+        await asyncio.sleep(0.5)
+        conn = await asyncpg.connect(db_url)
+        try:
+            message_id = await conn.fetchval("SELECT fleet.enqueue(session_id => 'r', body => 'x')")
+            await wait_until(lambda: conn.fetchval(
+                "SELECT state = 'done' FROM fleet.messages WHERE id = $1", message_id),
+                timeout=10, message="the message enqueued after the restart")
+        finally:
+            await conn.close()
+    finally:
+        stop(worker)
+    assert "LISTEN connection lost" in (tmp_path / "worker.log").read_text()

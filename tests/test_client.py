@@ -1,0 +1,75 @@
+"""`fleet.Client`: transactional enqueue, waiting for replies, cancellation, listing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import fleet
+from fleet.errors import InvalidInput, NotFound
+from fleet.handlers import NoopHandler
+from fleet.worker import Worker
+
+
+@pytest.fixture
+async def running_worker(settings):
+    worker = Worker(settings, NoopHandler(work_delay=0.01), concurrency=4)
+    task = asyncio.create_task(worker.run())
+    yield worker
+    worker.stop()
+    await asyncio.wait_for(task, 30)
+
+
+async def test_enqueue_inside_a_rolled_back_transaction_enqueues_nothing(settings, db_url):
+    async with fleet.Client(db_url, settings=settings) as client:
+        async with client.pool.acquire() as conn:
+            tr = conn.transaction()
+            await tr.start()
+            message_id = await client.enqueue("s1", "never sent", conn=conn)
+            await tr.rollback()
+        with pytest.raises(NotFound):
+            await client.get_message(message_id)
+        assert await client.list_messages() == []
+
+
+async def test_run_sync_returns_the_reply(settings, db_url, running_worker):
+    async with fleet.Client(db_url, settings=settings) as client:
+        reply = await client.run_sync("s1", "hello", timeout=20,
+                                      metadata={"tenant": "acme"}, variables={"user": "u1"})
+        assert reply.state == "done" and reply.reply == "ok"
+        [message] = await client.list_messages(session_id="s1")
+        assert message.id == reply.message_id
+        assert message.metadata == {"tenant": "acme"} and message.variables == {"user": "u1"}
+
+
+async def test_wait_for_reply_returns_the_current_state_on_timeout(settings, db_url):
+    async with fleet.Client(db_url, settings=settings) as client:
+        message_id = await client.enqueue("s1", "nobody is working")
+        reply = await client.wait_for_reply(message_id, timeout=0.3)
+        assert reply.state == "queued" and reply.reply is None
+
+
+async def test_cancel_a_queued_message_lets_the_next_one_run(settings, db_url, running_worker):
+    async with fleet.Client(db_url, settings=settings) as client:
+        # Hold the session's head with a parked-looking long message, then cancel its follower.
+        async with client.pool.acquire() as conn:
+            first = await client.enqueue("s1", "first", conn=conn)
+            second = await client.enqueue("s1", "second", conn=conn)
+        cancelled = await client.cancel(second)
+        assert cancelled.state in ("cancelled", "done")
+        done = await client.wait_for_reply(first, timeout=20)
+        assert done.state == "done"
+        with pytest.raises(InvalidInput, match="already"):
+            await client.cancel(first)
+        with pytest.raises(NotFound):
+            await client.cancel(999_999)
+
+
+async def test_cancel_queued_behind_a_busy_head_is_immediate(settings, db_url):
+    async with fleet.Client(db_url, settings=settings) as client:
+        first = await client.enqueue("s1", "head")
+        second = await client.enqueue("s1", "behind")
+        reply = await client.cancel(second)
+        assert reply.state == "cancelled"
+        assert (await client.get_message(first)).state == "queued"
