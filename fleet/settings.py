@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     fleet_log_level: str = "INFO"
     """Python logging level for fleet processes."""
 
+    fleet_model_prices: str | None = None
+    """Estimated-cost metric: US dollars per million input and output tokens, "0.40,1.60".
+    Unset: a built-in table of list prices (``fleet.metrics.MODEL_PRICES``); unknown models 0."""
+
+    otel_exporter_otlp_endpoint: str | None = None
+    """OpenTelemetry collector (OTLP/HTTP, e.g. http://localhost:4318). Set: every process exports
+    its spans (needs ``pip install 'pgfleet[otlp]'``); unset: tracing is off at no cost. The other
+    standard ``OTEL_*`` variables (``OTEL_SERVICE_NAME``, headers, sampling) apply as usual."""
+
     @field_validator("fleet_home")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
