@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from fleet import metrics, queue
+from fleet import metrics, queue, tracing
 from fleet.database import connect, create_pool, resolve_url
 from fleet.errors import LeaseLost, PermanentHandlerError
 from fleet.handlers import Handler, Lease, Parked, Reply
@@ -235,7 +235,16 @@ class Worker:
     async def _execute(self, message: ClaimedMessage) -> None:
         started = time.monotonic()
         try:
-            result = await self.handler.handle(message, Lease(message, self.pool))
+            with tracing.span(
+                "fleet.turn",
+                **{
+                    "fleet.message_id": message.id,
+                    "fleet.session_id": message.session_id,
+                    "fleet.attempt": message.attempts,
+                    "fleet.handler": self.handler.name,
+                },
+            ):
+                result = await self.handler.handle(message, Lease(message, self.pool))
             if isinstance(result, Reply):
                 self._queue_outcome(
                     Outcome(
