@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from fleet import metrics, queue, tracing
+from fleet import approvals, metrics, queue, tracing
 from fleet.database import connect, create_pool, resolve_url
 from fleet.errors import LeaseLost, PermanentHandlerError
 from fleet.handlers import Handler, Lease, Parked, Reply
@@ -93,6 +93,8 @@ class Worker:
         self.in_flight: dict[int, _InFlight] = {}
         #: leases held, including outcomes not yet written (the heartbeat keeps them alive)
         self.held: dict[int, int] = {}
+        #: running messages whose cancellation was requested (their tasks are being stopped)
+        self._cancelling: set[int] = set()
         self._pending: list[Outcome] = []
         self._pending_event = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -260,6 +262,14 @@ class Worker:
             else:
                 raise TypeError(f"handler returned {type(result).__name__}, not Reply or Parked")
         except asyncio.CancelledError:
+            if message.id in self._cancelling:
+                # Someone cancelled this message; the turn stopped at its current step.
+                self._cancelling.discard(message.id)
+                log.info("message %d cancelled while running", message.id)
+                self._queue_outcome(Outcome(message_id=message.id,
+                                            lease_token=message.lease_token,
+                                            state="cancelled", error="cancelled while running"))
+                return
             # Shutdown past the grace period or a lost lease: the message is released (or is
             # already someone else's). Nothing to write.
             raise
@@ -365,6 +375,12 @@ class Worker:
                 log.warning("heartbeat failed (%s)", exc)
                 continue
             for message_id, token in leases:
+                flight = self.in_flight.get(message_id)
+                if kept.get(message_id) and flight is not None:
+                    if message_id not in self._cancelling:
+                        self._cancelling.add(message_id)
+                        flight.task.cancel()
+                    continue
                 if message_id in kept or self.held.get(message_id) != token:
                     continue
                 self.held.pop(message_id, None)
@@ -394,6 +410,10 @@ class Worker:
                     if await queue.repair_heads(self.pool):
                         self._wakeup.set()
                     last_repair = now
+                # Undecided approvals past their TTL are rejected and their messages unparked
+                # (one indexed read when nothing is overdue).
+                if await approvals.expire_overdue(self.pool):
+                    self._wakeup.set()
             except TRANSIENT as exc:
                 log.warning("maintenance failed (%s)", exc)
             await asyncio.sleep(min(self.poll_interval, self.lease_seconds / 2))
