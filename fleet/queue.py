@@ -71,11 +71,12 @@ class Message(BaseModel):
 
 
 class Outcome(BaseModel):
-    """How a claimed message ends: ``done`` with its reply, or ``dead`` with its error."""
+    """How a claimed message ends: ``done`` with its reply, ``dead`` with its error, or
+    ``cancelled`` on request while it ran."""
 
     message_id: int
     lease_token: int
-    state: Literal["done", "dead"]
+    state: Literal["done", "dead", "cancelled"]
     reply: str | None = None
     error: str | None = None
 
@@ -141,13 +142,13 @@ async def claim(
 
 async def heartbeat(
     db: Executor, leases: Sequence[tuple[int, int]], lease_seconds: float
-) -> set[int]:
-    """Extend leases; returns the message ids whose lease is still ours."""
+) -> dict[int, bool]:
+    """Extend leases; returns ``{message id: cancel requested}`` for the leases still ours."""
     if not leases:
-        return set()
+        return {}
     ids, tokens = zip(*leases, strict=True)
     rows = await db.fetch(SQL["heartbeat"], list(ids), list(tokens), lease_seconds)
-    return {row["id"] for row in rows}
+    return {row["id"]: row["cancel_requested"] for row in rows}
 
 
 async def finish(db: Executor, outcomes: Sequence[Outcome]) -> set[int]:

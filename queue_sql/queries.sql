@@ -27,12 +27,13 @@ RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.met
           m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
 
 -- name: heartbeat
--- Extend the leases this worker still holds; returns the ids still held (the rest were lost).
+-- Extend the leases this worker still holds; returns the ids still held (the rest were lost)
+-- and whether someone asked to cancel each.
 UPDATE fleet.messages m
 SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
 WHERE m.id = u.id AND m.lease_token = u.token AND m.state = 'running'
-RETURNING m.id;
+RETURNING m.id, m.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- name: finish
 -- Finish messages (done/dead) under their lease tokens; returns the ids actually finished.
@@ -104,8 +105,8 @@ FOR UPDATE;
 SELECT fleet.finish_unleased($1, 'cancelled', NULL, $2, ARRAY['queued', 'awaiting_approval']) AS ok;
 
 -- name: request_cancel
--- Ask the worker running a message to stop at its next step.
-UPDATE fleet.messages SET error = 'cancel requested'
+-- Ask the worker running a message to stop (it sees the request with its next heartbeat).
+UPDATE fleet.messages SET cancel_requested_at = clock_timestamp()
 WHERE id = $1 AND state = 'running'
 RETURNING id;
 

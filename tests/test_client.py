@@ -73,3 +73,25 @@ async def test_cancel_queued_behind_a_busy_head_is_immediate(settings, db_url):
         reply = await client.cancel(second)
         assert reply.state == "cancelled"
         assert (await client.get_message(first)).state == "queued"
+
+
+async def test_cancel_a_running_message_stops_it_at_the_next_heartbeat(settings, db_url):
+    worker = Worker(settings, NoopHandler(work_delay=60), concurrency=2)
+    task = asyncio.create_task(worker.run())
+    try:
+        async with fleet.Client(db_url, settings=settings) as client:
+            slow = await client.enqueue("s1", "takes a minute")
+            after = await client.enqueue("s1", "next in line")
+            for _ in range(100):
+                if (await client.get_message(slow)).state == "running":
+                    break
+                await asyncio.sleep(0.1)
+            reply = await client.cancel(slow)
+            assert reply.state == "running"  # asked; the worker stops it at its next heartbeat
+            finished = await client.wait_for_reply(slow, timeout=10)
+            assert finished.state == "cancelled"
+            assert finished.error == "cancelled while running"
+            assert (await client.get_message(after)).state in ("queued", "running")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)

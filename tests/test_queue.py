@@ -106,7 +106,7 @@ async def test_a_stale_worker_cannot_overwrite_the_new_owner(conn: asyncpg.Conne
     assert owner.lease_token != zombie.lease_token
     assert owner.takeovers == 1 and owner.attempts == 1  # losing a worker is not a failure
 
-    assert await queue.heartbeat(conn, [(message_id, zombie.lease_token)], 30) == set()
+    assert await queue.heartbeat(conn, [(message_id, zombie.lease_token)], 30) == {}
     refused = await queue.finish(conn, [Outcome(message_id=message_id,
                                                 lease_token=zombie.lease_token,
                                                 state="done", reply="zombie reply")])
