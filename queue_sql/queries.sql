@@ -164,3 +164,15 @@ SELECT fleet.repair_heads(100) AS repaired;
 SELECT id::text FROM run_states
 WHERE message_id = $1 AND status = 'awaiting'
 ORDER BY requested_at DESC LIMIT 1;
+
+-- name: list_sessions
+-- Sessions whose metadata contains $1 (a JSON object; '{}' matches all), newest first, with
+-- their message counts. The containment test uses the sessions_metadata GIN index.
+SELECT s.session_id, s.metadata, s.created_at,
+       (SELECT count(*) FROM fleet.messages m WHERE m.session_id = s.session_id) AS messages,
+       (SELECT max(m.enqueued_at) FROM fleet.messages m
+        WHERE m.session_id = s.session_id) AS last_message_at
+FROM fleet.sessions s
+WHERE s.metadata @> $1::jsonb
+ORDER BY s.created_at DESC, s.session_id
+LIMIT $2;
