@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import asyncpg
 from prometheus_client.core import (
@@ -24,7 +26,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import BaseModel
 
 from fleet.settings import Settings
@@ -203,9 +205,60 @@ class QueueCollector(Collector):
         )
 
 
+def prune_dead_processes(path: str) -> list[int]:
+    """Drop the live gauges of processes that are gone (``mark_process_dead`` for each).
+
+    Workers started by systemd or by hand share ``PROMETHEUS_MULTIPROC_DIR`` on one host with
+    no supervisor to report their exits; without this, a crashed worker would stay counted in
+    ``fleet_worker_processes`` and ``fleet_in_flight_turns`` forever. Counters of dead processes
+    are kept on purpose: a restart must not make a counter go down.
+    """
+    from prometheus_client import multiprocess
+
+    dead: set[int] = set()
+    for file in Path(path).glob("gauge_live*_*.db"):
+        try:
+            pid = int(file.stem.rsplit("_", 1)[1])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            dead.add(pid)
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, path)
+    return sorted(dead)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def multiprocess_registry(path: str, settings: Settings, url: str | None) -> CollectorRegistry:
+    """One registry for every process writing to ``path``, plus the queue gauges when ``url``."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class PruningCollector(MultiProcessCollector):
+        def collect(self) -> Iterable[Metric]:
+            prune_dead_processes(path)
+            return super().collect()
+
+    registry = CollectorRegistry()
+    PruningCollector(registry, path=path)
+    if url is not None:
+        registry.register(QueueCollector(settings, url))
+    return registry
+
+
 def serve_process_metrics(port: int, settings: Settings, url: str) -> None:
-    """``fleet worker --metrics-port``: this process's metrics plus the queue gauges."""
+    """``fleet worker --metrics-port``: this process's metrics, plus the queue gauges unless
+    ``FLEET_QUEUE_METRICS=false`` (another process exports them: ``fleet metrics serve``)."""
     from prometheus_client import REGISTRY, start_http_server
 
-    REGISTRY.register(QueueCollector(settings, url))
-    start_http_server(port, addr="0.0.0.0")
+    if settings.fleet_queue_metrics:
+        REGISTRY.register(QueueCollector(settings, url))
+    start_http_server(port, addr=settings.fleet_metrics_host)

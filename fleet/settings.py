@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     fleet_embeddings: Literal["local", "openai"] = "local"
     """``local``: all-MiniLM-L6-v2 (384 dims, offline); ``openai``: text-embedding-3-small."""
 
+    fleet_embedding_batch_size: int = Field(64, ge=1, le=2048)
+    """Texts per embedding call (one model forward pass, or one API request)."""
+
+    customer_data_pool_size: int = Field(8, ge=1)
+    """Connections in the ``customer-data`` MCP server's own asyncpg pool."""
+
     customer_data_url: str = "http://127.0.0.1:8765/mcp"
     """Where workers reach the ``customer-data`` MCP server."""
 
@@ -86,6 +92,14 @@ class Settings(BaseSettings):
     fleet_model_prices: str | None = None
     """Estimated-cost metric: US dollars per million input and output tokens, "0.40,1.60".
     Unset: a built-in table of list prices (``fleet.metrics.MODEL_PRICES``); unknown models 0."""
+
+    fleet_metrics_host: str = "0.0.0.0"
+    """Address the /metrics endpoints (``--metrics-port``, ``fleet metrics serve``) listen on."""
+
+    fleet_queue_metrics: bool = True
+    """Whether ``fleet worker --metrics-port`` also exports the database-derived gauges (queue
+    depth, ages, live workers, approvals). Set false on workers when one ``fleet metrics serve``
+    per deployment exports them, so they are computed once per scrape, not once per worker."""
 
     otel_exporter_otlp_endpoint: str | None = None
     """OpenTelemetry collector (OTLP/HTTP, e.g. http://localhost:4318). Set: every process exports

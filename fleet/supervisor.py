@@ -128,15 +128,16 @@ class Supervisor:
     # -- metrics -----------------------------------------------------------------------------
 
     def _serve_metrics(self) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
-        from prometheus_client.multiprocess import MultiProcessCollector
+        from prometheus_client import start_http_server
 
-        from fleet.metrics_server import QueueCollector
+        from fleet.metrics_server import multiprocess_registry
 
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=self._multiproc_dir)
-        registry.register(QueueCollector(self.settings, resolve_url_sync(self.settings)))
-        start_http_server(self.metrics_port, addr="0.0.0.0", registry=registry)
+        registry = multiprocess_registry(
+            self._multiproc_dir, self.settings, resolve_url_sync(self.settings)
+        )
+        start_http_server(
+            self.metrics_port, addr=self.settings.fleet_metrics_host, registry=registry
+        )
         log.info("metrics on :%d/metrics", self.metrics_port)
 
     def _mark_dead(self, pid: int | None) -> None:
