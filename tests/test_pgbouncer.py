@@ -1,0 +1,76 @@
+"""The fleet through PgBouncer in transaction pooling mode (Debian's ``pgbouncer``).
+
+Behind a transaction pooler a client connection is lent a server connection for one transaction
+at a time, so nothing may outlive a transaction: no named prepared statements
+(``FLEET_STATEMENT_CACHE_SIZE=0``), no LISTEN (``--poll-only``), no session advisory locks. These
+tests point the real processes at the pooler only, and use a pool smaller than the fleet's client
+connections so the pooler must really share server connections between them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.pgbouncer import SKIP_REASON, pgbouncer_binary, running_pgbouncer
+from tests.processes import start_fleet, stop, wait_until
+
+pytestmark = pytest.mark.skipif(pgbouncer_binary() is None, reason=SKIP_REASON)
+
+SERVER_POOL = 3  # server connections PgBouncer may open to the test database
+
+
+async def _server_connections(conn: asyncpg.Connection) -> int:
+    """Backends on this database other than the test's own connection."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+
+
+async def test_poll_only_workers_through_pgbouncer_keep_session_order(
+    conn, db_url, fleet_env, tmp_path: Path
+):
+    total, sessions = 300, 30
+    await conn.execute(
+        """SELECT fleet.enqueue(session_id => 'pool-' || (g % $2), body => 'message ' || g)
+           FROM generate_series(1, $1) AS g""", total, sessions)
+    with running_pgbouncer(db_url, pool_size=SERVER_POOL) as pooled_url:
+        env = dict(fleet_env, DATABASE_URL=pooled_url, FLEET_STATEMENT_CACHE_SIZE="0")
+        workers = [
+            start_fleet("worker", "--poll-only", "--handler", "noop", "--work-delay", "0.02",
+                        "--concurrency", "8", env=env, log=tmp_path / f"worker-{i}.log")
+            for i in range(2)
+        ]
+        peak = 0
+
+        async def all_done() -> bool:
+            nonlocal peak
+            peak = max(peak, await _server_connections(conn))
+            return await conn.fetchval(
+                "SELECT count(*) FROM fleet.messages WHERE state = 'done'") == total
+
+        try:
+            await wait_until(all_done, timeout=120, interval=0.05,
+                             message=f"{total} messages done through PgBouncer")
+        finally:
+            for w in workers:
+                stop(w)
+    logs = [(tmp_path / f"worker-{i}.log").read_text() for i in range(2)]
+    for text in logs:
+        assert "started" in text and "poll_only=True" in text
+        assert "prepared statement" not in text  # the classic transaction-pooling failure
+        assert "Traceback" not in text
+    # Two workers hold up to 2 x (pool 4) client connections; PgBouncer lent them at most
+    # SERVER_POOL server connections: the pooler, not the fleet, bounded the database's load.
+    assert 1 <= peak <= SERVER_POOL
+    rows = await conn.fetch(
+        "SELECT session_id, state, reply, attempts, claimed_at, finished_at"
+        " FROM fleet.messages ORDER BY session_id, id")
+    assert len(rows) == total
+    assert all(r["state"] == "done" and r["reply"] == "ok" and r["attempts"] == 1 for r in rows)
+    for _, group in itertools.groupby(rows, key=lambda r: r["session_id"]):
+        for earlier, later in itertools.pairwise(list(group)):
+            assert earlier["finished_at"] <= later["claimed_at"]
