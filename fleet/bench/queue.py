@@ -1,0 +1,888 @@
+"""``fleet bench queue``: how fast the queue drains a backlog and how soon it picks up new work.
+
+Everything runs against one PostgreSQL server (the embedded one, or ``DATABASE_URL``), in a
+scratch database this harness creates, migrates and drops, so a benchmark never touches the
+fleet's own data. The phases:
+
+* **drain**: ``N`` no-op messages are enqueued (one per session, then ``N/S`` per session over
+  ``S`` sessions), then real :class:`fleet.worker.Worker` objects with :class:`NoopHandler` drain
+  them: in this process, and as ``fleet worker --handler noop --drain`` subprocesses. The rate is
+  taken from the database (first claim to last completion), so process start-up is not counted;
+  the "steady" rate counts the middle 80% of completions only.
+* **PgQueuer**: PgQueuer 1.6's ``QueueManager`` drains ``N`` no-op jobs the same way (its own
+  schema installed in the same scratch database, its default ``durable`` tables, the same claim
+  batch size), timed from its log table the same way.
+* **scaling**: the drain with 1 and with ``P`` worker processes.
+* **sustained**: a producer enqueues one message per transaction, open loop, at half the
+  measured single-process peak while one worker process runs; the enqueue-to-claim latency
+  (``claimed_at - enqueued_at``) percentiles come from ``fleet.messages``. PgQueuer gets the same
+  treatment at half its own peak (``picked`` minus ``queued`` in its log).
+* **claim plans**: ``EXPLAIN (ANALYZE, BUFFERS)`` of the claim statement on large backlogs, to
+  check that its cost follows the batch size, not the backlog.
+
+The SQL the harness itself runs (bulk enqueue, statistics) is kept in the constants below; the
+queue's own statements come from ``queue_sql/`` untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse, urlunparse
+
+import asyncpg
+from pydantic import BaseModel, Field
+
+from fleet import queue
+from fleet.database import connect, create_pool, resolve_url
+from fleet.handlers import NoopHandler
+from fleet.migrate import migrate
+from fleet.settings import PROJECT_ROOT, Settings
+from fleet.sql import queries
+from fleet.worker import Worker
+
+log = logging.getLogger("fleet.bench.queue")
+
+BODY = "bench"
+PGQ_ENTRYPOINT = "noop"
+ENQUEUE_CHUNK = 5_000
+#: Seconds a phase may take before the harness gives up on it (a stuck worker, say).
+PHASE_TIMEOUT = 600.0
+
+Layout = Literal["one-per-session", "many-per-session", "no sessions"]
+
+# -- the harness's own SQL ---------------------------------------------------------------------
+
+#: Messages $1..$2 of a backlog, message g in session (g - 1) % $3, through fleet.enqueue.
+FLEET_BULK_ENQUEUE = """
+SELECT count(fleet.enqueue(session_id => 's' || ((g - 1) % $3)::text, body => 'bench'))
+FROM generate_series($1::int, $2::int) AS g
+"""
+
+FLEET_RESET = "TRUNCATE fleet.messages, fleet.sessions, fleet.workers RESTART IDENTITY CASCADE"
+
+#: Drain figures of fleet.messages: the window from first claim to last completion, and the
+#: window of the middle 80% of completions (start-up and tail left out).
+FLEET_DRAIN_STATS = """
+SELECT count(*) AS total,
+       count(*) FILTER (WHERE state = 'done' AND reply = 'ok') AS done,
+       extract(epoch FROM max(finished_at) - min(claimed_at))::float8 AS window_seconds,
+       extract(epoch FROM percentile_disc(0.9) WITHIN GROUP (ORDER BY finished_at)
+                        - percentile_disc(0.1) WITHIN GROUP (ORDER BY finished_at))::float8
+           AS steady_seconds
+FROM fleet.messages
+"""
+
+FLEET_LATENCY = """
+SELECT count(*) AS total,
+       count(*) FILTER (WHERE state = 'done' AND reply = 'ok') AS done,
+       percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (
+           ORDER BY extract(epoch FROM claimed_at - enqueued_at)::float8) AS quantiles,
+       max(extract(epoch FROM claimed_at - enqueued_at))::float8 AS max_seconds
+FROM fleet.messages
+WHERE id > $1
+"""
+
+FLEET_UNFINISHED = "SELECT count(*) FROM fleet.messages WHERE state NOT IN ('done', 'dead')"
+
+PGQ_RESET = "TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics RESTART IDENTITY"
+
+PGQ_DRAIN_STATS = """
+SELECT (SELECT count(*) FROM pgqueuer) AS left_in_queue,
+       count(*) FILTER (WHERE status = 'successful') AS done,
+       extract(epoch FROM max(created) FILTER (WHERE status = 'successful')
+                        - min(created) FILTER (WHERE status = 'picked'))::float8 AS window_seconds,
+       extract(epoch FROM
+           percentile_disc(0.9) WITHIN GROUP (ORDER BY created)
+               FILTER (WHERE status = 'successful')
+         - percentile_disc(0.1) WITHIN GROUP (ORDER BY created)
+               FILTER (WHERE status = 'successful'))::float8 AS steady_seconds
+FROM pgqueuer_log
+"""
+
+PGQ_LATENCY = """
+SELECT count(*) AS total,
+       count(*) FILTER (WHERE EXISTS (SELECT 1 FROM pgqueuer_log d
+                                      WHERE d.job_id = q.job_id AND d.status = 'successful'))
+           AS done,
+       percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (
+           ORDER BY extract(epoch FROM p.created - q.created)::float8) AS quantiles,
+       max(extract(epoch FROM p.created - q.created))::float8 AS max_seconds
+FROM pgqueuer_log q
+JOIN pgqueuer_log p ON p.job_id = q.job_id AND p.status = 'picked'
+WHERE q.status = 'queued' AND q.job_id > $1
+"""
+
+PGQ_UNFINISHED = "SELECT count(*) FROM pgqueuer"
+
+
+# -- configuration and report ------------------------------------------------------------------
+
+
+class QueueBenchConfig(BaseModel):
+    """What ``fleet bench queue`` runs."""
+
+    messages: int = Field(20_000, ge=1)
+    """Messages per drain."""
+    sessions: int = Field(200, ge=1)
+    """Sessions of the many-per-session drain (the one-per-session drain uses ``messages``)."""
+    batch: int = Field(10, ge=1)
+    """Claim batch size: our worker's ``--concurrency`` and PgQueuer's ``batch_size``."""
+    processes: int = Field(2, ge=2)
+    """Worker processes of the scaling phase (compared with one)."""
+    sustain_seconds: float = Field(10.0, gt=0)
+    """Length of each sustained-load run."""
+    repeat: int = Field(1, ge=1)
+    """Runs of each drain; the report keeps every rate and uses the median."""
+    explain_backlog: int = Field(50_000, ge=0)
+    """Backlog for the EXPLAIN ANALYZE of the claim; 0 skips that phase."""
+    skip_pgqueuer: bool = False
+
+
+class DrainResult(BaseModel):
+    system: Literal["pgfleet", "pgqueuer"]
+    runner: str
+    """``in-process`` or ``N process(es)``."""
+    layout: Layout
+    messages: int
+    sessions: int | None
+    batch: int
+    processes: int
+    messages_per_second: float
+    """Median over the runs of messages / (last completion - first claim)."""
+    steady_messages_per_second: float
+    """Median over the runs of the middle 80% of completions / the time they took."""
+    wall_seconds: float
+    """Median wall-clock time of a run, worker start-up included."""
+    rates: list[float]
+    """messages_per_second of every run."""
+    all_done: bool
+    """Every message of every run ended done with reply ``ok`` (PgQueuer: logged successful)."""
+    load_before: float
+    """1-minute load average before the first run (2 cores: 2.0 means both busy)."""
+
+
+class SustainedResult(BaseModel):
+    system: Literal["pgfleet", "pgqueuer"]
+    target_rate: float
+    achieved_rate: float
+    seconds: float
+    messages: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    all_done: bool
+    load_before: float
+
+
+class ClaimPlan(BaseModel):
+    case: str
+    backlog: int
+    claimable: int
+    """Claimable heads in the backlog (the partial index's size)."""
+    batch: int
+    claimed: int
+    execution_ms: float
+    """Median of three EXPLAIN ANALYZE runs (each rolled back)."""
+    shared_buffers: int
+    """Shared buffers hit or read by the statement."""
+    index_rows: int
+    """Index entries the plan read (summed over index scan nodes)."""
+    indexes: list[str]
+
+
+class QueueBenchReport(BaseModel):
+    config: QueueBenchConfig
+    environment: dict[str, Any]
+    drains: list[DrainResult] = Field(default_factory=list)
+    sustained: list[SustainedResult] = Field(default_factory=list)
+    claim_plans: list[ClaimPlan] = Field(default_factory=list)
+    summary: dict[str, Any] = Field(default_factory=dict)
+    all_done: bool = True
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _with_database(url: str, database: str) -> str:
+    return urlunparse(urlparse(url)._replace(path=f"/{database}"))
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+async def _checkpoint(conn: asyncpg.Connection) -> None:
+    """Start each timed phase without a pending checkpoint from the previous one's writes."""
+    with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+        await conn.execute("CHECKPOINT")
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(settings: Settings) -> AsyncIterator[str]:
+    """A freshly created and migrated database on the fleet's server, dropped afterwards."""
+    base = await resolve_url(settings)
+    name = f"fleet_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(base, server_settings={"application_name": "fleet-bench"})
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = _with_database(base, name)
+        try:
+            conn = await connect(_bench_settings(settings, url), "fleet-bench", url=url)
+            try:
+                await migrate(conn, _bench_settings(settings, url))
+            finally:
+                await conn.close()
+            yield url
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def _bench_settings(settings: Settings, url: str) -> Settings:
+    return settings.model_copy(update={"database_url": url})
+
+
+class _Process:
+    """A worker subprocess with its output kept in a file (shown if it fails)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.output = tempfile.NamedTemporaryFile(
+            prefix="fleet-bench-", suffix=".log", delete=False
+        )
+        self.args = args
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", *args],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def tail(self) -> str:
+        self.output.flush()
+        text = Path(self.output.name).read_text(errors="replace").strip().splitlines()
+        return " / ".join(text[-5:])
+
+    async def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.popen.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"{' '.join(self.args)} did not finish in {timeout:.0f}s")
+            await asyncio.sleep(0.02)
+        return self.popen.returncode
+
+    def terminate(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+    def finish(self) -> None:
+        self.kill()
+        self.output.close()
+        Path(self.output.name).unlink(missing_ok=True)
+
+
+async def _wait_for(
+    predicate: Callable[[], Awaitable[bool]], what: str, timeout: float = PHASE_TIMEOUT
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"benchmark: timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _produce(rate: float, seconds: float, send: Callable[[int], Awaitable[Any]]) -> float:
+    """Open-loop producer: message i is due at i / rate seconds; returns the achieved rate.
+
+    Up to 8 sends are in flight at once, so a slow commit delays later messages' send time
+    but not the schedule (late messages go out as soon as a sender is free).
+    """
+    total = max(int(rate * seconds), 1)
+    senders = asyncio.Semaphore(8)
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[Any]] = set()
+    start = loop.time()
+
+    async def one(i: int) -> None:
+        try:
+            await send(i)
+        finally:
+            senders.release()
+
+    for i in range(total):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await senders.acquire()
+        task = asyncio.create_task(one(i))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return total / (loop.time() - start)
+
+
+def _walk(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes.extend(_walk(child))
+    return nodes
+
+
+# -- the harness -------------------------------------------------------------------------------
+
+
+class QueueBench:
+    """Runs the phases against one scratch database; :meth:`run` returns the report."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        config: QueueBenchConfig,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.progress = progress or (lambda _line: None)
+        self.url = ""
+        self.conn: asyncpg.Connection | None = None
+        #: PgQueuer's own connection: plain asyncpg, without the fleet's json codecs.
+        self.pgq_conn: asyncpg.Connection | None = None
+        self.report = QueueBenchReport(config=config, environment={})
+
+    # -- top level --
+
+    async def run(self) -> QueueBenchReport:
+        async with scratch_database(self.settings) as url:
+            self.url = url
+            self.conn = await connect(self._settings(), "fleet-bench", url=url)
+            try:
+                await self._environment()
+                if not self.config.skip_pgqueuer:
+                    self.pgq_conn = await asyncpg.connect(
+                        url, server_settings={"application_name": "fleet-bench"}
+                    )
+                    await self._pgq_install()
+                await self._drains()
+                await self._scaling()
+                await self._sustained()
+                if self.config.explain_backlog:
+                    await self._claim_plans()
+            finally:
+                await self.conn.close()
+                if self.pgq_conn is not None:
+                    await self.pgq_conn.close()
+        self.report.environment["load_after"] = _load()
+        self._summarise()
+        return self.report
+
+    def _settings(self) -> Settings:
+        return _bench_settings(self.settings, self.url)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            DATABASE_URL=self.url,
+            FLEET_HOME=str(self.settings.fleet_home),
+            FLEET_LOG_LEVEL="WARNING",
+        )
+        return env
+
+    async def _environment(self) -> None:
+        assert self.conn is not None
+        row = await self.conn.fetchrow(
+            """SELECT current_setting('server_version') AS server_version,
+                      current_setting('synchronous_commit') AS synchronous_commit,
+                      current_setting('fsync') AS fsync,
+                      current_setting('shared_buffers') AS shared_buffers"""
+        )
+        pgq_version = None
+        if not self.config.skip_pgqueuer:
+            import pgqueuer
+
+            pgq_version = pgqueuer.__version__
+        self.report.environment = {
+            "cpus": os.cpu_count(),
+            "load_before": _load(),
+            "database": "DATABASE_URL" if self.settings.database_url else "embedded",
+            **dict(row),
+            "pgqueuer": pgq_version,
+            "python": sys.version.split()[0],
+        }
+
+    # -- pgfleet drains --
+
+    async def _fleet_fill(self, messages: int, sessions: int) -> None:
+        assert self.conn is not None
+        await self.conn.execute(FLEET_RESET)
+        for first in range(1, messages + 1, ENQUEUE_CHUNK):
+            last = min(first + ENQUEUE_CHUNK - 1, messages)
+            await self.conn.fetchval(FLEET_BULK_ENQUEUE, first, last, sessions)
+        await self.conn.execute("ANALYZE fleet.messages")
+        await _checkpoint(self.conn)
+
+    async def _fleet_drain_stats(self, messages: int) -> tuple[float, float, bool]:
+        assert self.conn is not None
+        row = await self.conn.fetchrow(FLEET_DRAIN_STATS)
+        ok = row["total"] == messages and row["done"] == messages
+        window = max(row["window_seconds"] or 0.0, 1e-6)
+        steady = max(row["steady_seconds"] or 0.0, 1e-6)
+        return messages / window, 0.8 * messages / steady, ok
+
+    async def _fleet_drain_once(
+        self, layout: Layout, processes: int | None
+    ) -> tuple[float, float, float, bool]:
+        messages = self.config.messages
+        sessions = messages if layout == "one-per-session" else self.config.sessions
+        await self._fleet_fill(messages, sessions)
+        started = time.perf_counter()
+        if processes is None:
+            worker = Worker(
+                self._settings(), NoopHandler(), concurrency=self.config.batch, drain=True
+            )
+            await asyncio.wait_for(worker.run(), PHASE_TIMEOUT)
+        else:
+            args = ["fleet", "worker", "--handler", "noop", "--drain"]
+            args += ["--concurrency", str(self.config.batch)]
+            procs = [_Process(args, self._env()) for _ in range(processes)]
+            try:
+                for proc in procs:
+                    if await proc.wait(PHASE_TIMEOUT) != 0:
+                        raise RuntimeError(f"fleet worker failed: {proc.tail()}")
+            finally:
+                for proc in procs:
+                    proc.finish()
+        wall = time.perf_counter() - started
+        rate, steady, ok = await self._fleet_drain_stats(messages)
+        return rate, steady, wall, ok
+
+    async def _fleet_drain(self, layout: Layout, processes: int | None) -> DrainResult:
+        runner = "in-process" if processes is None else f"{processes} process(es)"
+        self.progress(f"pgfleet drain: {self.config.messages} messages, {layout}, {runner}")
+        load = _load()
+        runs = [await self._fleet_drain_once(layout, processes) for _ in range(self.config.repeat)]
+        result = DrainResult(
+            system="pgfleet",
+            runner=runner,
+            layout=layout,
+            messages=self.config.messages,
+            sessions=self.config.messages if layout == "one-per-session" else self.config.sessions,
+            batch=self.config.batch,
+            processes=processes or 1,
+            messages_per_second=round(_median([r[0] for r in runs]), 1),
+            steady_messages_per_second=round(_median([r[1] for r in runs]), 1),
+            wall_seconds=round(_median([r[2] for r in runs]), 3),
+            rates=[round(r[0], 1) for r in runs],
+            all_done=all(r[3] for r in runs),
+            load_before=load,
+        )
+        self.progress(
+            f"  {result.messages_per_second:,.0f} msg/s "
+            f"(steady {result.steady_messages_per_second:,.0f}; runs {result.rates})"
+        )
+        self.report.drains.append(result)
+        return result
+
+    async def _drains(self) -> None:
+        await self._fleet_drain("one-per-session", None)
+        await self._fleet_drain("many-per-session", None)
+        if not self.config.skip_pgqueuer:
+            await self._pgq_drain()
+
+    async def _scaling(self) -> None:
+        await self._fleet_drain("one-per-session", 1)
+        await self._fleet_drain("one-per-session", self.config.processes)
+
+    # -- PgQueuer --
+
+    async def _pgq_install(self) -> None:
+        from pgqueuer.db import AsyncpgDriver
+        from pgqueuer.queries import Queries
+
+        assert self.pgq_conn is not None
+        await Queries(AsyncpgDriver(self.pgq_conn)).install()
+
+    async def _pgq_fill(self, messages: int) -> None:
+        from pgqueuer.db import AsyncpgDriver
+        from pgqueuer.queries import Queries
+
+        assert self.pgq_conn is not None
+        await self.pgq_conn.execute(PGQ_RESET)
+        queries = Queries(AsyncpgDriver(self.pgq_conn))
+        for first in range(0, messages, ENQUEUE_CHUNK):
+            n = min(ENQUEUE_CHUNK, messages - first)
+            await queries.enqueue([PGQ_ENTRYPOINT] * n, [BODY.encode()] * n, [0] * n)
+        await self.pgq_conn.execute("ANALYZE pgqueuer")
+        await _checkpoint(self.pgq_conn)
+
+    async def _pgq_drain_once(self) -> tuple[float, float, float, bool]:
+        assert self.conn is not None
+        messages = self.config.messages
+        await self._pgq_fill(messages)
+        started = time.perf_counter()
+        await asyncio.wait_for(run_pgqueuer(self.url, self.config.batch, drain=True), PHASE_TIMEOUT)
+        wall = time.perf_counter() - started
+        row = await self.conn.fetchrow(PGQ_DRAIN_STATS)
+        ok = row["left_in_queue"] == 0 and row["done"] == messages
+        rate = messages / max(row["window_seconds"] or 0.0, 1e-6)
+        steady = 0.8 * messages / max(row["steady_seconds"] or 0.0, 1e-6)
+        return rate, steady, wall, ok
+
+    async def _pgq_drain(self) -> DrainResult:
+        self.progress(f"PgQueuer drain: {self.config.messages} jobs, in-process")
+        load = _load()
+        runs = [await self._pgq_drain_once() for _ in range(self.config.repeat)]
+        result = DrainResult(
+            system="pgqueuer",
+            runner="in-process",
+            layout="no sessions",
+            messages=self.config.messages,
+            sessions=None,
+            batch=self.config.batch,
+            processes=1,
+            messages_per_second=round(_median([r[0] for r in runs]), 1),
+            steady_messages_per_second=round(_median([r[1] for r in runs]), 1),
+            wall_seconds=round(_median([r[2] for r in runs]), 3),
+            rates=[round(r[0], 1) for r in runs],
+            all_done=all(r[3] for r in runs),
+            load_before=load,
+        )
+        self.progress(
+            f"  {result.messages_per_second:,.0f} jobs/s "
+            f"(steady {result.steady_messages_per_second:,.0f}; runs {result.rates})"
+        )
+        self.report.drains.append(result)
+        return result
+
+    # -- sustained load --
+
+    def _peak(self, system: str) -> float:
+        """The single-process peak the sustained rate is half of."""
+        if system == "pgfleet":
+            picks = [d for d in self.report.drains if d.system == system and d.processes == 1]
+            picks = [d for d in picks if d.runner != "in-process"] or picks
+        else:
+            picks = [d for d in self.report.drains if d.system == system]
+        return max(d.steady_messages_per_second for d in picks)
+
+    async def _sustained(self) -> None:
+        await self._fleet_sustained()
+        if not self.config.skip_pgqueuer:
+            await self._pgq_sustained()
+
+    async def _fleet_sustained(self) -> None:
+        assert self.conn is not None
+        rate = self._peak("pgfleet") / 2
+        seconds = self.config.sustain_seconds
+        self.progress(f"pgfleet sustained: {rate:,.0f} msg/s for {seconds:g}s, 1 worker process")
+        await self.conn.execute(FLEET_RESET)
+        await _checkpoint(self.conn)
+        args = ["fleet", "worker", "--handler", "noop", "--concurrency", str(self.config.batch)]
+        proc = _Process(args, self._env())
+        pool = await create_pool(
+            self._settings(), "fleet-bench", url=self.url, min_size=8, max_size=8
+        )
+        try:
+            probe = await queue.enqueue(self.conn, "probe", BODY)
+
+            async def probe_done() -> bool:
+                if proc.popen.poll() is not None:
+                    raise RuntimeError(f"fleet worker exited: {proc.tail()}")
+                return await self.conn.fetchval(FLEET_UNFINISHED) == 0
+
+            await _wait_for(probe_done, "the sustained-load worker to start", 60)
+            await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
+            load = _load()
+            achieved = await _produce(
+                rate, seconds, lambda i: queue.enqueue(pool, f"live{i}", BODY)
+            )
+
+            async def drained() -> bool:
+                return await self.conn.fetchval(FLEET_UNFINISHED) == 0
+
+            await _wait_for(drained, "the sustained-load messages to finish")
+            proc.terminate()
+            await proc.wait(60)
+            row = await self.conn.fetchrow(FLEET_LATENCY, probe)
+        finally:
+            await pool.close()
+            proc.finish()
+        self._add_sustained("pgfleet", rate, achieved, seconds, row, load)
+
+    async def _pgq_sustained(self) -> None:
+        from pgqueuer.db import AsyncpgPoolDriver
+        from pgqueuer.queries import Queries
+
+        assert self.conn is not None
+        rate = self._peak("pgqueuer") / 2
+        seconds = self.config.sustain_seconds
+        self.progress(f"PgQueuer sustained: {rate:,.0f} jobs/s for {seconds:g}s, 1 worker process")
+        await self.conn.execute(PGQ_RESET)
+        await _checkpoint(self.conn)
+        args = ["fleet.bench.queue", "pgqueuer-worker", "--batch", str(self.config.batch)]
+        proc = _Process(args, self._env())
+        pool = await asyncpg.create_pool(
+            self.url, min_size=8, max_size=8, server_settings={"application_name": "fleet-bench"}
+        )
+        queries = Queries(AsyncpgPoolDriver(pool))
+        try:
+            (probe,) = await queries.enqueue(PGQ_ENTRYPOINT, BODY.encode())
+
+            async def probe_done() -> bool:
+                if proc.popen.poll() is not None:
+                    raise RuntimeError(f"PgQueuer worker exited: {proc.tail()}")
+                return await self.conn.fetchval(PGQ_UNFINISHED) == 0
+
+            await _wait_for(probe_done, "the PgQueuer worker to start", 60)
+            await asyncio.sleep(1.0)
+            load = _load()
+            achieved = await _produce(
+                rate, seconds, lambda _i: queries.enqueue(PGQ_ENTRYPOINT, BODY.encode())
+            )
+
+            async def drained() -> bool:
+                return await self.conn.fetchval(PGQ_UNFINISHED) == 0
+
+            await _wait_for(drained, "the PgQueuer jobs to finish")
+            proc.terminate()
+            await proc.wait(60)
+            row = await self.conn.fetchrow(PGQ_LATENCY, probe)
+        finally:
+            await pool.close()
+            proc.finish()
+        self._add_sustained("pgqueuer", rate, achieved, seconds, row, load)
+
+    def _add_sustained(
+        self,
+        system: Literal["pgfleet", "pgqueuer"],
+        rate: float,
+        achieved: float,
+        seconds: float,
+        row: asyncpg.Record,
+        load: float,
+    ) -> None:
+        quantiles = row["quantiles"] or [0.0, 0.0, 0.0]
+        result = SustainedResult(
+            system=system,
+            target_rate=round(rate, 1),
+            achieved_rate=round(achieved, 1),
+            seconds=seconds,
+            messages=row["total"],
+            p50_ms=round(quantiles[0] * 1000, 2),
+            p90_ms=round(quantiles[1] * 1000, 2),
+            p99_ms=round(quantiles[2] * 1000, 2),
+            max_ms=round((row["max_seconds"] or 0.0) * 1000, 2),
+            all_done=row["total"] == row["done"] and row["total"] >= int(rate * seconds),
+            load_before=load,
+        )
+        self.progress(
+            f"  p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, max {result.max_ms} ms "
+            f"at {result.achieved_rate:,.0f}/s"
+        )
+        self.report.sustained.append(result)
+
+    # -- claim plans --
+
+    async def _explain_claim(self, case: str, backlog: int) -> ClaimPlan:
+        assert self.conn is not None
+        claim = queries("queries.sql")["claim"]
+        claimable = await self.conn.fetchval(
+            "SELECT count(*) FROM fleet.messages WHERE state = 'queued' AND is_head"
+        )
+        runs = []
+        for _ in range(3):
+            tx = self.conn.transaction()
+            await tx.start()
+            try:
+                (plan,) = await self.conn.fetchval(
+                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + claim,
+                    "explain",
+                    self.config.batch,
+                    30.0,
+                )
+            finally:
+                await tx.rollback()
+            runs.append(plan)
+        plan = sorted(runs, key=lambda p: p["Execution Time"])[1]
+        nodes = _walk(plan["Plan"])
+        top = plan["Plan"]
+        result = ClaimPlan(
+            case=case,
+            backlog=backlog,
+            claimable=claimable,
+            batch=self.config.batch,
+            claimed=top.get("Actual Rows", 0),
+            execution_ms=round(plan["Execution Time"], 3),
+            shared_buffers=top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0),
+            index_rows=sum(
+                int(n.get("Actual Rows", 0) * n.get("Actual Loops", 1))
+                for n in nodes
+                if "Index Name" in n and n.get("Relation Name") == "messages"
+            ),
+            indexes=sorted({n["Index Name"] for n in nodes if "Index Name" in n}),
+        )
+        self.progress(
+            f"  claim on {case}: {result.execution_ms} ms, {result.shared_buffers} buffers, "
+            f"{result.index_rows} index rows, {result.indexes}"
+        )
+        self.report.claim_plans.append(result)
+        return result
+
+    async def _claim_plans(self) -> None:
+        assert self.conn is not None
+        backlog = self.config.explain_backlog
+        self.progress(f"claim EXPLAIN ANALYZE on {backlog:,} queued messages")
+        small = max(self.config.batch * 10, 100)
+        await self._fleet_fill(small, small)
+        await self._explain_claim(f"{small} queued, one per session", small)
+        await self._fleet_fill(backlog, backlog)
+        await self._explain_claim(f"{backlog} queued, one per session", backlog)
+        # The same rows finished: a queue whose history piles up, with a small live backlog.
+        await self.conn.execute(
+            """UPDATE fleet.messages SET state = 'done', reply = 'ok', is_head = false,
+                      finished_at = clock_timestamp()"""
+        )
+        for first in range(backlog + 1, backlog + small + 1, ENQUEUE_CHUNK):
+            last = min(first + ENQUEUE_CHUNK - 1, backlog + small)
+            await self.conn.fetchval(FLEET_BULK_ENQUEUE, first, last, backlog + small)
+        await self.conn.execute("VACUUM ANALYZE fleet.messages")
+        await self._explain_claim(f"{backlog} done + {small} queued", backlog + small)
+        sessions = max(backlog // 500, 1)
+        await self._fleet_fill(backlog, sessions)
+        await self._explain_claim(f"{backlog} queued in {sessions} sessions", backlog)
+        await self.conn.execute(FLEET_RESET)
+
+    # -- summary --
+
+    def _summarise(self) -> None:
+        drains = self.report.drains
+        summary: dict[str, Any] = {}
+
+        def pick(system: str, runner: str, layout: str) -> DrainResult | None:
+            for d in drains:
+                if (d.system, d.runner, d.layout) == (system, runner, layout):
+                    return d
+            return None
+
+        pgq = pick("pgqueuer", "in-process", "no sessions")
+        if pgq is not None:
+            for layout in ("one-per-session", "many-per-session"):
+                ours = pick("pgfleet", "in-process", layout)
+                if ours is not None and pgq.messages_per_second:
+                    ratio = ours.messages_per_second / pgq.messages_per_second
+                    summary[f"ratio_vs_pgqueuer_{layout.replace('-', '_')}"] = round(ratio, 2)
+        one = pick("pgfleet", "1 process(es)", "one-per-session")
+        many = pick("pgfleet", f"{self.config.processes} process(es)", "one-per-session")
+        if one and many and one.steady_messages_per_second:
+            summary["scaling_steady"] = round(
+                many.steady_messages_per_second / one.steady_messages_per_second, 2
+            )
+            summary["scaling_window"] = round(many.messages_per_second / one.messages_per_second, 2)
+        ours_sustained = [s for s in self.report.sustained if s.system == "pgfleet"]
+        if ours_sustained:
+            summary["sustained_p99_ms"] = ours_sustained[0].p99_ms
+        targets: dict[str, bool] = {}
+        ratios = [v for k, v in summary.items() if k.startswith("ratio_vs_pgqueuer")]
+        if ratios:
+            targets["drain >= 2x PgQueuer"] = min(ratios) >= 2.0
+        if "sustained_p99_ms" in summary:
+            targets["p99 <= 10 ms at half peak"] = summary["sustained_p99_ms"] <= 10.0
+        if "scaling_steady" in summary:
+            targets[f"{self.config.processes} processes >= 1.8x one"] = (
+                summary["scaling_steady"] >= 1.8
+            )
+        summary["targets_met"] = targets
+        self.report.summary = summary
+        self.report.all_done = all(d.all_done for d in drains) and all(
+            s.all_done for s in self.report.sustained
+        )
+
+
+async def run_queue_bench(
+    settings: Settings, config: QueueBenchConfig, progress: Callable[[str], None] | None = None
+) -> QueueBenchReport:
+    """Run ``fleet bench queue`` and return its report."""
+    return await QueueBench(settings, config, progress).run()
+
+
+# -- PgQueuer's worker, in this process or as ``python -m fleet.bench.queue pgqueuer-worker`` ---
+
+
+async def run_pgqueuer(url: str, batch: int, *, drain: bool) -> None:
+    """One PgQueuer ``QueueManager`` on one asyncpg connection (its documented default and its
+    own benchmark's), a no-op entrypoint, claim batch ``batch``; returns when drained (or on
+    SIGTERM in the subprocess)."""
+    from pgqueuer.db import AsyncpgDriver
+    from pgqueuer.models import Job
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+    from pgqueuer.types import QueueExecutionMode
+
+    conn = await asyncpg.connect(url, server_settings={"application_name": "pgqueuer-bench"})
+    try:
+        qm = QueueManager(Queries(AsyncpgDriver(conn)))
+
+        @qm.entrypoint(PGQ_ENTRYPOINT)
+        async def noop(job: Job) -> None:
+            return None
+
+        if not drain:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, qm.shutdown.set)
+        mode = QueueExecutionMode.drain if drain else QueueExecutionMode.continuous
+        # dequeue_timeout is its polling fallback; 1 s, like FLEET_POLL_INTERVAL's default.
+        await qm.run(batch_size=batch, mode=mode, dequeue_timeout=timedelta(seconds=1))
+    finally:
+        await conn.close()
+
+
+def _main(argv: list[str]) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fleet.bench.queue")
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("pgqueuer-worker", help="Run a PgQueuer no-op worker on DATABASE_URL.")
+    worker.add_argument("--batch", type=int, default=10)
+    worker.add_argument("--drain", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("pgqueuer").setLevel(logging.WARNING)
+    url = os.environ["DATABASE_URL"]
+    try:
+        import uvloop
+
+        uvloop.run(run_pgqueuer(url, args.batch, drain=args.drain))
+    except ImportError:  # pragma: no cover
+        asyncio.run(run_pgqueuer(url, args.batch, drain=args.drain))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

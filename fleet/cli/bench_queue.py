@@ -1,0 +1,93 @@
+"""``fleet bench queue``: drain and sustained-load benchmark of the queue, PgQueuer alongside."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from fleet.cli.app import JsonOption, emit_json, emit_table, run, settings, setup_logging
+from fleet.cli.bench import bench_app
+
+
+@bench_app.command("queue")
+def bench_queue_command(
+    messages: int = typer.Option(20_000, "--messages", min=1, help="Messages per drain."),
+    sessions: int = typer.Option(
+        200, "--sessions", min=1, help="Sessions of the many-per-session drain."
+    ),
+    batch: int = typer.Option(
+        10, "--batch", min=1, help="Claim batch size (worker concurrency; PgQueuer batch_size)."
+    ),
+    processes: int = typer.Option(
+        2, "--processes", min=2, help="Worker processes of the scaling run (vs one)."
+    ),
+    sustain_seconds: float = typer.Option(
+        10.0, "--sustain-seconds", min=0.1, help="Length of each sustained-load run."
+    ),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="Runs per drain (median reported)."),
+    explain_backlog: int = typer.Option(
+        50_000, "--explain-backlog", min=0, help="Backlog of the claim's EXPLAIN ANALYZE (0: skip)."
+    ),
+    skip_pgqueuer: bool = typer.Option(False, "--skip-pgqueuer", help="Do not run PgQueuer."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Drain and sustained-load benchmark in a scratch database (method: BENCHMARKS.md)."""
+    from fleet.bench.queue import QueueBenchConfig, run_queue_bench
+
+    setup_logging("WARNING")
+    config = QueueBenchConfig(
+        messages=messages,
+        sessions=sessions,
+        batch=batch,
+        processes=processes,
+        sustain_seconds=sustain_seconds,
+        repeat=repeat,
+        explain_backlog=explain_backlog,
+        skip_pgqueuer=skip_pgqueuer,
+    )
+    progress = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
+    report = run(lambda: run_queue_bench(settings(), config, progress))
+    if as_json:
+        emit_json(report)
+        return
+    _print(report)
+
+
+def _print(report: Any) -> None:
+    env = report.environment
+    typer.echo("")
+    typer.echo(
+        f"PostgreSQL {env.get('server_version')} ({env.get('database')}), "
+        f"synchronous_commit={env.get('synchronous_commit')}, {env.get('cpus')} CPUs, "
+        f"load {env.get('load_before')} -> {env.get('load_after')}"
+    )
+    typer.echo("\nDrain (messages/s from first claim to last completion; steady = middle 80%)")
+    emit_table(
+        [d.model_dump() for d in report.drains],
+        ["system", "runner", "layout", "messages", "batch", "messages_per_second",
+         "steady_messages_per_second", "wall_seconds", "all_done"],
+    )
+    typer.echo("\nSustained load at half the single-process peak (enqueue -> claim)")
+    emit_table(
+        [s.model_dump() for s in report.sustained],
+        ["system", "target_rate", "achieved_rate", "messages", "p50_ms", "p90_ms", "p99_ms",
+         "max_ms", "all_done"],
+    )
+    if report.claim_plans:
+        typer.echo("\nClaim statement, EXPLAIN ANALYZE")
+        emit_table(
+            [p.model_dump() for p in report.claim_plans],
+            ["case", "claimable", "batch", "claimed", "execution_ms", "shared_buffers",
+             "index_rows", "indexes"],
+            width=60,
+        )
+    typer.echo("")
+    for key, value in report.summary.items():
+        if key != "targets_met":
+            typer.echo(f"{key}: {value}")
+    for target, met in report.summary.get("targets_met", {}).items():
+        typer.echo(f"target {target}: {'met' if met else 'MISSED'}")
+    typer.echo(f"every message done: {report.all_done}")
+    if not report.all_done:
+        raise typer.Exit(1)
