@@ -18,7 +18,8 @@ from fleet.cli import queue as _queue  # noqa: F401
 from fleet.cli.app import app
 from fleet.errors import FleetError, InvalidInput, NotFound
 
-for _optional in ("data", "approvals", "agents", "sessions", "trace", "demo", "bench", "metrics"):
+for _optional in ("data", "approvals", "agents", "sessions", "trace", "demo", "bench", "metrics",
+                  "audit"):
     try:
         __import__(f"fleet.cli.{_optional}")
     except ModuleNotFoundError as _exc:  # a command group not written yet

@@ -1,0 +1,49 @@
+"""``fleet audit prune``: the one way audit rows leave the database (retention).
+
+``audit_log`` is append-only in the database itself (migration 0005: a trigger refuses UPDATE,
+DELETE and TRUNCATE for every role, the owner included). Retention is the maintenance function
+``fleet.prune_audit_log(older_than interval)``, which lifts that guard for its own DELETE only.
+Run it as the role that owns the schema (the one that runs ``fleet migrate``); the application
+roles have no EXECUTE on it.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from fleet.cli.app import JsonOption, app, emit_json, run, settings
+from fleet.errors import InvalidInput
+
+audit_app = typer.Typer(name="audit", help="Audit-log maintenance (retention).",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+#: The statement behind the command (the function is defined in migrations/0005_roles.sql).
+PRUNE = "SELECT fleet.prune_audit_log(make_interval(days => $1))"
+
+
+@audit_app.command("prune")
+def prune_command(
+    older_than: int = typer.Option(..., "--older-than", metavar="DAYS",
+                                   help="Delete audit rows older than DAYS days (at least 1)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Delete audit rows older than DAYS days; prints how many were deleted."""
+    if older_than < 1:
+        raise InvalidInput("--older-than must be at least 1 day")
+    if older_than > 36_500:
+        raise InvalidInput("--older-than must be at most 36500 days")
+    from fleet.database import connect
+
+    async def go() -> int:
+        conn = await connect(settings(), "fleet-audit")
+        try:
+            return int(await conn.fetchval(PRUNE, older_than))
+        finally:
+            await conn.close()
+
+    pruned = run(go)
+    if as_json:
+        emit_json({"pruned": pruned, "older_than_days": older_than})
+    else:
+        typer.echo(f"pruned {pruned} audit rows older than {older_than} days")
