@@ -62,6 +62,19 @@ class Settings(BaseSettings):
     customer_data_token: SecretStr | None = None
     """The MCP server's bearer token. ``fleet up``/``fleet demo`` generate one when unset."""
 
+    fleet_mcp_connect_timeout_seconds: float = Field(5.0, gt=0)
+    """Agent turns: deadline for connecting a new client to the ``customer-data`` server."""
+
+    fleet_mcp_call_timeout_seconds: float = Field(15.0, gt=0)
+    """Agent turns: deadline for one MCP tool call. A call that fails or times out is retried
+    on a fresh client (3 attempts in all), then the turn fails and the queue retries it."""
+
+    fleet_max_input_chars: int = Field(4000, ge=1)
+    """Agent turns: a customer message longer than this trips the input guardrail."""
+
+    fleet_offline_latency_seconds: float = Field(0.0, ge=0)
+    """Benchmarks: simulated response time of each call to the offline support policy."""
+
     fleet_lease_seconds: float = Field(30.0, gt=0)
     """How long a claimed message may go without a heartbeat before another worker takes it."""
 

@@ -1,0 +1,303 @@
+"""The worker's client for the ``customer-data`` MCP server: a pool of connected clients.
+
+Why a pool, measured (``../shared/NOTES.md``, BENCHMARKS.md): a new
+``MCPServerStreamableHttp`` per turn costs about 40 ms of CPU and 0.9 MiB (a new HTTP client,
+SSL context and CA bundle, plus ``server/discover`` and ``tools/list`` round trips); one client
+shared by concurrent turns serialises every request behind its lock. So the agent sees ONE
+logical server, :class:`CustomerDataServer`, and each tool call checks a connected client out
+of :class:`MCPClientPool` for the duration of that call only: a client is never used by two
+calls (let alone two turns) at once, and the number of clients follows the number of tool calls
+in flight, not the number of turns waiting on their model (which, at 1 s per model call, is
+what keeps a hundred in-flight turns small). All clients share one SSL context and one cached
+tool list.
+
+The registration is the course's (Decisions 6 and 9): ``issue_refund`` requires human approval,
+the read tools do not. Every request carries ``_meta``: ``idempotency_key`` (derived from the
+tool call id, so a resumed or retried refund is written once), ``session_id``, ``message_id``,
+``variables`` (run variables from ``fleet.enqueue``; they never enter the model's context) and,
+when tracing is on, ``traceparent``.
+
+A server that is down or slow never hangs a turn: connecting and each call have deadlines; a
+failed call is retried on a fresh client with backoff, then raises
+:class:`CustomerDataUnavailable`, which fails the turn cleanly so the queue retries it later.
+A tool that runs and reports an error (``isError``) is not a transport failure: the model sees
+the error, and the audit records the call as ``error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from agents.mcp import MCPServer, MCPServerStreamableHttp
+from agents.mcp.util import MCPToolCustomDataContext, MCPToolMetaContext
+
+from fleet import tracing
+from fleet.errors import HandlerError
+from fleet.settings import Settings
+
+log = logging.getLogger("fleet.mcp_client")
+
+SERVER_NAME = "customer-data"
+#: The only tool that moves money; everything else runs without a human.
+APPROVAL_REQUIRED = {"issue_refund": "always"}
+
+
+class CustomerDataUnavailable(HandlerError):
+    """The customer-data MCP server could not be reached or did not answer in time."""
+
+
+_SSL_CONTEXT: ssl.SSLContext | None = None
+
+
+def _shared_ssl_context() -> ssl.SSLContext:
+    """One SSL context for every client (building one loads the CA bundle: ~40 ms CPU)."""
+    global _SSL_CONTEXT
+    if _SSL_CONTEXT is None:
+        _SSL_CONTEXT = ssl.create_default_context()
+    return _SSL_CONTEXT
+
+
+def _http_client_factory(
+    headers: dict[str, str] | None = None, timeout: Any = None, auth: Any = None
+) -> Any:
+    import httpx2
+
+    kwargs: dict[str, Any] = {
+        "follow_redirects": False,
+        "verify": _shared_ssl_context(),
+        "trust_env": False,  # a proxy from the environment must not sit between us and the server
+    }
+    if headers is not None:
+        kwargs["headers"] = headers
+    if timeout is not None:
+        kwargs["timeout"] = timeout
+    if auth is not None:
+        kwargs["auth"] = auth
+    return httpx2.AsyncClient(**kwargs)
+
+
+class MCPClientPool:
+    """Connected ``MCPServerStreamableHttp`` clients, each used by one call at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        max_idle: int = 16,
+        attempts: int = 3,
+        backoff: float = 0.2,
+    ) -> None:
+        token = settings.customer_data_token
+        self.url = settings.customer_data_url
+        self.headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+        self.connect_timeout = settings.fleet_mcp_connect_timeout_seconds
+        self.call_timeout = settings.fleet_mcp_call_timeout_seconds
+        self.max_idle = max_idle
+        self.attempts = attempts
+        self.backoff = backoff
+        self._idle: deque[MCPServerStreamableHttp] = deque()
+        self._tools: list[Any] | None = None
+        self._tools_lock = asyncio.Lock()
+        self._closing = False
+        self._cleanups: set[asyncio.Task[None]] = set()
+        self.created = 0
+
+    def _new_client(self) -> MCPServerStreamableHttp:
+        return MCPServerStreamableHttp(
+            params={
+                "url": self.url,
+                "headers": self.headers,
+                "timeout": self.connect_timeout,
+                "sse_read_timeout": self.call_timeout,
+                "httpx_client_factory": _http_client_factory,
+            },
+            cache_tools_list=True,
+            name=SERVER_NAME,
+            client_session_timeout_seconds=self.call_timeout,
+            max_retry_attempts=0,  # retries happen here, on a fresh client
+        )
+
+    async def _connect(self) -> MCPServerStreamableHttp:
+        client = self._new_client()
+        try:
+            await asyncio.wait_for(client.connect(), timeout=self.connect_timeout)
+        except BaseException:
+            self._discard(client)
+            raise
+        self.created += 1
+        return client
+
+    async def _checkout(self) -> MCPServerStreamableHttp:
+        if self._idle:
+            return self._idle.pop()
+        return await self._connect()
+
+    def _release(self, client: MCPServerStreamableHttp) -> None:
+        if self._closing or len(self._idle) >= self.max_idle:
+            self._discard(client)
+        else:
+            self._idle.append(client)
+
+    def _discard(self, client: MCPServerStreamableHttp) -> None:
+        async def cleanup() -> None:
+            try:
+                await asyncio.wait_for(client.cleanup(), timeout=5)
+            except BaseException as exc:  # a broken client's cleanup may fail in any way
+                log.debug("cleanup of a discarded MCP client failed: %s", exc)
+
+        task = asyncio.ensure_future(cleanup())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _with_client(self, what: str, fn: Callable[[MCPServerStreamableHttp], Any]) -> Any:
+        """Run ``fn(client)`` on a checked-out client; retry on a fresh one when it fails."""
+        delay = self.backoff
+        last: BaseException | None = None
+        for attempt in range(1, self.attempts + 1):
+            client: MCPServerStreamableHttp | None = None
+            try:
+                client = await self._checkout()
+                result = await asyncio.wait_for(fn(client), timeout=self.call_timeout)
+            except asyncio.CancelledError:
+                if client is not None:
+                    self._discard(client)
+                raise
+            except Exception as exc:
+                last = exc
+                if client is not None:
+                    self._discard(client)  # its session may be broken: never reuse it
+                if attempt < self.attempts:
+                    log.warning(
+                        "customer-data %s failed (%s); retry %d in %.1fs",
+                        what,
+                        _describe(exc),
+                        attempt,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                continue
+            self._release(client)
+            return result
+        kind = "timed out" if _is_timeout(last) else "failed"
+        raise CustomerDataUnavailable(
+            f"customer-data MCP server at {self.url}: {what} {kind} after {self.attempts} "
+            f"attempts ({_describe(last)})"
+        ) from last
+
+    async def tools(self) -> list[Any]:
+        """The server's tool list, fetched once and shared by every client."""
+        if self._tools is None:
+            async with self._tools_lock:
+                if self._tools is None:
+                    self._tools = await self._with_client("tools/list", lambda c: c.list_tools())
+        return list(self._tools)
+
+    async def call_tool(
+        self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None
+    ) -> Any:
+        return await self._with_client(
+            f"call to {tool_name}", lambda c: c.call_tool(tool_name, arguments, meta=meta)
+        )
+
+    async def warm(self, clients: int = 1) -> None:
+        """Connect ``clients`` clients and fetch the tool list now (best effort)."""
+        try:
+            await self.tools()
+            extra = [await self._connect() for _ in range(max(clients - len(self._idle), 0))]
+            for client in extra:
+                self._release(client)
+        except Exception as exc:  # the server may start after the worker; calls will retry
+            log.warning("customer-data MCP server not reachable yet: %s", _describe(exc))
+
+    async def close(self) -> None:
+        self._closing = True
+        while self._idle:
+            self._discard(self._idle.pop())
+        if self._cleanups:
+            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+
+
+def _is_timeout(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, TimeoutError) or "timeout" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no error"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _meta(ctx: MCPToolMetaContext) -> dict[str, Any]:
+    """The request ``_meta`` of one tool call (keys fixed by the cross-team interface)."""
+    turn = ctx.run_context.context
+    call_id = getattr(ctx.run_context, "tool_call_id", None) or ""
+    meta: dict[str, Any] = {"idempotency_key": f"{getattr(turn, 'session_id', '')}:{call_id}"}
+    for key in ("session_id", "message_id", "variables"):
+        value = getattr(turn, key, None)
+        if value is not None:
+            meta[key] = value
+    return meta
+
+
+def _note_error(ctx: MCPToolCustomDataContext) -> None:
+    """Remember which calls the server answered with ``isError`` (audited as ``error``)."""
+    if ctx.is_error:
+        errors = getattr(ctx.run_context.context, "tool_errors", None)
+        call_id = getattr(ctx.run_context, "tool_call_id", None)
+        if errors is not None and call_id:
+            errors.add(call_id)
+    return None
+
+
+class CustomerDataServer(MCPServer):
+    """The ``customer-data`` server as the agent registers it: approvals, ``_meta``, and each
+    call on its own pooled client (see the module docstring)."""
+
+    def __init__(self, pool: MCPClientPool) -> None:
+        super().__init__(
+            require_approval=APPROVAL_REQUIRED,
+            # A transport failure raises out of the run (the turn fails and is retried); a tool
+            # that reports isError still reaches the model as a result.
+            failure_error_function=None,
+            tool_meta_resolver=_meta,
+            custom_data_extractor=_note_error,
+        )
+        self.pool = pool
+
+    @property
+    def name(self) -> str:
+        return SERVER_NAME
+
+    async def connect(self) -> None:
+        await self.pool.tools()
+
+    async def cleanup(self) -> None:
+        return None
+
+    async def list_tools(self, run_context: Any = None, agent: Any = None) -> list[Any]:
+        return await self.pool.tools()
+
+    async def call_tool(
+        self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None = None
+    ) -> Any:
+        with tracing.tool_call(tool_name, meta) as call:
+            return call.result(await self.pool.call_tool(tool_name, arguments, call.meta))
+
+    async def list_prompts(self) -> Any:
+        return await self.pool._with_client("prompts/list", lambda c: c.list_prompts())
+
+    async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+        return await self.pool._with_client(
+            "prompts/get", lambda c: c.get_prompt(name, arguments)
+        )

@@ -1,0 +1,513 @@
+"""The agent turn: each claimed message becomes one OpenAI Agents SDK turn.
+
+``fleet worker --handler agent`` runs :class:`AgentHandler`. For one message:
+
+1. If the message comes back after a human decided its parked refund
+   (:func:`fleet.approvals.take_decided_run`), restore the saved ``RunState``, apply the
+   decision to every pending tool call (a rejection tells the model why) and resume; otherwise
+   start a fresh run with the message as input.
+2. Open the turn in one round trip: upsert the ``conversations`` row (before any audit row
+   points at it), drop what a failed earlier attempt of this turn wrote, read the history
+   (:class:`fleet.memory.PostgresSession`).
+3. ``Runner.run`` the support agent: the model (offline policy or an OpenAI-compatible server,
+   :mod:`fleet.models`), the ``load_skill`` tool (:mod:`fleet.skills`), the ``customer-data``
+   MCP server through a client pool (:mod:`fleet.mcp_client`), the input guardrail
+   (:mod:`fleet.guardrails`). Hooks record every tool and skill call for the audit.
+4. End the turn:
+   * a reply: save the turn's items and the conversation summary (one statement, fenced by the
+     lease), write its audit rows (:mod:`fleet.audit`), return :class:`~fleet.handlers.Reply`;
+   * tool approvals pending: save the items, serialise the run and park it
+     (:func:`fleet.approvals.park_run`), return :class:`~fleet.handlers.Parked`;
+   * the guardrail tripped: audit ``guardrail_tripped``, reply with a refusal, remember nothing;
+   * anything failed (the MCP server down or slow, the model failing): audit the calls that did
+     not finish as ``error``/``timeout`` and raise, so the queue retries the whole turn; nothing
+     of the failed attempt enters the conversation's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from agents import (
+    Agent,
+    InputGuardrailTripwireTriggered,
+    ModelSettings,
+    RunConfig,
+    RunContextWrapper,
+    RunHooks,
+    Runner,
+    RunState,
+    Tool,
+)
+
+from fleet import approvals, metrics
+from fleet.audit import AuditWriter, TurnAudit, clip, now
+from fleet.database import create_pool, resolve_url
+from fleet.errors import FleetError, HandlerError
+from fleet.guardrails import REFUSAL, input_guardrail
+from fleet.handlers import HandlerResult, Lease, Parked, Reply
+from fleet.mcp_client import CustomerDataServer, CustomerDataUnavailable, MCPClientPool
+from fleet.memory import PostgresSession
+from fleet.models import OFFLINE, build_model
+from fleet.offline_model import Conversation
+from fleet.queue import ClaimedMessage
+from fleet.settings import Settings
+from fleet.skills import LOAD_SKILL, SkillLibrary
+
+log = logging.getLogger("fleet.turn")
+
+AGENT_NAME = "support"
+MAX_MODEL_CALLS = 12
+
+INSTRUCTIONS = """\
+You are the customer-support agent of an online shop. Answer the customer's newest message.
+- Reach business data ONLY through the customer-data tools (lookup_customer,
+  find_customer_by_email, lookup_order, find_similar_resolved_tickets, issue_refund); never
+  guess an order's amount or status.
+- Before drafting an answer to a described problem, search similar resolved tickets and cite
+  the closest resolution; say plainly when there is no strong precedent.
+- Issue a refund only with issue_refund (a human approves it); never promise one otherwise.
+- Use what the customer told you earlier in the conversation (name, order number).
+- Be brief, concrete and polite."""
+
+
+@dataclass
+class _Started:
+    name: str
+    arguments: dict[str, Any]
+    at: datetime
+    clock: float
+
+
+@dataclass
+class TurnContext:
+    """What a turn's hooks, tools and MCP ``_meta`` need; the SDK carries it as run context."""
+
+    session_id: str
+    message_id: int
+    customer_id: str | None
+    variables: dict[str, Any]
+    audit: TurnAudit
+    tool_errors: set[str] = field(default_factory=set)
+    started: dict[str, _Started] = field(default_factory=dict)
+    model_calls: int = 0
+    tool_calls: int = 0
+
+    def serialize(self) -> dict[str, Any]:
+        """What a parked RunState keeps of the context (never the run variables)."""
+        return {
+            "session_id": self.session_id,
+            "message_id": self.message_id,
+            "customer_id": self.customer_id,
+        }
+
+
+def _arguments(raw: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError:
+        return {"raw": (raw or "")[:1000]}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+class AuditHooks(RunHooks[TurnContext]):
+    """Tool and skill calls -> audit rows. A hook that raises would kill the turn, so every
+    body is guarded: an audit bug never aborts the customer's turn (course Decision 7)."""
+
+    async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, items: Any) -> None:
+        context.context.model_calls += 1
+
+    async def on_tool_start(self, context: Any, agent: Any, tool: Tool) -> None:
+        try:
+            call_id = getattr(context, "tool_call_id", None)
+            if call_id:
+                context.context.started[call_id] = _Started(
+                    tool.name,
+                    _arguments(getattr(context, "tool_arguments", None)),
+                    now(),
+                    time.monotonic(),
+                )
+        except Exception:
+            log.exception("audit hook on_tool_start failed")
+
+    async def on_tool_end(self, context: Any, agent: Any, tool: Tool, result: Any) -> None:
+        try:
+            turn: TurnContext = context.context
+            call_id = getattr(context, "tool_call_id", None) or ""
+            started = turn.started.pop(call_id, None)
+            if started is None:
+                started = _Started(tool.name, {}, now(), time.monotonic())
+            latency = int((time.monotonic() - started.clock) * 1000)
+            turn.tool_calls += 1
+            if tool.name == LOAD_SKILL:
+                text = str(result)
+                skill = str(started.arguments.get("name", ""))
+                failed = text.startswith("error:")
+                turn.audit.capability(
+                    f"skill:{skill}",
+                    action="skill_activated",
+                    arguments=started.arguments,
+                    result=text if failed else {"chars": len(text)},
+                    status="error" if failed else "ok",
+                    latency_ms=latency,
+                    payload={
+                        "call_id": call_id,
+                        "stage": "reference" if started.arguments.get("reference") else "body",
+                    },
+                    at=started.at,
+                )
+                if not failed:
+                    metrics.SKILL_ACTIVATIONS.labels(skill).inc()
+                return
+            turn.audit.capability(
+                f"mcp:{tool.name}",
+                action="capability_invoked",
+                arguments=started.arguments,
+                result=_output_text(result),
+                status="error" if call_id in turn.tool_errors else "ok",
+                latency_ms=latency,
+                payload={"call_id": call_id},
+                at=started.at,
+            )
+        except Exception:
+            log.exception("audit hook on_tool_end failed")
+
+
+def _output_text(result: Any) -> Any:
+    """An MCP tool output (text, or a list of content parts) as audit JSON."""
+    if isinstance(result, dict) and "text" in result:
+        return clip(result["text"])
+    if isinstance(result, list):
+        texts = [p.get("text") for p in result if isinstance(p, dict) and "text" in p]
+        if texts:
+            return clip("\n".join(texts))
+    return clip(result)
+
+
+def _failure_status(exc: BaseException) -> str:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError) or "timed out" in str(seen).lower():
+            return "timeout"
+        seen = seen.__cause__ or seen.__context__
+    return "error"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The fleet error behind an SDK wrapper (the SDK re-raises tool failures wrapped)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FleetError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
+class AgentHandler:
+    """The ``agent`` handler: one Agents SDK turn per claimed message (module docstring)."""
+
+    name = "agent"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool_size: int = 6,
+        skills: SkillLibrary | None = None,
+        model: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.pool_size = pool_size
+        self.skills = skills or SkillLibrary()
+        self.model = model or build_model(settings)
+        self.pool: asyncpg.Pool | None = None
+        self.audit: AuditWriter | None = None
+        self.mcp = MCPClientPool(settings)
+        self.customer_data = CustomerDataServer(self.mcp)
+        self._instructions = INSTRUCTIONS + "\n\n" + self.skills.index()
+        self.agent = self._build_agent()
+        self.run_config = RunConfig(
+            tracing_disabled=self._tracing_disabled(),
+            trace_include_sensitive_data=False,
+            workflow_name="pgfleet support turn",
+        )
+        self.hooks = AuditHooks()
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def _tracing_disabled(self) -> bool:
+        """The SDK's own tracing exports to the OpenAI platform: only with the real API."""
+        s = self.settings
+        return s.model_name == OFFLINE or not s.openai_api_key or bool(s.openai_base_url)
+
+    def _build_agent(self) -> Agent[TurnContext]:
+        """The agent graph. A parked run is restored against this same graph, so its name,
+        tools and MCP server (name and order) must stay stable across releases."""
+        base = self._instructions
+
+        def instructions(ctx: RunContextWrapper[TurnContext], _agent: Agent[Any]) -> str:
+            customer = ctx.context.customer_id if ctx.context else None
+            return f"{base}\n\nCustomer id: {customer}" if customer else base
+
+        return Agent[TurnContext](
+            name=AGENT_NAME,
+            instructions=instructions,
+            model=self.model,
+            tools=[self.skills.tool()],
+            mcp_servers=[self.customer_data],
+            input_guardrails=[input_guardrail(self.settings.fleet_max_input_chars)],
+            model_settings=ModelSettings(parallel_tool_calls=True),
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        url = await resolve_url(self.settings)
+        self.pool = await create_pool(
+            self.settings, "fleet-agent", url=url, min_size=1, max_size=self.pool_size
+        )
+        self.audit = AuditWriter(self.settings, url=url)
+        await self.audit.start()
+        await self.mcp.warm()
+
+    async def close(self) -> None:
+        await self.mcp.close()
+        if self.audit is not None:
+            await self.audit.close()
+        if self.pool is not None:
+            await self.pool.close()
+        await self.model.close()
+
+    # -- one message ---------------------------------------------------------------------------
+
+    async def handle(self, message: ClaimedMessage, lease: Lease) -> HandlerResult:
+        assert self.pool is not None and self.audit is not None, "start() was not called"
+        turn = TurnContext(
+            session_id=message.session_id,
+            message_id=message.id,
+            customer_id=message.customer_id,
+            variables=message.variables,
+            audit=TurnAudit(message.session_id, actor=f"agent:{message.agent}"),
+        )
+        # A message on its first claim cannot have a parked run: skip the lookup.
+        decided = None
+        if message.attempts > 1 or message.takeovers > 0:
+            decided = await approvals.take_decided_run(lease)
+        try:
+            if decided is not None:
+                return await self._resume(message, lease, turn, decided)
+            return await self._fresh(message, lease, turn)
+        except asyncio.CancelledError:
+            self._record_unfinished(turn, "error", "the turn was cancelled")
+            # Cancelled (lease lost, shutdown): the trail is still written, in the background.
+            task = asyncio.ensure_future(self.audit.write(turn.audit))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
+        except InputGuardrailTripwireTriggered:
+            raise  # handled in _fresh; never reaches here
+        except Exception as exc:
+            cause = _root_cause(exc)
+            self._record_unfinished(turn, _failure_status(exc), str(cause))
+            await self.audit.write(turn.audit)
+            if isinstance(cause, FleetError):
+                raise cause from exc
+            raise HandlerError(f"agent turn failed: {type(exc).__name__}: {exc}") from exc
+
+    def _record_unfinished(self, turn: TurnContext, status: str, error: str) -> None:
+        """Tool calls that started but never ended (the run raised): audited as failed."""
+        for call_id, started in list(turn.started.items()):
+            latency = int((time.monotonic() - started.clock) * 1000)
+            turn.audit.capability(
+                f"skill:{started.arguments.get('name')}"
+                if started.name == LOAD_SKILL
+                else f"mcp:{started.name}",
+                action="skill_activated" if started.name == LOAD_SKILL else "capability_invoked",
+                arguments=started.arguments,
+                result={"error": error[:1000]},
+                status=status,  # type: ignore[arg-type]
+                latency_ms=latency,
+                payload={"call_id": call_id},
+                at=started.at,
+            )
+        turn.started.clear()
+
+    async def _fresh(
+        self, message: ClaimedMessage, lease: Lease, turn: TurnContext
+    ) -> HandlerResult:
+        assert self.pool is not None and self.audit is not None
+        received_at = now()
+        session = await PostgresSession.open_turn(
+            self.pool,
+            message.session_id,
+            message_id=message.id,
+            user_id=message.customer_id or "anonymous",
+            metadata={"agent": message.agent},
+        )
+        turn.audit.event(
+            "message_received",
+            f"conversation:{message.session_id}",
+            {
+                "message_id": message.id,
+                "attempt": message.attempts,
+                "chars": len(message.body),
+                "excerpt": message.body[:200],
+                "history_items": len(session._history or []),
+            },
+            {"status": "ok"},
+            at=received_at,
+        )
+        try:
+            result = await Runner.run(
+                self.agent,
+                message.body,
+                session=session,
+                context=turn,
+                hooks=self.hooks,
+                run_config=self.run_config,
+                max_turns=MAX_MODEL_CALLS,
+            )
+        except InputGuardrailTripwireTriggered as exc:
+            info = exc.guardrail_result.output.output_info or {}
+            turn.audit.event(
+                "guardrail_tripped",
+                f"guardrail:{exc.guardrail_result.guardrail.get_name()}",
+                {"message_id": message.id, **info},
+                {"status": "blocked"},
+            )
+            return await self._reply(message, lease, turn, session, REFUSAL, save=False)
+        return await self._finish(message, lease, turn, session, result, resume_of=None)
+
+    async def _resume(
+        self,
+        message: ClaimedMessage,
+        lease: Lease,
+        turn: TurnContext,
+        decided: approvals.DecidedRun,
+    ) -> HandlerResult:
+        assert self.pool is not None
+        session = await PostgresSession.open_turn(
+            self.pool,
+            message.session_id,
+            message_id=message.id,
+            user_id=message.customer_id or "anonymous",
+            resume_of=decided.approval_id,
+        )
+        state = await RunState.from_string(self.agent, decided.state_json, context_override=turn)
+        reason = decided.reason or "the approver rejected it"
+        for item in state.get_interruptions():
+            if decided.decision == "approved":
+                state.approve(item)
+                continue
+            state.reject(item, rejection_message=reason)
+            turn.audit.capability(
+                f"mcp:{item.name}",
+                action="capability_invoked",
+                arguments=_arguments(item.arguments),
+                result={"rejected": reason},
+                status="blocked",
+                latency_ms=None,
+                payload={"call_id": item.call_id, "approval_id": decided.approval_id},
+            )
+        result = await Runner.run(
+            self.agent,
+            state,
+            session=session,
+            hooks=self.hooks,
+            run_config=self.run_config,
+            max_turns=MAX_MODEL_CALLS,
+        )
+        return await self._finish(
+            message, lease, turn, session, result, resume_of=decided.approval_id
+        )
+
+    async def _finish(
+        self,
+        message: ClaimedMessage,
+        lease: Lease,
+        turn: TurnContext,
+        session: PostgresSession,
+        result: Any,
+        *,
+        resume_of: str | None,
+    ) -> HandlerResult:
+        assert self.audit is not None
+        if result.interruptions:
+            pending = [
+                {"tool": i.name, "arguments": _arguments(i.arguments), "call_id": i.call_id}
+                for i in result.interruptions
+            ]
+            state_json = result.to_state().to_string(context_serializer=TurnContext.serialize)
+            # The items so far are part of the paused run: saved before it is parked.
+            await session.flush(lease.token, summary=None)
+            await self.audit.write(turn.audit)
+            approval_id = await approvals.park_run(
+                lease,
+                session_id=message.session_id,
+                interruptions=pending,
+                state_json=state_json,
+                ttl_seconds=self.settings.fleet_approval_ttl_seconds,
+            )
+            log.info("message %d parked for approval %s", message.id, approval_id)
+            return Parked(approval_id)
+        reply = str(result.final_output or "").strip() or "Sorry, I have no answer to that yet."
+        return await self._reply(message, lease, turn, session, reply, save=True)
+
+    async def _reply(
+        self,
+        message: ClaimedMessage,
+        lease: Lease,
+        turn: TurnContext,
+        session: PostgresSession,
+        reply: str,
+        *,
+        save: bool,
+    ) -> Reply:
+        assert self.audit is not None
+        turn.audit.event(
+            "message_sent",
+            f"conversation:{message.session_id}",
+            {
+                "message_id": message.id,
+                "chars": len(reply),
+                "excerpt": reply[:500],
+                "model": self.settings.model_name,
+                "model_calls": turn.model_calls,
+                "tool_calls": turn.tool_calls,
+            },
+            {"status": "ok"},
+        )
+        writes: list[Any] = [self.audit.write(turn.audit)]
+        if save:
+            writes.append(session.flush(lease.token, summary=summarize(session, message, reply)))
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return Reply(reply)
+
+
+def summarize(session: PostgresSession, message: ClaimedMessage, reply: str) -> str:
+    """The conversation's one-line summary after this turn (``conversations.summary``)."""
+    items = (session._history or [])[-60:] + session.pending
+    convo = Conversation.read(None, items)
+    facts = []
+    if convo.name:
+        facts.append(f"customer {convo.name}")
+    if order_id := convo.order_id():
+        facts.append(f"order #{order_id}")
+    turns = len(convo.earlier_user_texts) + 1
+    head = ", ".join(facts) + "; " if facts else ""
+    return (
+        f"{head}{turns} customer message(s); last asked: {message.body[:160]!r}; "
+        f"last reply: {reply[:200]!r}"
+    )
+
+
+__all__ = ["AgentHandler", "CustomerDataUnavailable", "TurnContext"]
