@@ -113,9 +113,9 @@ class Worker:
 
     async def run(self) -> None:
         self.url = await resolve_url(self.settings)
-        self.pool = await create_pool(
-            self.settings, "fleet-worker", url=self.url, min_size=1, max_size=4
-        )
+        self.pool = await self._open_pool()
+        if self.pool is None:  # asked to stop before the database ever let us in
+            return
         await self.handler.start()
         await self.pool.execute(
             SQL["worker_register"],
@@ -144,6 +144,23 @@ class Worker:
             await self._produce_loop()
         finally:
             await self._shutdown()
+
+    async def _open_pool(self) -> asyncpg.Pool | None:
+        """The worker's pool. While the database refuses connections (down, or at its
+        connection limit) wait with backoff instead of exiting: a starved fleet slows down
+        rather than crash-looping. None when asked to stop while waiting."""
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                return await create_pool(
+                    self.settings, "fleet-worker", url=self.url, min_size=1, max_size=4
+                )
+            except TRANSIENT as exc:
+                attempt += 1
+                delay = retry_delay(attempt, 0.2, 5.0)
+                log.warning("cannot connect to the database (%s); retrying in %.1fs", exc, delay)
+                await self._sleep(delay)
+        return None
 
     async def _shutdown(self) -> None:
         grace = self.settings.fleet_shutdown_grace

@@ -1,0 +1,87 @@
+"""The connection budget: a database that refuses connections slows the fleet, loses nothing.
+
+PostgreSQL's ``max_connections`` is server-wide and shared with everything else on the server;
+a role's ``CONNECTION LIMIT`` is the same refusal ("too many connections") aimed at the fleet
+alone, so the test can starve the fleet without starving the test's own connection. Every
+worker wants 1 LISTEN connection + up to 4 pool connections (RELIABILITY.md, "Connection
+budget"); here three workers share a limit smaller than what one of them wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import asyncpg
+
+from tests.processes import start_fleet, stop, wait_until
+
+LIMIT = 3
+
+
+def _admin(server_url: str, sql: str) -> None:
+    async def go() -> None:
+        conn = await asyncpg.connect(server_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, go()).result()
+
+
+async def test_workers_over_a_connection_limit_slow_down_but_finish_every_message(
+    conn, db_url, server_url, fleet_env, tmp_path: Path
+):
+    role = f"fleet_budget_{uuid.uuid4().hex[:8]}"
+    _admin(server_url, f"CREATE ROLE {role} LOGIN CONNECTION LIMIT {LIMIT} IN ROLE fleet_worker")
+    parts = urlparse(db_url)
+    url = urlunparse(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    total, sessions = 200, 20
+    await conn.execute(
+        """SELECT fleet.enqueue(session_id => 'budget-' || (g % $2), body => 'm' || g)
+           FROM generate_series(1, $1) AS g""", total, sessions)
+    env = dict(fleet_env, DATABASE_URL=url)
+    workers = [
+        start_fleet("worker", "--handler", "noop", "--work-delay", "0.02", "--concurrency", "5",
+                    env=env, log=tmp_path / f"worker-{i}.log")
+        for i in range(3)
+    ]
+    peak = 0
+
+    async def all_done() -> bool:
+        nonlocal peak
+        held = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", role)
+        peak = max(peak, held)
+        return await conn.fetchval(
+            "SELECT count(*) FROM fleet.messages WHERE state = 'done'") == total
+
+    codes: list[int | None] = []
+    try:
+        await wait_until(all_done, timeout=180, interval=0.05,
+                         message=f"{total} messages done within {LIMIT} connections")
+        # Nobody gave up: a worker refused at start waits for a slot instead of exiting.
+        assert [w.poll() for w in workers] == [None] * len(workers)
+    finally:
+        codes = [stop(w) for w in workers]
+        _admin(server_url, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                           f" WHERE usename = '{role}'")
+        _admin(server_url, f"DROP ROLE IF EXISTS {role}")
+    logs = "\n".join((tmp_path / f"worker-{i}.log").read_text() for i in range(3))
+    assert peak <= LIMIT
+    assert codes == [0, 0, 0]
+    assert "error:" not in logs and "Traceback" not in logs
+    assert "too many connections" in logs  # the limit really bit
+    rows = await conn.fetch("SELECT session_id, state, reply, error, claimed_at, finished_at"
+                            " FROM fleet.messages ORDER BY session_id, id")
+    assert [r["state"] for r in rows] == ["done"] * total
+    assert all(r["reply"] == "ok" for r in rows)
+    for _, group in itertools.groupby(rows, key=lambda r: r["session_id"]):
+        for earlier, later in itertools.pairwise(list(group)):
+            assert earlier["finished_at"] <= later["claimed_at"]
