@@ -147,11 +147,30 @@ def _as_dict(item: Any) -> dict[str, Any]:
     return dump(exclude_unset=True) if dump else {}
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _json(text: str) -> Any:
+    """JSON text decoded; several concatenated documents (one MCP content part each) become a
+    list; None when it is not JSON."""
     try:
         return json.loads(text)
     except (TypeError, ValueError):
+        pass
+    if not isinstance(text, str):
         return None
+    documents, position = [], 0
+    try:
+        while position < len(text):
+            while position < len(text) and text[position].isspace():
+                position += 1
+            if position == len(text):
+                break
+            value, position = _DECODER.raw_decode(text, position)
+            documents.append(value)
+    except ValueError:
+        return None
+    return documents or None
 
 
 def _find_dicts(value: Any, key: str) -> list[dict[str, Any]]:
@@ -197,15 +216,18 @@ class ToolCall:
 
     @property
     def failed(self) -> bool:
-        """A tool output that reports an error rather than data."""
+        """A tool output that reports an error (or a refusal) rather than data.
+
+        The customer-data tools answer with JSON documents; an error result (``isError``) or a
+        rejection message from the approver is plain text. ``load_skill`` answers with
+        markdown and reports a failure as ``error: ...``.
+        """
         if self.output is None:
             return True
+        if self.name == "load_skill":
+            return self.output.startswith("error:")
         decoded = self.decoded
-        if isinstance(decoded, dict) and (decoded.get("error") or decoded.get("isError")):
-            return True
-        # MCP error results read "Error executing tool ...": a substring check on the head.
-        head = self.output[:200].lower()
-        return decoded is None and ("error" in head or "not found" in head or "no such" in head)
+        return decoded is None or (isinstance(decoded, dict) and bool(decoded.get("error")))
 
 
 @dataclass
@@ -316,10 +338,24 @@ class Conversation:
                     return call.decoded
         return None
 
+    def order(self) -> Any:
+        for call in self.called("lookup_order"):
+            if not call.failed:
+                return call.decoded
+        return None
+
     @property
     def tier(self) -> str | None:
-        tier = _first(self.customer(), "tier")
+        tier = _first(self.customer(), "tier") or _first(self.order(), "customer_tier")
         return str(tier).lower() if tier else None
+
+    @property
+    def known_name(self) -> str | None:
+        """What the customer told us, else the first name on the customer record."""
+        if self.name:
+            return self.name
+        full = _first(self.customer(), "name") or _first(self.order(), "customer_name")
+        return str(full).split()[0] if full else None
 
     @property
     def issue(self) -> str:
@@ -511,7 +547,7 @@ def _refund_arguments(convo: Conversation) -> dict[str, Any] | None:
         amount = int(match.group(1))
     elif match := _DOLLARS.search(convo.newest):
         amount = round(float(match.group(1)) * 100)
-    elif (cents := _first(order, "amount_cents")) is not None:
+    elif (cents := _first(order, "refundable_cents", "amount_cents")) is not None:
         amount = int(cents)
     if not amount:
         return None
@@ -564,7 +600,8 @@ def _order_line(convo: Conversation) -> str:
 
 
 def _greeting(convo: Conversation) -> str:
-    return f"Hi {convo.name}," if convo.name else "Hi,"
+    name = convo.known_name
+    return f"Hi {name}," if name else "Hi,"
 
 
 def _precedent(convo: Conversation) -> tuple[str, dict[str, Any] | None]:
@@ -628,6 +665,8 @@ def _refund_reply(convo: Conversation) -> str:
     if not calls:
         if not order_id:
             return "I can help with a refund. Which order number is it for?"
+        if _first(convo.order(), "refundable_cents") == 0:
+            return f"Order #{order_id} has already been refunded in full; nothing is left."
         if convo.called("lookup_order") and convo.called("lookup_order")[0].failed:
             return (
                 f"I couldn't find order #{order_id}, so I can't refund it. "
@@ -682,9 +721,19 @@ def _steps_taken(convo: Conversation) -> list[str]:
 def _sections_reply(convo: Conversation, skill: str, default: tuple[str, ...]) -> str:
     sections = _section_names(convo.skill_body(skill), default)
     customer = convo.customer()
-    who = [convo.name or _first(customer, "name") or "Customer (name not given)"]
-    if convo.customer_id or _first(customer, "id", "customer_id"):
-        who.append(f"customer id {convo.customer_id or _first(customer, 'id', 'customer_id')}")
+    who = [
+        convo.name
+        or _first(customer, "name")
+        or _first(convo.order(), "customer_name")
+        or "Customer (name not given)"
+    ]
+    customer_id = (
+        convo.customer_id
+        or _first(customer, "customer_id", "id")
+        or _first(convo.order(), "customer_id")
+    )
+    if customer_id:
+        who.append(f"customer id {customer_id}")
     if convo.tier:
         who.append(f"{convo.tier.title()} tier")
     if convo.ticket_id:
