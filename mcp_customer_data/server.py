@@ -1,0 +1,246 @@
+"""The ``customer-data`` MCP server: five narrow tools over the system of record.
+
+Why a server and not function tools in the worker (course Concept 14): scope (the agent can
+do exactly these five things to the database, and no tool takes SQL), isolation (its own
+process and its own connection pool the agent cannot exhaust) and reuse (any worker, or a
+person's coding agent, talks to the same server).
+
+* Transport: streamable HTTP, stateless, JSON responses: every call is an independent POST,
+  so copies of the server can run side by side behind one URL.
+* Auth: a bearer token (``CUSTOMER_DATA_TOKEN``) on every request, compared in constant time;
+  a missing or wrong token is answered 401 by the middleware before any tool code runs.
+* Lifespan: one asyncpg pool (``statement_cache_size`` from the settings, 0 behind PgBouncer)
+  and the embedding model, loaded before the port opens, so the first search is not a
+  ten-second model load inside a client's 5-second timeout.
+* ``issue_refund`` is the only write; the worker puts a human approval in front of it. It is
+  idempotent on the ``idempotency_key`` the worker's client sends in the request ``_meta``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+from urllib.parse import urlparse
+
+import asyncpg
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field, StrictInt
+from starlette.applications import Starlette
+
+from fleet.database import create_pool
+from fleet.embeddings import ModelSpec, aembed, model_spec
+from fleet.errors import ConfigurationError, FleetError
+from fleet.settings import Settings
+from mcp_customer_data import data
+from mcp_customer_data.models import (
+    CustomerInfo,
+    CustomerWithOrders,
+    OrderInfo,
+    RefundIssued,
+    SimilarTickets,
+)
+
+log = logging.getLogger(__name__)
+
+#: The whole surface, in the order the tools are registered. Nothing else is exposed.
+TOOL_NAMES = (
+    "lookup_customer",
+    "find_customer_by_email",
+    "lookup_order",
+    "find_similar_resolved_tickets",
+    "issue_refund",
+)
+
+
+class BearerTokenVerifier:
+    """Accepts exactly one token, compared in constant time (``hmac.compare_digest``)."""
+
+    def __init__(self, token: str) -> None:
+        if not token:
+            raise ConfigurationError("CUSTOMER_DATA_TOKEN is empty")
+        self._token = token.encode()
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        if not hmac.compare_digest(token.encode(), self._token):
+            return None
+        # The token itself is not kept on the principal: nothing downstream needs it.
+        return AccessToken(token="<redacted>", client_id="fleet", scopes=[])
+
+
+@dataclass
+class AppState:
+    pool: asyncpg.Pool
+    settings: Settings
+    spec: ModelSpec
+
+
+def _state(ctx: Context) -> AppState:
+    return ctx.request_context.lifespan_context
+
+
+def _meta(ctx: Context) -> dict[str, Any]:
+    meta = ctx.request_context.meta
+    return dict(meta) if meta else {}
+
+
+async def _run(call: Any) -> Any:
+    """Await a data-layer call; a deliberate refusal becomes a tool error the model reads."""
+    try:
+        return await call
+    except FleetError as exc:
+        raise ToolError(str(exc)) from exc
+
+
+def build_server(settings: Settings) -> MCPServer:
+    """The MCP server with its five tools (no transport yet: see :func:`create_app`)."""
+    token = settings.customer_data_token
+    if token is None or not token.get_secret_value():
+        raise ConfigurationError(
+            "CUSTOMER_DATA_TOKEN is not set: the customer-data server always requires a bearer "
+            "token (`fleet up` and `fleet demo` generate one)"
+        )
+
+    @asynccontextmanager
+    async def lifespan(_server: MCPServer) -> AsyncIterator[AppState]:
+        pool = await create_pool(
+            settings, "fleet-mcp", min_size=1, max_size=settings.customer_data_pool_size,
+            vector=True,
+        )
+        try:
+            await aembed(["warm-up"], settings)  # load the model before the port opens
+            log.info("customer-data ready (embeddings: %s)", model_spec(settings).name)
+            yield AppState(pool=pool, settings=settings, spec=model_spec(settings))
+        finally:
+            await pool.close()
+
+    url = urlparse(settings.customer_data_url)
+    server = MCPServer(
+        name="customer-data",
+        instructions=(
+            "Business data for customer support: customers, orders, past resolved tickets, "
+            "and refunds. Read tools are free to call; issue_refund moves money."
+        ),
+        token_verifier=BearerTokenVerifier(token.get_secret_value()),
+        auth=AuthSettings(
+            issuer_url=f"{url.scheme or 'http'}://{url.netloc or '127.0.0.1'}",
+            resource_server_url=None,
+            required_scopes=[],
+        ),
+        lifespan=lifespan,
+        log_level=settings.fleet_log_level.upper(),  # type: ignore[arg-type]
+    )
+    read_only = ToolAnnotations(readOnlyHint=True, openWorldHint=False)
+
+    @server.tool(annotations=read_only)
+    async def lookup_customer(
+        customer_id: Annotated[str, Field(description="The customer's id, e.g. 'cus-1001'.")],
+        ctx: Context,
+    ) -> CustomerInfo:
+        """Look up a customer by id: email, name, tier (standard, pro or enterprise) and how many
+        tickets they have open. Call it when you know the customer id (from the conversation's
+        context or from lookup_order) and need their tier or history size, e.g. to decide
+        whether to escalate a pro or enterprise customer."""
+        return await _run(data.lookup_customer(_state(ctx).pool, customer_id))
+
+    @server.tool(annotations=read_only)
+    async def find_customer_by_email(
+        email: Annotated[str, Field(description="The customer's email address.")],
+        ctx: Context,
+    ) -> CustomerWithOrders:
+        """Find a customer by email address: id, name, tier, open ticket count and their five
+        most recent orders. Call it when a customer identifies themselves by email, or says
+        "my order" without a number, to find which order they mean."""
+        return await _run(data.find_customer_by_email(_state(ctx).pool, email))
+
+    @server.tool(annotations=read_only)
+    async def lookup_order(
+        order_id: Annotated[str, Field(description="The order number, e.g. '4429' (a leading "
+                                       "'#' is ignored).")],
+        ctx: Context,
+    ) -> OrderInfo:
+        """Look up an order by number: its customer (id, email, tier), amount in cents, status,
+        and every refund issued on it so far with the amount still refundable. Call it whenever
+        a message mentions an order number ("order #4429"), and always before issue_refund, to
+        check what was paid and what is left to refund."""
+        return await _run(data.lookup_order(_state(ctx).pool, order_id))
+
+    @server.tool(annotations=read_only)
+    async def find_similar_resolved_tickets(
+        description: Annotated[str, Field(description="The customer's problem in their own words "
+                                          "or a one-sentence summary of it.")],
+        ctx: Context,
+        limit: Annotated[int, Field(description=f"How many cases to return (at most "
+                                    f"{data.MAX_SIMILAR}).")] = 5,
+    ) -> SimilarTickets:
+        """Search past resolved support tickets for the ones most similar in meaning to a
+        customer's problem, nearest first, each with how it was resolved and its cosine
+        distance (lower is closer; a case far behind the first is a weak precedent). Call it
+        BEFORE drafting a
+        reply to any complaint, question or problem, so the reply can follow how the team
+        resolved similar cases instead of inventing a new approach."""
+        state = _state(ctx)
+        return await _run(data.find_similar_resolved_tickets(
+            state.pool, state.spec, description, limit, state.settings
+        ))
+
+    @server.tool(annotations=ToolAnnotations(
+        readOnlyHint=False, destructiveHint=True, idempotentHint=True, openWorldHint=False
+    ))
+    async def issue_refund(
+        order_id: Annotated[str, Field(description="The order number to refund, e.g. '4429'.")],
+        amount_cents: Annotated[StrictInt, Field(description="Amount to refund in integer cents "
+                                                 "(1250 means $12.50); at most what "
+                                                 "lookup_order reports as refundable.")],
+        reason: Annotated[str, Field(description="Why the customer is refunded, in plain words; "
+                                     "shown to the human approver and kept in the audit log.")],
+        ctx: Context,
+    ) -> RefundIssued:
+        """Refund (part of) an order to the customer's original payment method. Records the
+        refund, updates the order's status and writes the refund_issued audit entry together,
+        or does nothing at all. Call it only when a refund is justified by policy and the
+        amount is confirmed with lookup_order; a human must approve every call. It refuses
+        unknown orders, amounts that are not positive whole cents or exceed what is still
+        refundable, and empty reasons."""
+        state = _state(ctx)
+        try:
+            meta = data.CallMeta.from_meta(_meta(ctx))
+        except FleetError as exc:
+            raise ToolError(str(exc)) from exc
+        return await _run(data.issue_refund(state.pool, order_id, amount_cents, reason, meta))
+
+    return server
+
+
+def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
+    """The ASGI app: stateless streamable HTTP with JSON responses, bearer auth on every call."""
+    path = urlparse(settings.customer_data_url).path or "/mcp"
+    return build_server(settings).streamable_http_app(
+        streamable_http_path=path, stateless_http=True, json_response=True, host=host
+    )
+
+
+def listen_address(settings: Settings, host: str | None, port: int | None) -> tuple[str, int]:
+    """Where to listen: the arguments, else the host and port of ``CUSTOMER_DATA_URL``."""
+    url = urlparse(settings.customer_data_url)
+    return host or url.hostname or "127.0.0.1", port or url.port or 8765
+
+
+def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+    """Run the server until SIGINT/SIGTERM (``fleet mcp serve``)."""
+    import uvicorn
+
+    bind_host, bind_port = listen_address(settings, host, port)
+    app = create_app(settings, host=bind_host)
+    config = uvicorn.Config(
+        app, host=bind_host, port=bind_port, log_level=settings.fleet_log_level.lower(),
+        access_log=False, lifespan="on",
+    )
+    uvicorn.Server(config).run()
