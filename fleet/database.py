@@ -38,6 +38,9 @@ async def _init_json(conn: asyncpg.Connection) -> None:
     """json/jsonb in and out as Python objects, on every connection the fleet opens."""
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    from fleet import tracing
+
+    tracing.trace_queries(conn)  # db.query spans inside traced work; nothing when tracing is off
 
 
 async def _init_vector(conn: asyncpg.Connection) -> None:

@@ -19,8 +19,8 @@ Where to call what:
 * worker: :func:`span` around a turn (``fleet.worker`` does it for every handler);
 * agent turn: wrap the model in :class:`TracedModel`; in the MCP client's ``call_tool`` use
   ``with tool_call(name, meta) as call:`` and send ``call.meta``;
-* MCP server: ``with server_span(tool, ctx.request_context.meta):`` around each tool, and
-  :func:`trace_queries` on the connections it queries with.
+* MCP server: ``trace_mcp_server(server)`` once (a server span per tool call); every
+  connection ``fleet.database`` opens calls :func:`trace_queries` (``db.query`` spans).
 """
 
 from __future__ import annotations
@@ -222,6 +222,39 @@ def server_span(name: str, meta: Any, **attributes: Any) -> Iterator[trace.Span 
         return
     with span(name, kind=SpanKind.SERVER, parent=extract_meta(meta), **attributes) as current:
         yield current
+
+
+def _request_meta(context: Any) -> Any:
+    """The request ``_meta`` of an MCP tool call's context, or None (in-process calls)."""
+    try:
+        return context.request_context.meta
+    except (AttributeError, LookupError, ValueError):
+        return None
+
+
+def trace_mcp_server(server: Any, prefix: str = "customer_data") -> Any:
+    """Give every tool call of an ``mcp`` ``MCPServer`` a SERVER span continuing the caller's
+    trace from the request ``_meta`` (``prefix.tool_name``); a tool error marks it as failed.
+
+    One line where the server is built: ``tracing.trace_mcp_server(server)``. Together with the
+    ``db.query`` spans of :func:`trace_queries` a slow tool shows the slow statement behind it.
+    No-op when tracing is off.
+    """
+    if not enabled():
+        return server
+    inner = server.call_tool
+
+    async def call_tool(name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        with server_span(
+            f"{prefix}.{name}", _request_meta(context), **{"rpc.system": "mcp", "rpc.method": name}
+        ) as current:
+            result = await inner(name, arguments, context)
+            if current is not None and getattr(result, "is_error", False):
+                current.set_status(Status(StatusCode.ERROR, "tool error"))
+            return result
+
+    server.call_tool = call_tool
+    return server
 
 
 class ToolCall:
