@@ -35,6 +35,7 @@ from mcp.types import ToolAnnotations
 from pydantic import Field, StrictInt
 from starlette.applications import Starlette
 
+from fleet import tracing
 from fleet.database import create_pool
 from fleet.embeddings import ModelSpec, aembed, model_spec
 from fleet.errors import ConfigurationError, FleetError
@@ -216,7 +217,8 @@ def build_server(settings: Settings) -> MCPServer:
             raise ToolError(str(exc)) from exc
         return await _run(data.issue_refund(state.pool, order_id, amount_cents, reason, meta))
 
-    return server
+    # One SERVER span per tool call, joined to the worker's trace by `traceparent` in `_meta`.
+    return tracing.trace_mcp_server(server)
 
 
 def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
