@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -88,7 +89,7 @@ class MCPClientPool:
         self,
         settings: Settings,
         *,
-        max_idle: int = 16,
+        max_idle: int = 64,
         attempts: int = 3,
         backoff: float = 0.2,
     ) -> None:
@@ -158,7 +159,8 @@ class MCPClientPool:
         """Run ``fn(client)`` on a checked-out client; retry on a fresh one when it fails."""
         delay = self.backoff
         last: BaseException | None = None
-        for attempt in range(1, self.attempts + 1):
+        attempt = throttled = 0
+        while attempt < self.attempts:
             client: MCPServerStreamableHttp | None = None
             try:
                 client = await self._checkout()
@@ -169,6 +171,18 @@ class MCPClientPool:
                 raise
             except Exception as exc:
                 last = exc
+                wait = retry_after(exc)
+                if wait is not None and throttled < MAX_THROTTLED_WAITS:
+                    # 429 from the server's per-token limit: not a failure (the client is
+                    # fine, no attempt is used); wait as told, with jitter so the fleet's
+                    # throttled calls do not all come back in the same instant.
+                    throttled += 1
+                    if client is not None:
+                        self._release(client)
+                    log.info("customer-data %s rate limited; waiting %.2fs", what, wait)
+                    await asyncio.sleep(max(wait, 0.01) * random.uniform(1.0, 1.5))
+                    continue
+                attempt += 1
                 if client is not None:
                     self._discard(client)  # its session may be broken: never reuse it
                 if attempt < self.attempts:
@@ -221,6 +235,20 @@ class MCPClientPool:
             self._discard(self._idle.pop())
         if self._cleanups:
             await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+
+
+#: 429 answers one call may wait out before it counts as failed (at ~0.1-1 s each).
+MAX_THROTTLED_WAITS = 50
+
+
+def retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait (its 429 answer's ``data.retry_after``), if any."""
+    while exc is not None:
+        data = getattr(getattr(exc, "error", None), "data", None)
+        if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
+            return float(data["retry_after"])
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _is_timeout(exc: BaseException | None) -> bool:
