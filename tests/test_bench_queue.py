@@ -1,0 +1,73 @@
+"""``fleet bench queue`` at a tiny size: every phase runs, the report has its shape, and every
+message of every phase ended done (the benchmark measures a queue that works, not a fast failure).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.processes import fleet_json
+
+
+def _bench(fleet_env: dict[str, str], *extra: str) -> dict[str, Any]:
+    return fleet_json(
+        "bench", "queue", "--messages", "300", "--sessions", "15", "--batch", "10",
+        "--sustain-seconds", "1", "--explain-backlog", "2000", *extra,
+        env=fleet_env, timeout=240,
+    )
+
+
+@pytest.mark.slow
+def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
+    report = _bench(fleet_env)
+
+    assert report["all_done"] is True
+    drains = {(d["system"], d["runner"], d["layout"]): d for d in report["drains"]}
+    assert set(drains) == {
+        ("pgfleet", "in-process", "one-per-session"),
+        ("pgfleet", "in-process", "many-per-session"),
+        ("pgqueuer", "in-process", "no sessions"),
+        ("pgfleet", "1 process(es)", "one-per-session"),
+        ("pgfleet", "2 process(es)", "one-per-session"),
+    }
+    for drain in drains.values():
+        assert drain["all_done"] is True, drain
+        assert drain["messages"] == 300
+        assert drain["messages_per_second"] > 0
+        assert drain["steady_messages_per_second"] > 0
+    assert drains[("pgfleet", "in-process", "many-per-session")]["sessions"] == 15
+
+    sustained = {s["system"]: s for s in report["sustained"]}
+    assert set(sustained) == {"pgfleet", "pgqueuer"}
+    for run in sustained.values():
+        assert run["all_done"] is True, run
+        assert run["messages"] >= int(run["target_rate"] * 1)
+        assert 0 <= run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
+
+    plans = report["claim_plans"]
+    assert len(plans) == 4
+    for plan in plans:
+        # The claim reads the claimable-heads index and takes a full batch whatever the backlog.
+        assert "messages_claimable" in plan["indexes"]
+        assert plan["claimed"] == min(10, plan["claimable"])
+        assert plan["index_rows"] <= 4 * plan["batch"]
+
+    summary = report["summary"]
+    assert {"ratio_vs_pgqueuer_one_per_session", "ratio_vs_pgqueuer_many_per_session",
+            "scaling_steady", "sustained_p99_ms", "targets_met"} <= set(summary)
+    assert report["environment"]["pgqueuer"].startswith("1.6")
+
+
+def test_bench_queue_without_pgqueuer_or_explain(fleet_env: dict[str, str]) -> None:
+    report = fleet_json(
+        "bench", "queue", "--messages", "100", "--sessions", "5", "--batch", "5",
+        "--sustain-seconds", "0.5", "--explain-backlog", "0", "--skip-pgqueuer",
+        env=fleet_env, timeout=180,
+    )
+    assert report["all_done"] is True
+    assert {d["system"] for d in report["drains"]} == {"pgfleet"}
+    assert [s["system"] for s in report["sustained"]] == ["pgfleet"]
+    assert report["claim_plans"] == []
+    assert "ratio_vs_pgqueuer_one_per_session" not in report["summary"]
