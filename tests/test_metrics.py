@@ -317,4 +317,3 @@ def _render(collector) -> str:
     registry = CollectorRegistry()
     registry.register(collector)
     return generate_latest(registry).decode()
-

@@ -172,9 +172,7 @@ async def test_traced_model_records_a_span_tokens_and_cost(spans: InMemorySpanEx
             previous_response_id=None, conversation_id=None, prompt=None,
         )  # fmt: skip
     assert metrics.MODEL_TOKENS.labels("input")._value.get() - tokens_in == 1200
-    assert metrics.MODEL_COST._value.get() - cost == pytest.approx(
-        (1200 * 0.40 + 300 * 1.60) / 1e6
-    )
+    assert metrics.MODEL_COST._value.get() - cost == pytest.approx((1200 * 0.40 + 300 * 1.60) / 1e6)
     call = next(s for s in spans.get_finished_spans() if s.name == "fleet.model_call")
     assert call.attributes["gen_ai.usage.output_tokens"] == 300
     assert call.attributes["gen_ai.request.model"] == "gpt-4.1-mini"
@@ -366,3 +364,69 @@ async def test_one_turn_calling_a_tool_is_one_trace_across_worker_and_mcp_server
     # Every tool the server answered in this turn is in the same trace.
     server_spans = [s for s in finished if s.kind == SpanKind.SERVER]
     assert server_spans and all(s.context.trace_id == turn.context.trace_id for s in server_spans)
+
+
+@pytest.mark.slow
+async def test_real_processes_export_one_joined_trace_over_otlp(
+    collector: _Collector, fleet_env, settings, conn, tmp_path
+):
+    """`fleet worker` and `fleet mcp serve` as OS processes, each exporting OTLP/HTTP: the
+    collector receives one trace with spans from both services."""
+    from fleet.database import connect
+    from fleet.seed import seed_database
+    from fleet.seed_corpus import build_corpus
+    from tests.processes import start_fleet, stop, wait_until
+    from tests.scrape import free_port
+
+    corpus = build_corpus()
+    seed_conn = await connect(settings, "fleet-seed", vector=True)
+    try:
+        await seed_database(
+            seed_conn, settings, corpus.model_copy(update={"tickets": corpus.tickets[:6]})
+        )
+    finally:
+        await seed_conn.close()
+    port = free_port()
+    env = {
+        **fleet_env,
+        "CUSTOMER_DATA_URL": f"http://127.0.0.1:{port}/mcp",
+        "CUSTOMER_DATA_TOKEN": "otlp-test-token",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    env.pop("OTEL_SERVICE_NAME", None)
+    server = start_fleet("mcp", "serve", "--port", str(port), env=env, log=tmp_path / "mcp.log")
+    worker = start_fleet(
+        "worker", "--handler", "agent", "--concurrency", "1", env=env, log=tmp_path / "w.log"
+    )
+    try:
+        message_id = await conn.fetchval(
+            "SELECT fleet.enqueue(session_id => 'otlp-1', customer_id => 'cus-1001', "
+            "body => 'My order #4429 arrived damaged and the box was crushed. What can you do?')"
+        )
+        await wait_until(
+            lambda: conn.fetchval(
+                "SELECT state IN ('done', 'dead') FROM fleet.messages WHERE id = $1", message_id
+            ),
+            timeout=180,
+            message="the turn to finish",
+        )
+        assert (
+            await conn.fetchval("SELECT state FROM fleet.messages WHERE id = $1", message_id)
+            == "done"
+        ), (tmp_path / "w.log").read_text()[-3000:]
+    finally:
+        stop(worker)
+        stop(server)
+    spans = collector.spans
+    turn = next(s for s in spans if s["name"] == "fleet.turn")
+    trace = [s for s in spans if s["trace_id"] == turn["trace_id"]]
+    services = {s["service"] for s in trace}
+    assert services == {"pgfleet-worker", "pgfleet-customer-data"}, services
+    call = next(s for s in trace if s["name"] == "fleet.tool_call lookup_order")
+    served = next(s for s in trace if s["name"] == "customer_data.lookup_order")
+    assert served["service"] == "pgfleet-customer-data"
+    assert served["parent_id"] == call["span_id"]
+    assert any(s["name"] == "db.query" and s["parent_id"] == served["span_id"] for s in trace), (
+        "the server's queries are under its tool span"
+    )
