@@ -99,6 +99,7 @@ class TurnContext:
     started: dict[str, _Started] = field(default_factory=dict)
     model_calls: int = 0
     tool_calls: int = 0
+    tokens: tuple[int, int] = (0, 0)
 
     def serialize(self) -> dict[str, Any]:
         """What a parked RunState keeps of the context (never the run variables)."""
@@ -285,6 +286,9 @@ class AgentHandler:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # One INFO line per MCP request from the HTTP client is noise (and CPU) in a worker.
+        for name in ("httpx2", "httpx", "mcp.client"):
+            logging.getLogger(name).setLevel(max(logging.WARNING, log.getEffectiveLevel()))
         url = await resolve_url(self.settings)
         self.pool = await create_pool(
             self.settings, "fleet-agent", url=url, min_size=1, max_size=self.pool_size
@@ -331,7 +335,19 @@ class AgentHandler:
             raise  # handled in _fresh; never reaches here
         except Exception as exc:
             cause = _root_cause(exc)
-            self._record_unfinished(turn, _failure_status(exc), str(cause))
+            status = _failure_status(exc)
+            self._record_unfinished(turn, status, str(cause))
+            turn.audit.event(
+                "turn_failed",
+                f"message:{message.id}",
+                {
+                    "message_id": message.id,
+                    "attempt": message.attempts,
+                    "max_attempts": message.max_attempts,
+                    "error": f"{type(cause).__name__}: {cause}"[:1000],
+                },
+                {"status": status, "retried": message.attempts < message.max_attempts},
+            )
             await self.audit.write(turn.audit)
             if isinstance(cause, FleetError):
                 raise cause from exc
@@ -474,6 +490,8 @@ class AgentHandler:
             log.info("message %d parked for approval %s", message.id, approval_id)
             return Parked(approval_id)
         reply = str(result.final_output or "").strip() or "Sorry, I have no answer to that yet."
+        usage = result.context_wrapper.usage
+        turn.tokens = (usage.input_tokens, usage.output_tokens)
         return await self._reply(message, lease, turn, session, reply, save=True)
 
     async def _reply(
@@ -497,6 +515,8 @@ class AgentHandler:
                 "model": self.settings.model_name,
                 "model_calls": turn.model_calls,
                 "tool_calls": turn.tool_calls,
+                "input_tokens": turn.tokens[0],
+                "output_tokens": turn.tokens[1],
             },
             {"status": "ok"},
         )
