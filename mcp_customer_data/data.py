@@ -193,7 +193,8 @@ async def issue_refund(
             order = await conn.fetchrow(SQL["lock_order"], order_id)
             if order is None:
                 raise NotFound(f"no order has id {order_id!r}; nothing was refunded")
-            paid, refunded = order["amount_cents"], order["refunded_cents"]
+            paid = order["amount_cents"]
+            refunded = await conn.fetchval(SQL["refunded_so_far"], order_id)
             if key is not None:
                 first = await conn.fetchrow(SQL["refund_by_key"], key)
                 if first is not None:

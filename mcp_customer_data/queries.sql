@@ -63,12 +63,14 @@ LIMIT $3;
 -- name: lock_order
 -- issue_refund, step 1: the order row, locked until the transaction ends, so concurrent
 -- refunds of one order run one after the other and never exceed what was paid.
-SELECT o.id, o.amount_cents, o.status,
-       COALESCE((SELECT sum(r.amount_cents) FROM refunds r WHERE r.order_id = o.id), 0)::int
-           AS refunded_cents
-FROM orders o
-WHERE o.id = $1
-FOR UPDATE OF o;
+SELECT id, amount_cents, status FROM orders WHERE id = $1 FOR UPDATE;
+
+-- name: refunded_so_far
+-- issue_refund, step 2, a statement of its own AFTER the lock: under READ COMMITTED it takes a
+-- new snapshot and so sees the refunds committed by whoever held the lock before us. (Summed
+-- inside the locking statement, it would read the snapshot from before the wait, and five
+-- concurrent refunds of a third each would all pass; the concurrency test catches that.)
+SELECT COALESCE(sum(amount_cents), 0)::int FROM refunds WHERE order_id = $1;
 
 -- name: refund_by_key
 SELECT id AS refund_id, order_id, amount_cents, reason, created_at
@@ -92,5 +94,5 @@ UPDATE orders SET status = $2, updated_at = now() WHERE id = $1;
 -- receipt). The fleet_mcp role needs no access to conversations for this: the FK check runs
 -- as the table owner.
 INSERT INTO audit_log (conversation_id, actor, action, target, payload, result)
-VALUES ($1, 'mcp:customer-data', 'refund_issued', $2, $3, $4)
-RETURNING id;
+VALUES ($1, 'mcp:customer-data', 'refund_issued', $2, $3, $4);
+-- (No RETURNING: the audit writer role may append to audit_log but not read it.)

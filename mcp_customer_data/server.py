@@ -41,6 +41,7 @@ from fleet.embeddings import ModelSpec, aembed, model_spec
 from fleet.errors import ConfigurationError, FleetError
 from fleet.settings import Settings
 from mcp_customer_data import data
+from mcp_customer_data.limits import RateLimitMiddleware
 from mcp_customer_data.models import (
     CustomerInfo,
     CustomerWithOrders,
@@ -224,9 +225,17 @@ def build_server(settings: Settings) -> MCPServer:
 def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
     """The ASGI app: stateless streamable HTTP with JSON responses, bearer auth on every call."""
     path = urlparse(settings.customer_data_url).path or "/mcp"
-    return build_server(settings).streamable_http_app(
+    app = build_server(settings).streamable_http_app(
         streamable_http_path=path, stateless_http=True, json_response=True, host=host
     )
+    # Outermost: per-token rate and concurrency limits (429 + Retry-After), see limits.py.
+    app.add_middleware(
+        RateLimitMiddleware,
+        rate=settings.customer_data_rate_limit,
+        burst=settings.customer_data_rate_burst,
+        concurrency=settings.customer_data_max_concurrency,
+    )
+    return app
 
 
 def listen_address(settings: Settings, host: str | None, port: int | None) -> tuple[str, int]:
