@@ -62,6 +62,16 @@ class Settings(BaseSettings):
     customer_data_token: SecretStr | None = None
     """The MCP server's bearer token. ``fleet up``/``fleet demo`` generate one when unset."""
 
+    customer_data_rate_limit: float = Field(200.0, ge=0)
+    """The MCP server's limit per bearer token: requests per second on average (0: no limit).
+    Past it the server answers 429 with Retry-After and the worker's client waits that long."""
+
+    customer_data_rate_burst: int = Field(400, ge=1)
+    """Requests per token the MCP server admits at once before the average rate applies."""
+
+    customer_data_max_concurrency: int = Field(64, ge=0)
+    """Requests per token the MCP server runs at the same time (0: no limit); more get 429."""
+
     fleet_mcp_connect_timeout_seconds: float = Field(5.0, gt=0)
     """Agent turns: deadline for connecting a new client to the ``customer-data`` server."""
 

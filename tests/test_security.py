@@ -14,11 +14,14 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
+from fleet.settings import Settings
 from tests.processes import fleet, start_fleet, stop, wait_until
 
 GROUP_ROLES = ("fleet_worker", "fleet_mcp", "fleet_audit_writer", "fleet_approver")
@@ -311,3 +314,178 @@ async def test_approver_cli_runs_as_a_fleet_approver_login_role(conn, fleet_env,
     assert (row["status"], row["state"]) == ("approved", "queued")
     assert await conn.fetchval(
         "SELECT count(*) FROM audit_log WHERE action = 'approval_decided'") == 1
+
+
+# -- the customer-data MCP server: the whole surface, its token, its Host check, its limits ------
+
+MCP_TOOLS = {"lookup_customer", "find_customer_by_email", "lookup_order",
+             "find_similar_resolved_tickets", "issue_refund"}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream",
+               "Content-Type": "application/json"}
+LIST_TOOLS = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+
+
+#: The module's one MCP server runs with small limits so the 429 tests can reach them;
+#: the other tests make a handful of requests and the rate tests wait for a refill afterwards.
+RATE, BURST, CONCURRENCY = 20, 20, 4
+
+
+@pytest.fixture(scope="module")
+def mcp_db(server_url, template_url):
+    from tests.mcp_process import module_database
+
+    with module_database(server_url) as url:
+        _admin_sql(url, """
+            INSERT INTO customers (id, email, name, metadata)
+                VALUES ('c1', 'ada@example.com', 'Ada', '{"tier": "pro"}');
+            INSERT INTO orders (id, customer_id, amount_cents, status)
+                VALUES ('4429', 'c1', 5000, 'delivered');""")
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mcp_server(mcp_db, fleet_home, tmp_path_factory):
+    from tests.mcp_process import module_env, running_mcp
+
+    log = tmp_path_factory.mktemp("mcp") / "mcp.log"
+    with running_mcp(module_env(mcp_db, fleet_home), log,
+                     CUSTOMER_DATA_RATE_LIMIT=str(RATE), CUSTOMER_DATA_RATE_BURST=str(BURST),
+                     CUSTOMER_DATA_MAX_CONCURRENCY=str(CONCURRENCY)) as server:
+        yield server
+
+
+def _admin_sql(url: str, sql: str) -> None:
+    from tests.mcp_process import _admin
+
+    _admin(url, sql)
+
+
+async def _post(url: str, body: dict, headers: dict[str, str]) -> Any:
+    import httpx2
+
+    async with httpx2.AsyncClient(timeout=30, trust_env=False) as client:
+        return await client.post(url, json=body, headers=headers)
+
+
+async def test_mcp_server_demands_its_bearer_token(mcp_server):
+    for auth in ({}, {"Authorization": "Bearer wrong"},
+                 {"Authorization": f"Basic {mcp_server.token}"},
+                 {"Authorization": f"Bearer {mcp_server.token}x"}):
+        response = await _post(mcp_server.url, LIST_TOOLS, {**MCP_HEADERS, **auth})
+        assert response.status_code == 401, (auth, response.text)
+        assert mcp_server.token not in response.text
+    ok = await _post(mcp_server.url, LIST_TOOLS,
+                     {**MCP_HEADERS, "Authorization": f"Bearer {mcp_server.token}"})
+    assert ok.status_code == 200, ok.text
+    assert {t["name"] for t in ok.json()["result"]["tools"]} == MCP_TOOLS
+
+
+@pytest.mark.parametrize("host", ["evil.example", "attacker.test:8765", "localhost.evil.example"])
+async def test_mcp_server_rejects_foreign_host_headers(mcp_server, host):
+    response = await _post(mcp_server.url, LIST_TOOLS, {
+        **MCP_HEADERS, "Authorization": f"Bearer {mcp_server.token}", "Host": host})
+    assert response.status_code == 421, response.text
+
+
+async def test_the_agent_has_no_sql_tool_only_the_five_mcp_tools_and_load_skill(
+    mcp_server, mcp_db
+):
+    from agents import RunContextWrapper
+
+    from fleet.turn import AgentHandler, TurnContext
+
+    cfg = Settings(database_url=mcp_db, customer_data_url=mcp_server.url,
+                   customer_data_token=SecretStr(mcp_server.token))
+    handler = AgentHandler(cfg)
+    try:
+        context = TurnContext(session_id="s", message_id=1, customer_id=None, variables={},
+                              audit=None)
+        tools = await handler.agent.get_all_tools(RunContextWrapper(context=context))
+    finally:
+        await handler.mcp.close()
+    names = {t.name for t in tools}
+    assert names == MCP_TOOLS | {"load_skill"}
+    for tool in tools:  # no tool takes SQL, a query string, or a table name
+        schema = json.dumps(getattr(tool, "params_json_schema", {})).lower()
+        assert not any(word in schema for word in ("\"sql\"", "\"query\"", "\"table\"",
+                                                   "\"statement\"")), (tool.name, schema)
+
+
+def test_token_limits_accounting_rate_burst_and_concurrency():
+    """The limiter's bookkeeping on a fake clock (no network: control flow only)."""
+    from mcp_customer_data.limits import TokenLimits
+
+    now = [0.0]
+    limits = TokenLimits(rate=10, burst=3, concurrency=2, clock=lambda: now[0])
+    assert limits.acquire("a") is None and limits.acquire("a") is None
+    assert limits.acquire("a") == pytest.approx(0.1)  # two running: the concurrency limit
+    assert limits.acquire("b") is None  # another token has its own budget
+    limits.release("a")
+    assert limits.acquire("a") is None  # the third of the burst
+    limits.release("a")
+    limits.release("a")
+    wait = limits.acquire("a")  # burst spent, no time passed
+    assert wait == pytest.approx(0.1)
+    now[0] += wait
+    assert limits.acquire("a") is None  # refilled at 10/s
+    limits.release("a")
+    now[0] += 100
+    for _ in range(2):
+        assert limits.acquire("a") is None  # refill is capped at the burst...
+    limits.release("a")
+    limits.release("a")
+    assert limits.acquire("a") is None
+    limits.release("a")
+    assert limits.acquire("a") is not None  # ...of three
+
+
+async def test_mcp_server_answers_429_with_retry_after_past_a_tokens_rate(mcp_server):
+    import httpx2
+
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {mcp_server.token}"}
+    async with httpx2.AsyncClient(timeout=30, trust_env=False) as client:
+        responses = await asyncio.gather(*(
+            client.post(mcp_server.url, json=LIST_TOOLS, headers=headers) for _ in range(60)))
+        # A stranger's requests are limited under their own key, never the fleet's token's.
+        stranger = await client.post(mcp_server.url, json=LIST_TOOLS,
+                                     headers={**MCP_HEADERS, "Authorization": "Bearer guess"})
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}
+    assert codes.count(429) >= 60 - BURST - 10  # the rest of the burst was refused...
+    assert codes.count(200) >= min(BURST, CONCURRENCY)  # ...after admitting some
+    assert stranger.status_code == 401
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            error = r.json()["error"]
+            assert error["data"]["retry_after"] > 0 and "rate limited" in error["message"]
+    await asyncio.sleep(BURST / RATE + 0.5)  # leave a full bucket to the next test
+
+
+async def test_worker_mcp_client_waits_out_429s_and_every_call_succeeds(mcp_server, mcp_db,
+                                                                       caplog):
+    import logging
+    import time
+
+    from fleet.mcp_client import MCPClientPool
+
+    cfg = Settings(database_url=mcp_db, customer_data_url=mcp_server.url,
+                   customer_data_token=SecretStr(mcp_server.token))
+    pool = MCPClientPool(cfg)
+    calls = 3 * BURST
+    started = time.monotonic()
+    try:
+        with caplog.at_level(logging.INFO, logger="fleet.mcp_client"):
+            results = await asyncio.gather(*(
+                pool.call_tool("lookup_order", {"order_id": "4429"}, {"session_id": f"s{i}"})
+                for i in range(calls)))
+    finally:
+        await pool.close()
+    elapsed = time.monotonic() - started
+    assert all(not r.is_error for r in results)
+    assert all("4429" in json.dumps(r.structured_content) for r in results)
+    throttled = [r for r in caplog.records if "rate limited" in r.getMessage()]
+    assert throttled, "the burst never reached the server's limit"
+    # Over the burst, the calls (plus connects) went at the server's rate, not at once.
+    assert elapsed >= (calls - BURST) / RATE * 0.8
+    await asyncio.sleep(BURST / RATE + 0.5)
