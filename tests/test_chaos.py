@@ -1,0 +1,233 @@
+"""The chaos suite: real processes under load, killed and restarted, then every invariant checked.
+
+While a load generator enqueues messages over many sessions, a chaos task ``kill -9``s a random
+worker every couple of seconds (a replacement starts at once, as a supervisor would), restarts
+PostgreSQL once (the embedded test server keeps its port) and, with the agent handler, restarts
+the customer-data MCP server once. Afterwards:
+
+* every message is ``done`` with exactly one reply, or ``dead`` with its error, and no error is
+  a lost-lease error (a takeover is not the message's fault);
+* per-session order held: each message started after the one before it in its session finished;
+* no refund was issued twice, and every refund belongs to an approved approval;
+* every done turn has its audit rows (agent handler: message_received and message_sent);
+* no ``run_states`` row is stuck (awaiting, approved or rejected but never resumed).
+
+The tally is printed (``pytest -s`` shows it). The suite is ``slow``; it runs in CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.processes import start_fleet, stop, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Tally:
+    kills: int = 0
+    db_restarts: int = 0
+    mcp_restarts: int = 0
+    enqueue_retries: int = 0
+    approvals_decided: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+
+async def _connect(url: str, timeout: float = 60.0) -> asyncpg.Connection:
+    """A connection, waiting while the database restarts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await asyncpg.connect(url)
+        except (OSError, asyncpg.CannotConnectNowError, asyncpg.PostgresConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def _query(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """One query on a fresh connection, retried across a database restart."""
+    for _ in range(100):
+        try:
+            conn = await _connect(url)
+            try:
+                return await conn.fetch(sql, *args)
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):
+            await asyncio.sleep(0.2)
+    raise AssertionError("the database did not come back")
+
+
+class Fleet:
+    """The processes under test, started and killed for real."""
+
+    def __init__(self, env: dict[str, str], logs: Path, *, workers: int, handler: str,
+                 worker_args: list[str]) -> None:
+        self.env, self.logs, self.handler, self.worker_args = env, logs, handler, worker_args
+        self.generation = itertools.count()
+        self.workers: list[subprocess.Popen[str]] = []
+        self.killed: list[subprocess.Popen[str]] = []
+        self.mcp: subprocess.Popen[str] | None = None
+        for _ in range(workers):
+            self.workers.append(self._worker())
+
+    def _worker(self) -> subprocess.Popen[str]:
+        n = next(self.generation)
+        return start_fleet("worker", "--handler", self.handler, *self.worker_args,
+                           env=self.env, log=self.logs / f"worker-{n}.log")
+
+    def kill_random_worker(self) -> None:
+        victim = random.choice(self.workers)
+        stop(victim, signal.SIGKILL)
+        self.killed.append(victim)
+        self.workers[self.workers.index(victim)] = self._worker()
+
+    def stop_all(self) -> list[int]:
+        codes = [stop(w, signal.SIGTERM, timeout=30) for w in self.workers]
+        if self.mcp is not None:
+            stop(self.mcp)
+        return codes
+
+    def worker_logs(self) -> str:
+        return "\n".join(p.read_text() for p in sorted(self.logs.glob("worker-*.log")))
+
+
+async def _enqueue_load(url: str, total: int, sessions: int, seconds: float, tally: Tally,
+                        body_for: Any) -> None:
+    """``total`` messages over ``sessions`` sessions, spread over ``seconds``. Each enqueue has
+    a dedupe key, so one retried after an ambiguous failure (the database went away around the
+    commit) cannot enqueue the message twice."""
+    pause = seconds / total
+    conn: asyncpg.Connection | None = None
+    for i in range(total):
+        session = f"chaos-{i % sessions}"
+        while True:
+            try:
+                if conn is None or conn.is_closed():
+                    if conn is not None:
+                        tally.enqueue_retries += 1  # the database went away under us
+                    conn = await _connect(url)
+                await conn.fetchval(
+                    "SELECT fleet.enqueue(session_id => $1, body => $2, dedupe_key => $3,"
+                    " customer_id => $4)", session, body_for(i), f"chaos-{i}", "c-chaos")
+                break
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):
+                tally.enqueue_retries += 1
+                conn = None
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(pause)
+    if conn is not None:
+        await conn.close()
+
+
+async def _chaos(fleet: Fleet, fleet_home: Path, tally: Tally, until: asyncio.Event, *,
+                 restart_db_at: float, restart_mcp_at: float | None,
+                 restart_mcp: Any = None) -> None:
+    from fleet.embedded import EmbeddedServer
+    from fleet.settings import Settings
+
+    start = time.monotonic()
+    db_done = False
+    mcp_done = restart_mcp_at is None
+    while not until.is_set():
+        await asyncio.sleep(random.uniform(1.0, 2.5))
+        fleet.kill_random_worker()
+        tally.kills += 1
+        elapsed = time.monotonic() - start
+        if not db_done and elapsed >= restart_db_at:
+            server = EmbeddedServer(Settings(fleet_home=fleet_home, database_url=None))
+            await asyncio.to_thread(server.stop)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(server.ensure_running)
+            tally.db_restarts += 1
+            db_done = True
+        if not mcp_done and elapsed >= (restart_mcp_at or 0):
+            await restart_mcp()
+            tally.mcp_restarts += 1
+            mcp_done = True
+
+
+async def _settled(url: str, total: int) -> bool:
+    rows = await _query(url, "SELECT count(*) AS n FROM fleet.messages"
+                             " WHERE state IN ('done', 'dead', 'cancelled')")
+    return rows[0]["n"] == total
+
+
+async def _check_queue_invariants(url: str, total: int, sessions: int) -> dict[str, Any]:
+    rows = await _query(url, "SELECT id, session_id, state, reply, error, attempts, takeovers,"
+                             " claimed_at, finished_at FROM fleet.messages ORDER BY session_id, id")
+    assert len(rows) == total  # the dedupe keys kept retried enqueues from doubling
+    states = Counter(r["state"] for r in rows)
+    for r in rows:
+        if r["state"] == "done":
+            assert r["reply"], r
+        else:
+            assert r["state"] == "dead" and r["error"], r
+            assert "lease" not in r["error"].lower(), r  # losing a worker is not a failure
+    sessions_seen = 0
+    for _, group in itertools.groupby(rows, key=lambda r: r["session_id"]):
+        sessions_seen += 1
+        for earlier, later in itertools.pairwise(list(group)):
+            assert earlier["finished_at"] <= later["claimed_at"], (earlier, later)
+    assert sessions_seen == sessions
+    return {
+        "states": dict(states),
+        "takeovers": sum(r["takeovers"] for r in rows),
+        "messages_taken_over": sum(1 for r in rows if r["takeovers"]),
+        "max_attempts": max(r["attempts"] for r in rows),
+    }
+
+
+async def test_chaos_noop_fleet_loses_nothing_and_keeps_session_order(
+    db_url, fleet_env, fleet_home, tmp_path: Path
+):
+    """Queue-level chaos: kill -9 workers repeatedly and restart PostgreSQL under load."""
+    if os.environ.get("DATABASE_URL"):
+        pytest.skip("restarts the embedded test server")
+    total, sessions, seconds = 900, 60, 25.0
+    tally = Tally()
+    env = dict(fleet_env, FLEET_LOG_LEVEL="WARNING")
+    fleet = Fleet(env, tmp_path, workers=3, handler="noop",
+                  worker_args=["--work-delay", "0.1", "--concurrency", "8"])
+    stop_chaos = asyncio.Event()
+    try:
+        load = asyncio.create_task(_enqueue_load(db_url, total, sessions, seconds, tally,
+                                                 lambda i: f"message {i}"))
+        chaos = asyncio.create_task(_chaos(fleet, fleet_home, tally, stop_chaos,
+                                           restart_db_at=8.0, restart_mcp_at=None))
+        await load
+        await asyncio.sleep(3.0)  # a few more kills after the last enqueue
+        stop_chaos.set()
+        await chaos
+        await wait_until(lambda: _settled(db_url, total), timeout=120, interval=0.5,
+                         message=f"all {total} messages settled after the chaos")
+    finally:
+        stop_chaos.set()
+        codes = fleet.stop_all()
+    summary = await _check_queue_invariants(db_url, total, sessions)
+    assert summary["states"] == {"done": total}  # the noop handler never fails
+    assert codes == [0] * len(codes)  # the survivors drained and exited cleanly
+    assert tally.kills >= 8 and tally.db_restarts == 1
+    logs = fleet.worker_logs()
+    assert "Traceback" not in logs and "error:" not in logs  # every replacement came up
+    print(f"\nchaos tally (noop): {total} messages over {sessions} sessions in "
+          f"{time.monotonic() - tally.started:.0f}s; kill -9 x{tally.kills}, "
+          f"PostgreSQL restarts x{tally.db_restarts}, enqueue retries x{tally.enqueue_retries}; "
+          f"{summary}")
