@@ -105,6 +105,7 @@ class MCPClientPool:
         self._tools: list[Any] | None = None
         self._tools_lock = asyncio.Lock()
         self._closing = False
+        self._quiet = False
         self._cleanups: set[asyncio.Task[None]] = set()
         self.created = 0
 
@@ -186,7 +187,7 @@ class MCPClientPool:
                 if client is not None:
                     self._discard(client)  # its session may be broken: never reuse it
                 if attempt < self.attempts:
-                    log.warning(
+                    (log.debug if self._quiet else log.warning)(
                         "customer-data %s failed (%s); retry %d in %.1fs",
                         what,
                         _describe(exc),
@@ -219,15 +220,27 @@ class MCPClientPool:
             f"call to {tool_name}", lambda c: c.call_tool(tool_name, arguments, meta=meta)
         )
 
-    async def warm(self, clients: int = 1) -> None:
-        """Connect ``clients`` clients and fetch the tool list now (best effort)."""
-        try:
-            await self.tools()
-            extra = [await self._connect() for _ in range(max(clients - len(self._idle), 0))]
-            for client in extra:
-                self._release(client)
-        except Exception as exc:  # the server may start after the worker; calls will retry
-            log.warning("customer-data MCP server not reachable yet: %s", _describe(exc))
+    async def warm(self, clients: int = 1, wait: float = 0.0) -> bool:
+        """Fetch the tool list and connect ``clients`` clients now, waiting up to ``wait``
+        seconds for a server that is still starting (``fleet up`` starts it beside the
+        workers). Best effort: False when the server is still unreachable (calls retry)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            try:
+                self._quiet = True
+                await self.tools()
+                extra = [await self._connect() for _ in range(max(clients - len(self._idle), 0))]
+                for client in extra:
+                    self._release(client)
+                return True
+            except Exception as exc:
+                if loop.time() >= deadline:
+                    log.warning("customer-data MCP server not reachable yet: %s", _describe(exc))
+                    return False
+                await asyncio.sleep(min(1.0, max(deadline - loop.time(), 0)))
+            finally:
+                self._quiet = False
 
     async def close(self) -> None:
         self._closing = True

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     """Agent turns: deadline for one MCP tool call. A call that fails or times out is retried
     on a fresh client (3 attempts in all), then the turn fails and the queue retries it."""
 
+    fleet_mcp_startup_wait_seconds: float = Field(30.0, ge=0)
+    """Agent workers: how long a starting worker waits for the ``customer-data`` server (which
+    ``fleet up`` starts beside it) before it claims messages anyway."""
+
     fleet_max_input_chars: int = Field(4000, ge=1)
     """Agent turns: a customer message longer than this trips the input guardrail."""
 

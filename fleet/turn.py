@@ -295,7 +295,8 @@ class AgentHandler:
         )
         self.audit = AuditWriter(self.settings, url=url)
         await self.audit.start()
-        await self.mcp.warm()
+        # Before the first claim: a server started beside this worker may still be loading.
+        await self.mcp.warm(wait=self.settings.fleet_mcp_startup_wait_seconds)
 
     async def close(self) -> None:
         await self.mcp.close()

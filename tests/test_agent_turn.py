@@ -469,3 +469,81 @@ async def test_mcp_server_stopped_mid_turn_fails_cleanly_then_succeeds(
     assert trace["audit"][-1]["action"] == "message_sent"
     stack.stop_workers()
     stack.start_worker()
+
+
+NAMES = ["Ana", "Ben", "Chloe", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jo"]
+
+
+async def test_fifty_sessions_across_two_worker_processes_under_fleet_up(
+    server_url: str, seeded_template: str, fleet_home: Path, tmp_path: Path
+) -> None:
+    """Acceptance 5: ``fleet up`` (the MCP server and 2 agent workers), 50 sessions of two turns
+    each: one reply per message, a complete trace per session, and no two turns of one session
+    overlapping (the second turn also proves each session reads its own memory)."""
+    from fleet.database import connect
+    from tests.conftest import _admin, _with_database
+
+    name = f"t_agent5_{uuid.uuid4().hex[:10]}"
+    await _admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{seeded_template}"')
+    url = _with_database(server_url, name)
+    env = _base_env(url, fleet_home, _free_port())
+    up = start_fleet("up", "--workers", "2", "--concurrency", "16", "--handler", "agent",
+                     env=env, log=tmp_path / "up.log")
+    conn = await connect(Settings(database_url=url), "fleet-test", url=url)
+    try:
+        sessions = [f"load-{n:02d}" for n in range(50)]
+        first: dict[str, int] = {}
+        second: dict[str, int] = {}
+        for n, session in enumerate(sessions):
+            first[session] = await _send(
+                conn, session,
+                f"Hi, I'm {NAMES[n % 10]}. I haven't received my refund for order #{4400 + n}.")
+            second[session] = await _send(conn, session, "What's my name and order number?")
+
+        async def two_workers() -> bool:
+            return await conn.fetchval(
+                "SELECT count(*) FROM fleet.workers WHERE handler = 'agent'") == 2
+
+        await wait_until(two_workers, timeout=120, message="two agent workers")
+
+        async def all_done() -> bool:
+            states = await conn.fetch("SELECT state, error FROM fleet.messages")
+            assert not [s for s in states if s["state"] == "dead"], states
+            return all(s["state"] == "done" for s in states)
+
+        await wait_until(all_done, timeout=400, interval=0.5, message="100 replies")
+
+        rows = await conn.fetch(
+            "SELECT id, session_id, reply, claimed_at, finished_at FROM fleet.messages ORDER BY id")
+        assert len(rows) == 100 and all(r["reply"] for r in rows)
+        by_id = {r["id"]: r for r in rows}
+        for n, session in enumerate(sessions):
+            a, b = by_id[first[session]], by_id[second[session]]
+            assert a["finished_at"] <= b["claimed_at"], f"{session}: turns overlapped"
+            assert NAMES[n % 10] in b["reply"] and f"#{4400 + n}" in b["reply"], b["reply"]
+
+        audit = await conn.fetch(
+            "SELECT conversation_id, action, payload FROM audit_log "
+            "WHERE action IN ('message_received', 'message_sent', 'turn_failed') "
+            "ORDER BY created_at, id")
+        per_session: dict[str, list[tuple[str, int]]] = {}
+        for row in audit:
+            trail = per_session.setdefault(row["conversation_id"], [])
+            if row["action"] == "turn_failed":  # a failed attempt, retried: drop its pair
+                assert trail[-1] == ("message_received", row["payload"]["message_id"])
+                trail.pop()
+                continue
+            trail.append((row["action"], row["payload"]["message_id"]))
+        for session in sessions:
+            assert per_session[session] == [
+                ("message_received", first[session]), ("message_sent", first[session]),
+                ("message_received", second[session]), ("message_sent", second[session]),
+            ], per_session[session]
+        searches = await conn.fetchval(
+            "SELECT count(DISTINCT conversation_id) FROM audit_log "
+            "WHERE target = 'mcp:find_similar_resolved_tickets'")
+        assert searches == 50
+    finally:
+        await conn.close()
+        stop(up, timeout=60)
+        await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
