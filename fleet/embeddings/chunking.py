@@ -104,7 +104,13 @@ def chunk_text(text: str, policy: ChunkPolicy | None = None) -> list[str]:
         return [stripped]
 
     chunks: list[tuple[int, str]] = []  # (section number, text)
-    for number, (heading, paragraphs) in enumerate(_sections(stripped)):
+    pending: str | None = None  # a heading with no body of its own: it titles the next section
+    for number, (own_heading, paragraphs) in enumerate(_sections(stripped)):
+        heading = "\n\n".join(h for h in (pending, own_heading) if h) or None
+        if not paragraphs:
+            pending = heading
+            continue
+        pending = None
         head_words = word_count(heading) if heading else 0
         budget = max(policy.max_words - head_words, policy.max_words // 2)
         units = [
@@ -112,10 +118,6 @@ def chunk_text(text: str, policy: ChunkPolicy | None = None) -> list[str]:
             for index, p in enumerate(paragraphs)
             for u in _units(p, budget - policy.overlap_words)
         ]
-        if not units:
-            if heading:  # a heading with no body of its own travels with the next section
-                chunks.append((number, heading))
-            continue
         current: list[tuple[int, str]] = []  # (paragraph number, text)
         fresh = 0  # words in `current` that are not overlap carried from the previous chunk
 
@@ -136,6 +138,8 @@ def chunk_text(text: str, policy: ChunkPolicy | None = None) -> list[str]:
             fresh += size
         if fresh:
             emit(current)
+    if pending:  # trailing headings with nothing under them
+        chunks.append((len(chunks) + 1, pending))
     # Whole short sections next to each other share a chunk while they fit: a 30-word section
     # alone is too small to carry its meaning. Pieces of one split section never merge (they
     # already overlap and fill their budget).
