@@ -415,6 +415,12 @@ async def test_real_processes_export_one_joined_trace_over_otlp(
             await conn.fetchval("SELECT state FROM fleet.messages WHERE id = $1", message_id)
             == "done"
         ), (tmp_path / "w.log").read_text()[-3000:]
+
+        async def exported() -> bool:  # batches leave every 200 ms (OTEL_BSP_SCHEDULE_DELAY)
+            names = {s["name"] for s in collector.spans}
+            return {"fleet.turn", "customer_data.lookup_order"} <= names
+
+        await wait_until(exported, timeout=30, message="both processes' spans at the collector")
     finally:
         stop(worker)
         stop(server)
