@@ -307,6 +307,9 @@ class CustomerDataServer(MCPServer):
 
     def __init__(self, pool: MCPClientPool) -> None:
         super().__init__(
+            # The tools return typed results: hand the model their JSON as one plain string,
+            # which every chat-completions server accepts as a tool message (not a parts list).
+            use_structured_content=True,
             require_approval=APPROVAL_REQUIRED,
             # A transport failure raises out of the run (the turn fails and is retried); a tool
             # that reports isError still reaches the model as a result.
