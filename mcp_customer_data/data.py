@@ -81,17 +81,24 @@ class CallMeta:
         )
 
 
+def _shown(value: object, limit: int = 60) -> str:
+    """A bad input as it appears in an error message: quoted, and cut short, so a 100 KB
+    argument does not come back as a 100 KB error (into the model's context and the audit)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(str(value))} characters)"
+
+
 def _order_id(value: str) -> str:
     text = value.strip().lstrip("#").strip() if isinstance(value, str) else ""
     if not _ID.match(text):
-        raise InvalidInput(f"order_id {value!r} is not an order number (like '4429')")
+        raise InvalidInput(f"order_id {_shown(value)} is not an order number (like '4429')")
     return text
 
 
 def _customer_id(value: str) -> str:
     text = value.strip() if isinstance(value, str) else ""
     if not _ID.match(text):
-        raise InvalidInput(f"customer_id {value!r} is not a customer id (like 'cus-1001')")
+        raise InvalidInput(f"customer_id {_shown(value)} is not a customer id (like 'cus-1001')")
     return text
 
 
@@ -107,7 +114,7 @@ async def lookup_customer(pool: asyncpg.Pool, customer_id: str) -> CustomerInfo:
 async def find_customer_by_email(pool: asyncpg.Pool, email: str) -> CustomerWithOrders:
     address = email.strip().lower() if isinstance(email, str) else ""
     if not _EMAIL.match(address):
-        raise InvalidInput(f"{email!r} is not an email address")
+        raise InvalidInput(f"{_shown(email)} is not an email address")
     async with pool.acquire() as conn:
         row = await conn.fetchrow(SQL["customer_by_email"], address)
         if row is None:

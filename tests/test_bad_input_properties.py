@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import sys
 import uuid
@@ -228,3 +229,162 @@ def test_approver_cli_fixed_cases_in_a_real_process(approvals, fleet_env):
     assert done.returncode == 0, done.stderr
     again = fleet("approve", approvals.awaiting, "--by", "bob", env=env)
     assert again.returncode != 0 and "already approved by ada" in again.stderr
+
+
+# -- the customer-data MCP tools, over HTTP, through the worker's own client ------------------
+
+SQLISH = st.sampled_from([
+    *INJECTIONS, "4429' OR '1'='1", "4429; DELETE FROM refunds", "4429--", "4429\u0000",
+    "ada@example.com' OR 1=1 --", "\"; DROP TABLE orders; --@x.io", "ADA@EXAMPLE.COM\u0000",
+    "../../etc/passwd", "${jndi:ldap://x}", "{{7*7}}", "%00", "\u202e4429",
+])
+any_text = st.one_of(st.text(max_size=200), SQLISH, st.just("x" * 20_000),
+                     st.just(""), st.just("   "))
+bad_amounts = st.one_of(
+    st.integers(max_value=0),  # zero and negative
+    st.integers(min_value=5001, max_value=2**31 - 1),  # more than the order's 5000 cents
+    st.integers(min_value=2**31),  # past int4
+    st.floats(allow_nan=True, allow_infinity=True).filter(lambda f: f != int(f)
+                                                          if f == f and abs(f) != float("inf")
+                                                          else True),
+    st.sampled_from(["100", "abc", "1e3", "", "  12 ", "0x10", "NaN", "-5"]),
+    st.none(), st.booleans(), st.just([100]), st.just({"cents": 100}),
+)
+
+
+class MCPHarness:
+    """A module-scoped server and the worker's MCP client pool on a private event loop."""
+
+    def __init__(self, url: str, token: str, database_url: str) -> None:
+        from pydantic import SecretStr
+
+        from fleet.mcp_client import MCPClientPool
+
+        self.loop = asyncio.new_event_loop()
+        self.database_url = database_url
+        cfg = Settings(database_url=database_url, customer_data_url=url,
+                       customer_data_token=SecretStr(token))
+        self.pool = MCPClientPool(cfg)
+        self.conn = self.loop.run_until_complete(connect(cfg, "fleet-test", url=database_url))
+
+    def call(self, tool: str, arguments: dict[str, Any]) -> tuple[bool, str]:
+        """(is_error, text) of one real tools/call; a transport-level refusal counts as an
+        error too, with its message."""
+        async def go() -> tuple[bool, str]:
+            try:
+                result = await self.pool.call_tool(
+                    tool, arguments, {"idempotency_key": f"prop-{uuid.uuid4()}",
+                                      "session_id": "prop"})
+            except Exception as exc:  # an MCP-level error (e.g. invalid params)
+                from fleet.mcp_client import CustomerDataUnavailable
+
+                assert not isinstance(exc, CustomerDataUnavailable), exc  # the server held up
+                return True, str(exc)
+            text = " ".join(getattr(c, "text", "") for c in result.content)
+            return bool(result.is_error), text
+
+        return self.loop.run_until_complete(go())
+
+    def snapshot(self) -> tuple:
+        async def read() -> tuple:
+            refunds = await self.conn.fetchval("SELECT count(*) FROM refunds")
+            orders = await self.conn.fetch("SELECT id, status, updated_at FROM orders ORDER BY id")
+            audit = await self.conn.fetchval("SELECT count(*) FROM audit_log")
+            customers = await self.conn.fetchval("SELECT count(*) FROM customers")
+            return refunds, [tuple(r) for r in orders], audit, customers
+
+        return self.loop.run_until_complete(read())
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.pool.close())
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def mcp(server_url, template_url, fleet_home, tmp_path_factory):
+    from tests.mcp_process import _admin, module_database, module_env, running_mcp
+
+    with module_database(server_url) as url:
+        _admin(url, """
+            INSERT INTO customers (id, email, name, metadata)
+                VALUES ('c1', 'ada@example.com', 'Ada', '{"tier": "pro"}');
+            INSERT INTO orders (id, customer_id, amount_cents, status)
+                VALUES ('4429', 'c1', 5000, 'delivered');
+            INSERT INTO conversations (session_id, user_id) VALUES ('prop', 'c1');""")
+        log = tmp_path_factory.mktemp("mcp-props") / "mcp.log"
+        with running_mcp(module_env(url, fleet_home), log,
+                         CUSTOMER_DATA_RATE_LIMIT="0", CUSTOMER_DATA_MAX_CONCURRENCY="0") as srv:
+            harness = MCPHarness(srv.url, srv.token, url)
+            try:
+                yield harness
+            finally:
+                harness.close()
+
+
+def _assert_clear_tool_error(is_error: bool, text: str) -> None:
+    assert is_error, text[:300]
+    assert text.strip(), "an error without a message"
+    assert "Traceback" not in text
+    for leak in ("asyncpg", "syntax error", "psycopg", "pg_catalog", "SQLSTATE", "Internal"):
+        assert leak not in text, text[:300]
+    assert len(text) <= 2_000, f"an error message of {len(text)} characters"
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(order_id=st.one_of(st.just("4429"), any_text), amount=bad_amounts,
+       reason=st.one_of(st.just("damaged in transit"), any_text))
+def test_issue_refund_refuses_bad_amounts_ids_and_reasons_and_moves_no_money(
+    mcp, order_id, amount, reason
+):
+    before = mcp.snapshot()
+    is_error, text = mcp.call("issue_refund", {"order_id": order_id, "amount_cents": amount,
+                                               "reason": reason})
+    _assert_clear_tool_error(is_error, text)
+    assert mcp.snapshot() == before
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tool=st.sampled_from(["lookup_order", "lookup_customer", "find_customer_by_email"]),
+       value=any_text.filter(lambda v: v.strip().lower().lstrip("#") not in
+                             ("4429", "c1", "ada@example.com")))
+def test_lookups_of_unknown_or_injection_shaped_ids_fail_cleanly(mcp, tool, value):
+    key = {"lookup_order": "order_id", "lookup_customer": "customer_id",
+           "find_customer_by_email": "email"}[tool]
+    before = mcp.snapshot()
+    is_error, text = mcp.call(tool, {key: value})
+    _assert_clear_tool_error(is_error, text)
+    assert mcp.snapshot() == before
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(description=any_text,
+       limit=st.one_of(st.integers(min_value=-10**12, max_value=10**12),
+                       st.sampled_from(["ten", "5", 1.5, None, float("inf")])))
+def test_similar_tickets_with_oversized_descriptions_and_limits_answer_or_refuse_cleanly(
+    mcp, description, limit
+):
+    before = mcp.snapshot()
+    is_error, text = mcp.call("find_similar_resolved_tickets",
+                              {"description": description, "limit": limit})
+    if is_error:
+        _assert_clear_tool_error(is_error, text)
+    else:  # a valid search: limits are capped, long descriptions cut to the model's window
+        # (pydantic's lax mode reads the string "5" as 5 for a limit; money is StrictInt)
+        as_int = int(limit) if isinstance(limit, int | str) and str(limit).isdigit() else None
+        assert as_int is not None and as_int >= 1 and description.strip(), (limit, text[:200])
+        answer = json.loads(text)
+        assert answer["limit_applied"] == min(as_int, 10) and len(answer["matches"]) <= 10
+    assert mcp.snapshot() == before
+
+
+def test_the_one_good_refund_still_goes_through(mcp):
+    """Guard against a property that passes because everything fails."""
+    before = mcp.snapshot()
+    is_error, text = mcp.call("issue_refund", {"order_id": "4429", "amount_cents": 1250,
+                                               "reason": "damaged in transit"})
+    assert not is_error, text
+    assert mcp.snapshot()[0] == before[0] + 1
