@@ -391,3 +391,21 @@ def test_concurrent_searches_share_one_model() -> None:
 
     models = asyncio.run(many())
     assert len({id(m) for m in models}) == 1
+
+
+async def test_bench_search_small_scale(settings: Settings) -> None:
+    """`fleet bench search` at a tiny scale: the measured statement reads the HNSW index and
+    finds the exact top 5 (the real numbers, 10k and 100k, are in BENCHMARKS.md)."""
+    from fleet.bench.search import SearchBenchConfig, run_search_bench
+
+    report = await run_search_bench(
+        settings,
+        SearchBenchConfig(sizes=[1500], queries=20, ef_search=[64], filters=["none", "past_case"],
+                          exact_queries=3),
+        progress=lambda _line: None,
+    )
+    assert [s.vectors for s in report.sizes] == [1500]
+    assert len(report.results) == 2
+    for result in report.results:
+        assert result.recall_at_5 >= 0.9 and 0 < result.p50_ms <= result.p99_ms
+    assert report.results[0].uses_hnsw
