@@ -547,3 +547,17 @@ async def test_fifty_sessions_across_two_worker_processes_under_fleet_up(
         await conn.close()
         stop(up, timeout=60)
         await _admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.slow
+def test_fleet_demo_runs_the_story_and_shuts_down_cleanly(db_url: str, fleet_home: Path) -> None:
+    env = _base_env(db_url, fleet_home, _free_port())
+    env.pop("CUSTOMER_DATA_TOKEN")  # the demo generates its own
+    done = fleet("demo", env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "We have handled a case like this before" in out
+    assert "your name is Sam and your order number is #4429" in out
+    assert "## Recommended Next Action" in out
+    assert "parked for approval" in out and "has been issued (refund" in out
+    assert "refund_issued" in out and "fleet up exited with 0" in out

@@ -85,6 +85,11 @@ def trace_command(
     if as_json:
         emit_json(data)
         return
+    render(data)
+
+
+def render(data: dict[str, Any]) -> None:
+    """The trace as tables (``fleet trace`` and ``fleet demo``)."""
     rows = [
         {
             "created_at": r["created_at"].strftime("%H:%M:%S.%f")[:-3],
@@ -95,7 +100,7 @@ def trace_command(
         }
         for r in data["audit"]
     ]
-    typer.echo(f"session {session}: {len(rows)} audit rows")
+    typer.echo(f"session {data['session_id']}: {len(rows)} audit rows")
     emit_table(rows, ["created_at", "action", "target", "payload", "result"], width=70)
     if data["run_states"]:
         typer.echo("\nparked runs:")
