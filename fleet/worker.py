@@ -117,14 +117,7 @@ class Worker:
         if self.pool is None:  # asked to stop before the database ever let us in
             return
         await self.handler.start()
-        await self.pool.execute(
-            SQL["worker_register"],
-            self.worker_id,
-            socket.gethostname(),
-            os.getpid(),
-            self.concurrency,
-            self.handler.name,
-        )
+        await self._register()
         metrics.WORKER_UP.inc()
         log.info(
             "worker %s started: concurrency=%d handler=%s poll_only=%s",
@@ -161,6 +154,29 @@ class Worker:
                 log.warning("cannot connect to the database (%s); retrying in %.1fs", exc, delay)
                 await self._sleep(delay)
         return None
+
+    async def _register(self) -> None:
+        """This worker's row in ``fleet.workers``. The database may go away between opening
+        the pool and this statement (the chaos suite restarts it): retry instead of exiting."""
+        attempt = 0
+        while True:
+            try:
+                await self.pool.execute(
+                    SQL["worker_register"],
+                    self.worker_id,
+                    socket.gethostname(),
+                    os.getpid(),
+                    self.concurrency,
+                    self.handler.name,
+                )
+                return
+            except TRANSIENT as exc:
+                attempt += 1
+                if self._stopping.is_set():
+                    raise
+                delay = retry_delay(attempt, 0.2, 5.0)
+                log.warning("registering failed (%s); retrying in %.1fs", exc, delay)
+                await self._sleep(delay)
 
     async def _shutdown(self) -> None:
         grace = self.settings.fleet_shutdown_grace
