@@ -32,6 +32,8 @@ SOURCES = ("past_case", "policy_library")
 MAX_LIMIT = 50
 #: HNSW candidates per scan step; at least the limit (see BENCHMARKS.md for the recall it buys).
 EF_SEARCH = 64
+#: Index candidates taken per wanted result before the exact re-sort (relaxed-order scans).
+CANDIDATES_PER_RESULT = 4
 
 
 class MixedModelsError(FleetError):
@@ -84,9 +86,10 @@ async def search_vector(
 ) -> list[asyncpg.Record]:
     """The ranked rows for an already embedded query (the model check is the caller's)."""
     limit = check_limit(limit)
+    candidates = max(CANDIDATES_PER_RESULT * limit, 20)
     async with conn.transaction():
-        await conn.execute(SQL["search_settings"], str(max(ef_search, limit)))
-        return await conn.fetch(SQL["search_chunks"], vector, source, limit)
+        await conn.execute(SQL["search_settings"], str(max(ef_search, candidates)))
+        return await conn.fetch(SQL["search_chunks"], vector, source, limit, candidates)
 
 
 async def search(

@@ -212,7 +212,7 @@ async def _exact_latency(conn: asyncpg.Connection, queries: np.ndarray) -> list[
         began = time.perf_counter()
         async with conn.transaction():
             await conn.execute("SET LOCAL enable_indexscan = off")
-            await conn.fetch(SQL["search_chunks"], vector, None, 5)
+            await conn.fetch(SQL["search_chunks"], vector, None, 5, 5)
         timings.append((time.perf_counter() - began) * 1000)
     return timings
 
@@ -223,7 +223,7 @@ async def _measure(conn: asyncpg.Connection, queries: np.ndarray, truth: list[se
     async with conn.transaction():
         await conn.execute(SQL["search_settings"], str(ef))
         plan = "\n".join(r[0] for r in await conn.fetch(
-            "EXPLAIN " + SQL["search_chunks"], queries[0], source, 5))
+            "EXPLAIN " + SQL["search_chunks"], queries[0], source, 5, 20))
     for vector in queries[:10]:  # warm-up: caches, the prepared statement
         await search_vector(conn, vector, source=source, limit=5, ef_search=ef)
     timings: list[float] = []

@@ -29,20 +29,23 @@ SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true),
 -- name: search_chunks
 -- Nearest chunks to a query vector, optionally from one source only ('past_case' vs
 -- 'policy_library'), nearest first, with cosine distances. The inner query is the HNSW index
--- scan; the outer ORDER BY restores exact order after a relaxed-order iterative scan.
+-- scan and takes $4 candidates (a few times the $3 wanted): a relaxed-order iterative scan
+-- returns rows only roughly in order, so the first $3 it finds are not always the best $3; the
+-- outer ORDER BY ... LIMIT picks them exactly from the candidates.
 WITH nearest AS MATERIALIZED (
     SELECT e.document_id, e.chunk_index, e.chunk_text, e.embedding <=> $1 AS distance
     FROM embeddings e
     JOIN documents d ON d.id = e.document_id
     WHERE ($2::text IS NULL OR d.source = $2::text)
     ORDER BY e.embedding <=> $1
-    LIMIT $3
+    LIMIT $4
 )
 SELECT n.document_id, d.source, d.title, d.metadata, n.chunk_index, n.chunk_text,
        n.distance::float8 AS distance
 FROM nearest n
 JOIN documents d ON d.id = n.document_id
-ORDER BY n.distance, n.document_id, n.chunk_index;
+ORDER BY n.distance, n.document_id, n.chunk_index
+LIMIT $3;
 
 -- name: documents_to_embed
 -- Documents with no embeddings yet, or with chunks from a model other than $1 (stale after a
