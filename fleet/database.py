@@ -68,6 +68,10 @@ async def connect(
     return conn
 
 
+async def _keep_session(_conn: asyncpg.Connection) -> None:
+    """A pool ``reset`` that sends nothing (asyncpg still rolls back an open transaction)."""
+
+
 async def create_pool(
     settings: Settings,
     application_name: str,
@@ -76,13 +80,22 @@ async def create_pool(
     max_size: int = 4,
     url: str | None = None,
     vector: bool = False,
+    reset_sessions: bool = True,
 ) -> asyncpg.Pool:
-    """A pool; ``vector=True`` registers pgvector's codec on each connection."""
+    """A pool; ``vector=True`` registers pgvector's codec on each connection.
+
+    ``reset_sessions=False`` skips asyncpg's reset on every release (``SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), one round trip each time,
+    for pools whose users leave no session state behind (an open transaction is still rolled
+    back). The worker's claim paid it on every batch: measured, it was a third of the claim's
+    latency (BENCHMARKS.md).
+    """
     pool = await asyncpg.create_pool(
         url or await resolve_url(settings),
         min_size=min_size,
         max_size=max_size,
         init=_init_vector if vector else _init_json,
+        reset=None if reset_sessions else _keep_session,
         **connection_kwargs(settings, application_name),
     )
     assert pool is not None

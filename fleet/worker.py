@@ -145,8 +145,15 @@ class Worker:
         attempt = 0
         while not self._stopping.is_set():
             try:
+                # No session reset on release: the queue's statements and Lease.transaction()
+                # leave no session state, and the reset's round trip sat on every claim.
                 return await create_pool(
-                    self.settings, "fleet-worker", url=self.url, min_size=1, max_size=4
+                    self.settings,
+                    "fleet-worker",
+                    url=self.url,
+                    min_size=1,
+                    max_size=4,
+                    reset_sessions=False,
                 )
             except TRANSIENT as exc:
                 attempt += 1
