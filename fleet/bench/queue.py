@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import statistics
 import subprocess
@@ -38,12 +39,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse, urlunparse
 
 import asyncpg
+import psutil
 from pydantic import BaseModel, Field
 
 from fleet import queue
@@ -169,6 +172,13 @@ class DrainResult(BaseModel):
     """Median wall-clock time of a run, worker start-up included."""
     rates: list[float]
     """messages_per_second of every run."""
+    worker_cpu_us: float
+    """Median CPU time per message of the worker process(es) (in-process: this process;
+    subprocesses: less what an idle ``fleet worker --drain`` costs to start and stop)."""
+    postgres_cpu_us: float | None
+    """Median CPU time per message of the PostgreSQL backends serving the scratch database
+    (None when the server is not on this machine). With the line above: the cost of a message,
+    which on a machine shared with other work is steadier than the rate."""
     all_done: bool
     """Every message of every run ended done with reply ``ok`` (PgQueuer: logged successful)."""
     load_before: float
@@ -260,6 +270,107 @@ async def scratch_database(settings: Settings) -> AsyncIterator[str]:
 
 def _bench_settings(settings: Settings, url: str) -> Settings:
     return settings.model_copy(update={"database_url": url})
+
+
+@dataclass(frozen=True)
+class _DrainRun:
+    rate: float
+    steady: float
+    wall: float
+    ok: bool
+    worker_cpu: float
+    """CPU seconds per message, worker side."""
+    postgres_cpu: float
+    """CPU seconds per message, PostgreSQL backends of the scratch database."""
+
+    def describe(self) -> str:
+        return (
+            f"{self.rate:,.0f}/s (steady {self.steady:,.0f}/s), CPU per message: worker "
+            f"{self.worker_cpu * 1e6:.0f} us, postgres {self.postgres_cpu * 1e6:.0f} us"
+        )
+
+
+def _find_postmaster(backend_pid: int, database: str) -> psutil.Process | None:
+    """The local postmaster whose backend ``backend_pid`` serves ``database``; None when the
+    server runs elsewhere (the pid then names no such process here)."""
+    try:
+        backend = psutil.Process(backend_pid)
+        if database not in " ".join(backend.cmdline()):
+            return None
+        return backend.parent()
+    except psutil.Error:
+        return None
+
+
+class _CpuMeter:
+    """CPU seconds a phase cost: this process, worker subprocesses it reaped, and the PostgreSQL
+    processes whose title names the scratch database (its backends and autovacuum workers).
+
+    Backends come and go with the workers' pools, so they are sampled every 50 ms; one started
+    during the phase counts from zero, one that existed before counts from its first sample.
+    """
+
+    def __init__(self, postmaster: psutil.Process | None, database: str) -> None:
+        self.postmaster = postmaster
+        self.database = database
+        self.workers = 0.0
+        self.postgres = 0.0
+        self._seen: dict[int, tuple[float, float]] = {}
+        self._others: set[int] = set()
+        self._started = 0.0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _own() -> float:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+    def _sample(self) -> None:
+        if self.postmaster is None:
+            return
+        try:
+            children = self.postmaster.children()
+        except psutil.Error:
+            return
+        for proc in children:
+            if proc.pid in self._others:
+                continue
+            try:
+                if proc.pid not in self._seen and self.database not in " ".join(proc.cmdline()):
+                    self._others.add(proc.pid)
+                    continue
+                times = proc.cpu_times()
+                used = times.user + times.system
+                if proc.pid not in self._seen:
+                    first = 0.0 if proc.create_time() >= self._started else used
+                    self._seen[proc.pid] = (first, used)
+                else:
+                    self._seen[proc.pid] = (self._seen[proc.pid][0], used)
+            except psutil.Error:
+                continue
+
+    async def _sampler(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.to_thread(self._sample)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.05)
+
+    async def __aenter__(self) -> _CpuMeter:
+        self._started = time.time()
+        self._own_before = self._own()
+        self._sample()
+        self._task = asyncio.create_task(self._sampler())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        self._sample()
+        self.workers = self._own() - self._own_before
+        self.postgres = sum(last - first for first, last in self._seen.values())
 
 
 class _Process:
@@ -375,6 +486,9 @@ class QueueBench:
         self.conn: asyncpg.Connection | None = None
         #: PgQueuer's own connection: plain asyncpg, without the fleet's json codecs.
         self.pgq_conn: asyncpg.Connection | None = None
+        self.database = ""
+        self._startup_cpu: float | None = None
+        self.postmaster: psutil.Process | None = None
         self.report = QueueBenchReport(config=config, environment={})
 
     # -- top level --
@@ -383,6 +497,10 @@ class QueueBench:
         async with scratch_database(self.settings) as url:
             self.url = url
             self.conn = await connect(self._settings(), "fleet-bench", url=url)
+            self.database = urlparse(url).path.lstrip("/")
+            self.postmaster = _find_postmaster(
+                await self.conn.fetchval("SELECT pg_backend_pid()"), self.database
+            )
             try:
                 await self._environment()
                 if not self.config.skip_pgqueuer:
@@ -456,69 +574,134 @@ class QueueBench:
         steady = max(row["steady_seconds"] or 0.0, 1e-6)
         return messages / window, 0.8 * messages / steady, ok
 
-    async def _fleet_drain_once(
-        self, layout: Layout, processes: int | None
-    ) -> tuple[float, float, float, bool]:
+    async def _fleet_drain_once(self, layout: Layout, processes: int | None) -> _DrainRun:
         messages = self.config.messages
         sessions = messages if layout == "one-per-session" else self.config.sessions
         await self._fleet_fill(messages, sessions)
-        started = time.perf_counter()
-        if processes is None:
-            worker = Worker(
-                self._settings(), NoopHandler(), concurrency=self.config.batch, drain=True
-            )
-            await asyncio.wait_for(worker.run(), PHASE_TIMEOUT)
-        else:
-            args = ["fleet", "worker", "--handler", "noop", "--drain"]
-            args += ["--concurrency", str(self.config.batch)]
-            procs = [_Process(args, self._env()) for _ in range(processes)]
-            try:
-                for proc in procs:
-                    if await proc.wait(PHASE_TIMEOUT) != 0:
-                        raise RuntimeError(f"fleet worker failed: {proc.tail()}")
-            finally:
-                for proc in procs:
-                    proc.finish()
-        wall = time.perf_counter() - started
+        async with self._cpu_meter() as cpu:
+            started = time.perf_counter()
+            if processes is None:
+                worker = Worker(
+                    self._settings(), NoopHandler(), concurrency=self.config.batch, drain=True
+                )
+                await asyncio.wait_for(worker.run(), PHASE_TIMEOUT)
+            else:
+                await self._run_worker_processes(processes)
+            wall = time.perf_counter() - started
         rate, steady, ok = await self._fleet_drain_stats(messages)
-        return rate, steady, wall, ok
+        worker_cpu = cpu.workers
+        if processes is not None:
+            worker_cpu = max(worker_cpu - processes * await self._worker_startup_cpu(), 0.0)
+        return _DrainRun(rate, steady, wall, ok, worker_cpu / messages, cpu.postgres / messages)
 
-    async def _fleet_drain(self, layout: Layout, processes: int | None) -> DrainResult:
-        runner = "in-process" if processes is None else f"{processes} process(es)"
-        self.progress(f"pgfleet drain: {self.config.messages} messages, {layout}, {runner}")
-        load = _load()
-        runs = [await self._fleet_drain_once(layout, processes) for _ in range(self.config.repeat)]
+    async def _run_worker_processes(self, processes: int) -> None:
+        args = ["fleet", "worker", "--handler", "noop", "--drain"]
+        args += ["--concurrency", str(self.config.batch)]
+        procs = [_Process(args, self._env()) for _ in range(processes)]
+        try:
+            for proc in procs:
+                if await proc.wait(PHASE_TIMEOUT) != 0:
+                    raise RuntimeError(f"fleet worker failed: {proc.tail()}")
+        finally:
+            for proc in procs:
+                proc.finish()
+
+    async def _worker_startup_cpu(self) -> float:
+        """CPU seconds a ``fleet worker --drain`` process costs with nothing to do (interpreter,
+        imports, pool, registration): subtracted from the subprocess drains' worker CPU."""
+        if self._startup_cpu is None:
+            assert self.conn is not None
+            await self.conn.execute(FLEET_RESET)
+            costs = []
+            for _ in range(2):
+                before = _CpuMeter._own()
+                await self._run_worker_processes(1)
+                costs.append(_CpuMeter._own() - before)
+            self._startup_cpu = min(costs)
+            self.report.environment["worker_startup_cpu_seconds"] = round(self._startup_cpu, 3)
+        return self._startup_cpu
+
+    def _cpu_meter(self) -> _CpuMeter:
+        return _CpuMeter(self.postmaster, self.database)
+
+    async def _drains(self) -> None:
+        """The in-process drains, repeated round-robin so load drift hits every system alike."""
+        kinds: list[tuple[str, Layout]] = [
+            ("pgfleet", "one-per-session"),
+            ("pgfleet", "many-per-session"),
+        ]
+        if not self.config.skip_pgqueuer:
+            kinds.append(("pgqueuer", "no sessions"))
+        runs: dict[tuple[str, Layout], list[_DrainRun]] = {kind: [] for kind in kinds}
+        loads = {kind: _load() for kind in kinds}
+        for repeat in range(self.config.repeat):
+            for system, layout in kinds:
+                self.progress(
+                    f"{system} drain {repeat + 1}/{self.config.repeat}: "
+                    f"{self.config.messages} messages, {layout}, in-process"
+                )
+                if system == "pgfleet":
+                    run = await self._fleet_drain_once(layout, None)
+                else:
+                    run = await self._pgq_drain_once()
+                runs[(system, layout)].append(run)
+                self.progress(f"  {run.describe()}")
+        for system, layout in kinds:
+            self._add_drain(
+                system, "in-process", layout, 1, runs[(system, layout)], loads[(system, layout)]
+            )
+
+    async def _scaling(self) -> None:
+        for processes in (1, self.config.processes):
+            runner = f"{processes} process(es)"
+            load = _load()
+            runs = []
+            for repeat in range(self.config.repeat):
+                self.progress(
+                    f"pgfleet drain {repeat + 1}/{self.config.repeat}: "
+                    f"{self.config.messages} messages, one-per-session, {runner}"
+                )
+                runs.append(await self._fleet_drain_once("one-per-session", processes))
+                self.progress(f"  {runs[-1].describe()}")
+            self._add_drain("pgfleet", runner, "one-per-session", processes, runs, load)
+
+    def _add_drain(
+        self,
+        system: str,
+        runner: str,
+        layout: Layout,
+        processes: int,
+        runs: list[_DrainRun],
+        load: float,
+    ) -> DrainResult:
+        sessions: int | None = None
+        if layout == "one-per-session":
+            sessions = self.config.messages
+        elif layout == "many-per-session":
+            sessions = self.config.sessions
+        worker_cpu = [r.worker_cpu for r in runs]
+        postgres_cpu = [r.postgres_cpu for r in runs]
         result = DrainResult(
-            system="pgfleet",
+            system=system,  # type: ignore[arg-type]
             runner=runner,
             layout=layout,
             messages=self.config.messages,
-            sessions=self.config.messages if layout == "one-per-session" else self.config.sessions,
+            sessions=sessions,
             batch=self.config.batch,
-            processes=processes or 1,
-            messages_per_second=round(_median([r[0] for r in runs]), 1),
-            steady_messages_per_second=round(_median([r[1] for r in runs]), 1),
-            wall_seconds=round(_median([r[2] for r in runs]), 3),
-            rates=[round(r[0], 1) for r in runs],
-            all_done=all(r[3] for r in runs),
+            processes=processes,
+            messages_per_second=round(_median([r.rate for r in runs]), 1),
+            steady_messages_per_second=round(_median([r.steady for r in runs]), 1),
+            wall_seconds=round(_median([r.wall for r in runs]), 3),
+            rates=[round(r.rate, 1) for r in runs],
+            worker_cpu_us=round(_median(worker_cpu) * 1e6, 1),
+            postgres_cpu_us=(
+                round(_median(postgres_cpu) * 1e6, 1) if self.postmaster is not None else None
+            ),
+            all_done=all(r.ok for r in runs),
             load_before=load,
-        )
-        self.progress(
-            f"  {result.messages_per_second:,.0f} msg/s "
-            f"(steady {result.steady_messages_per_second:,.0f}; runs {result.rates})"
         )
         self.report.drains.append(result)
         return result
-
-    async def _drains(self) -> None:
-        await self._fleet_drain("one-per-session", None)
-        await self._fleet_drain("many-per-session", None)
-        if not self.config.skip_pgqueuer:
-            await self._pgq_drain()
-
-    async def _scaling(self) -> None:
-        await self._fleet_drain("one-per-session", 1)
-        await self._fleet_drain("one-per-session", self.config.processes)
 
     # -- PgQueuer --
 
@@ -542,44 +725,21 @@ class QueueBench:
         await self.pgq_conn.execute("ANALYZE pgqueuer")
         await _checkpoint(self.pgq_conn)
 
-    async def _pgq_drain_once(self) -> tuple[float, float, float, bool]:
+    async def _pgq_drain_once(self) -> _DrainRun:
         assert self.conn is not None
         messages = self.config.messages
         await self._pgq_fill(messages)
-        started = time.perf_counter()
-        await asyncio.wait_for(run_pgqueuer(self.url, self.config.batch, drain=True), PHASE_TIMEOUT)
-        wall = time.perf_counter() - started
+        async with self._cpu_meter() as cpu:
+            started = time.perf_counter()
+            await asyncio.wait_for(
+                run_pgqueuer(self.url, self.config.batch, drain=True), PHASE_TIMEOUT
+            )
+            wall = time.perf_counter() - started
         row = await self.conn.fetchrow(PGQ_DRAIN_STATS)
         ok = row["left_in_queue"] == 0 and row["done"] == messages
         rate = messages / max(row["window_seconds"] or 0.0, 1e-6)
         steady = 0.8 * messages / max(row["steady_seconds"] or 0.0, 1e-6)
-        return rate, steady, wall, ok
-
-    async def _pgq_drain(self) -> DrainResult:
-        self.progress(f"PgQueuer drain: {self.config.messages} jobs, in-process")
-        load = _load()
-        runs = [await self._pgq_drain_once() for _ in range(self.config.repeat)]
-        result = DrainResult(
-            system="pgqueuer",
-            runner="in-process",
-            layout="no sessions",
-            messages=self.config.messages,
-            sessions=None,
-            batch=self.config.batch,
-            processes=1,
-            messages_per_second=round(_median([r[0] for r in runs]), 1),
-            steady_messages_per_second=round(_median([r[1] for r in runs]), 1),
-            wall_seconds=round(_median([r[2] for r in runs]), 3),
-            rates=[round(r[0], 1) for r in runs],
-            all_done=all(r[3] for r in runs),
-            load_before=load,
-        )
-        self.progress(
-            f"  {result.messages_per_second:,.0f} jobs/s "
-            f"(steady {result.steady_messages_per_second:,.0f}; runs {result.rates})"
-        )
-        self.report.drains.append(result)
-        return result
+        return _DrainRun(rate, steady, wall, ok, cpu.workers / messages, cpu.postgres / messages)
 
     # -- sustained load --
 
@@ -796,8 +956,16 @@ class QueueBench:
             for layout in ("one-per-session", "many-per-session"):
                 ours = pick("pgfleet", "in-process", layout)
                 if ours is not None and pgq.messages_per_second:
+                    key = layout.replace("-", "_")
                     ratio = ours.messages_per_second / pgq.messages_per_second
-                    summary[f"ratio_vs_pgqueuer_{layout.replace('-', '_')}"] = round(ratio, 2)
+                    summary[f"ratio_vs_pgqueuer_{key}"] = round(ratio, 2)
+                    if ours.postgres_cpu_us and pgq.postgres_cpu_us is not None:
+                        # CPU per message, PgQueuer's over ours: what the rate ratio would be on
+                        # a machine the two saturate alone.
+                        cost = (pgq.worker_cpu_us + pgq.postgres_cpu_us) / (
+                            ours.worker_cpu_us + ours.postgres_cpu_us
+                        )
+                        summary[f"cpu_ratio_vs_pgqueuer_{key}"] = round(cost, 2)
         one = pick("pgfleet", "1 process(es)", "one-per-session")
         many = pick("pgfleet", f"{self.config.processes} process(es)", "one-per-session")
         if one and many and one.steady_messages_per_second:

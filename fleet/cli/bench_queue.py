@@ -62,24 +62,55 @@ def _print(report: Any) -> None:
         f"synchronous_commit={env.get('synchronous_commit')}, {env.get('cpus')} CPUs, "
         f"load {env.get('load_before')} -> {env.get('load_after')}"
     )
-    typer.echo("\nDrain (messages/s from first claim to last completion; steady = middle 80%)")
+    typer.echo(
+        "\nDrain (messages/s from first claim to last completion; steady = middle 80%;"
+        " CPU microseconds per message)"
+    )
     emit_table(
         [d.model_dump() for d in report.drains],
-        ["system", "runner", "layout", "messages", "batch", "messages_per_second",
-         "steady_messages_per_second", "wall_seconds", "all_done"],
+        [
+            "system",
+            "runner",
+            "layout",
+            "messages",
+            "batch",
+            "messages_per_second",
+            "steady_messages_per_second",
+            "wall_seconds",
+            "worker_cpu_us",
+            "postgres_cpu_us",
+            "all_done",
+        ],
     )
     typer.echo("\nSustained load at half the single-process peak (enqueue -> claim)")
     emit_table(
         [s.model_dump() for s in report.sustained],
-        ["system", "target_rate", "achieved_rate", "messages", "p50_ms", "p90_ms", "p99_ms",
-         "max_ms", "all_done"],
+        [
+            "system",
+            "target_rate",
+            "achieved_rate",
+            "messages",
+            "p50_ms",
+            "p90_ms",
+            "p99_ms",
+            "max_ms",
+            "all_done",
+        ],
     )
     if report.claim_plans:
         typer.echo("\nClaim statement, EXPLAIN ANALYZE")
         emit_table(
             [p.model_dump() for p in report.claim_plans],
-            ["case", "claimable", "batch", "claimed", "execution_ms", "shared_buffers",
-             "index_rows", "indexes"],
+            [
+                "case",
+                "claimable",
+                "batch",
+                "claimed",
+                "execution_ms",
+                "shared_buffers",
+                "index_rows",
+                "indexes",
+            ],
             width=60,
         )
     typer.echo("")
