@@ -164,6 +164,25 @@ async def _chaos(fleet: Fleet, fleet_home: Path, tally: Tally, until: asyncio.Ev
             mcp_done = True
 
 
+def _assert_no_crash(logs: str) -> None:
+    """No worker exited on an error ("error: ..." from the CLI) and no task died unseen. A
+    traceback that asyncpg's pool logs itself while the database is down ("Failed to restore
+    the pool connection floor; retrying") is the pool retrying, not a crash."""
+    assert "\nerror:" not in "\n" + logs, logs[-3000:]
+    assert "Task exception was never retrieved" not in logs, logs[-3000:]
+    blocks = logs.split("Traceback (most recent call last):")
+    for before in blocks[:-1]:
+        last_line = before.rstrip("\n").rsplit("\n", 1)[-1]
+        assert "asyncpg.pool" in last_line, last_line
+
+
+async def _all_registered(url: str, fleet: Fleet) -> bool:
+    """Every running worker has its row: it is past start-up and handles SIGTERM (a worker
+    still importing when SIGTERM arrives dies of it, which says nothing about draining)."""
+    rows = await _query(url, "SELECT pid FROM fleet.workers")
+    return {w.pid for w in fleet.workers} <= {r["pid"] for r in rows}
+
+
 async def _settled(url: str, total: int) -> bool:
     rows = await _query(url, "SELECT count(*) AS n FROM fleet.messages"
                              " WHERE state IN ('done', 'dead', 'cancelled')")
@@ -218,6 +237,8 @@ async def test_chaos_noop_fleet_loses_nothing_and_keeps_session_order(
         await chaos
         await wait_until(lambda: _settled(db_url, total), timeout=120, interval=0.5,
                          message=f"all {total} messages settled after the chaos")
+        await wait_until(lambda: _all_registered(db_url, fleet), timeout=60, interval=0.2,
+                         message="the last replacements to register")
     finally:
         stop_chaos.set()
         codes = fleet.stop_all()
@@ -225,8 +246,7 @@ async def test_chaos_noop_fleet_loses_nothing_and_keeps_session_order(
     assert summary["states"] == {"done": total}  # the noop handler never fails
     assert codes == [0] * len(codes)  # the survivors drained and exited cleanly
     assert tally.kills >= 8 and tally.db_restarts == 1
-    logs = fleet.worker_logs()
-    assert "Traceback" not in logs and "error:" not in logs  # every replacement came up
+    _assert_no_crash(fleet.worker_logs())
     print(f"\nchaos tally (noop): {total} messages over {sessions} sessions in "
           f"{time.monotonic() - tally.started:.0f}s; kill -9 x{tally.kills}, "
           f"PostgreSQL restarts x{tally.db_restarts}, enqueue retries x{tally.enqueue_retries}; "
