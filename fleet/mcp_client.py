@@ -89,7 +89,7 @@ class MCPClientPool:
         self,
         settings: Settings,
         *,
-        max_idle: int = 64,
+        max_clients: int = 32,
         attempts: int = 3,
         backoff: float = 0.2,
     ) -> None:
@@ -98,7 +98,10 @@ class MCPClientPool:
         self.headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
         self.connect_timeout = settings.fleet_mcp_connect_timeout_seconds
         self.call_timeout = settings.fleet_mcp_call_timeout_seconds
-        self.max_idle = max_idle
+        self.max_clients = max_clients
+        # At most this many calls in flight (and clients alive): a burst of turns waits for a
+        # free client instead of building hundreds (each costs CPU and memory to create).
+        self._slots = asyncio.Semaphore(max_clients)
         self.attempts = attempts
         self.backoff = backoff
         self._idle: deque[MCPServerStreamableHttp] = deque()
@@ -140,7 +143,7 @@ class MCPClientPool:
         return await self._connect()
 
     def _release(self, client: MCPServerStreamableHttp) -> None:
-        if self._closing or len(self._idle) >= self.max_idle:
+        if self._closing or len(self._idle) >= self.max_clients:
             self._discard(client)
         else:
             self._idle.append(client)
@@ -164,8 +167,9 @@ class MCPClientPool:
         while attempt < self.attempts:
             client: MCPServerStreamableHttp | None = None
             try:
-                client = await self._checkout()
-                result = await asyncio.wait_for(fn(client), timeout=self.call_timeout)
+                async with self._slots:
+                    client = await self._checkout()
+                    result = await asyncio.wait_for(fn(client), timeout=self.call_timeout)
             except asyncio.CancelledError:
                 if client is not None:
                     self._discard(client)

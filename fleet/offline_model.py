@@ -30,6 +30,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from agents import Model, ModelResponse, ModelSettings, ModelTracing, Usage
@@ -210,8 +211,9 @@ class ToolCall:
     arguments: dict[str, Any]
     output: str | None = None
 
-    @property
+    @cached_property
     def decoded(self) -> Any:
+        """The output as JSON, decoded once (the policy reads it many times per call)."""
         return _json(self.output) if self.output is not None else None
 
     @property

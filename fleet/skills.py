@@ -9,8 +9,8 @@
 Why not the SDK's sandbox ``Skills`` capability: it needs a ``SandboxAgent`` with a sandbox
 session per run; its lazy ``load_skill`` copies the skill folder into a fresh workspace and the
 model then reads SKILL.md through the shell capability (a subprocess per read), with no OS
-isolation on Linux. Measured (``fleet bench turns --sandbox-skills``): about 65-80 ms of CPU per
-run against about 5 ms for this function tool, which alone is 3-4x the whole per-turn budget of a
+isolation on Linux. Measured (``fleet bench turns --sandbox-skills``): 65-130 ms of CPU per
+run against 4-10 ms for this function tool, alone 3-6x the whole per-turn CPU budget of a
 concurrent worker (BENCHMARKS.md). The folders, the frontmatter and the three stages are the same,
 so the skills still load unchanged in Claude Code, OpenCode or a SandboxAgent.
 
