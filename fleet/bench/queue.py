@@ -13,10 +13,11 @@ fleet's own data. The phases:
   schema installed in the same scratch database, its default ``durable`` tables, the same claim
   batch size), timed from its log table the same way.
 * **scaling**: the drain with 1 and with ``P`` worker processes.
-* **sustained**: a producer enqueues one message per transaction, open loop, at half the
-  measured single-process peak while one worker process runs; the enqueue-to-claim latency
-  (``claimed_at - enqueued_at``) percentiles come from ``fleet.messages``. PgQueuer gets the same
-  treatment at half its own peak (``picked`` minus ``queued`` in its log).
+* **sustained**: an open-loop producer enqueues at half the measured single-process peak
+  while one worker process runs (each transaction carries the messages that fell due since the
+  last one: one at a time at low rates, more when commits are slow); the enqueue-to-claim
+  latency (``claimed_at - enqueued_at``) percentiles come from ``fleet.messages``. PgQueuer
+  gets the same treatment at half its own peak (``picked`` minus ``queued`` in its log).
 * **claim plans**: ``EXPLAIN (ANALYZE, BUFFERS)`` of the claim statement on large backlogs, to
   check that its cost follows the batch size, not the backlog.
 
@@ -75,6 +76,11 @@ SELECT count(fleet.enqueue(session_id => 's' || ((g - 1) % $3)::text, body => 'b
 FROM generate_series($1::int, $2::int) AS g
 """
 
+#: The sustained-load producer: the messages that fell due, one per session, in one transaction.
+FLEET_ENQUEUE_MANY = """
+SELECT count(fleet.enqueue(session_id => s, body => 'bench')) FROM unnest($1::text[]) AS s
+"""
+
 FLEET_RESET = "TRUNCATE fleet.messages, fleet.sessions, fleet.workers RESTART IDENTITY CASCADE"
 
 #: Drain figures of fleet.messages: the window from first claim to last completion, and the
@@ -97,6 +103,13 @@ SELECT count(*) AS total,
        max(extract(epoch FROM claimed_at - enqueued_at))::float8 AS max_seconds
 FROM fleet.messages
 WHERE id > $1
+"""
+
+#: Per message of a sustained run, in enqueue order: when enqueued and when claimed (epoch s).
+FLEET_TIMES = """
+SELECT extract(epoch FROM enqueued_at)::float8 AS enqueued,
+       extract(epoch FROM claimed_at)::float8 AS claimed
+FROM fleet.messages WHERE id > $1 ORDER BY id
 """
 
 FLEET_UNFINISHED = "SELECT count(*) FROM fleet.messages WHERE state NOT IN ('done', 'dead')"
@@ -127,6 +140,15 @@ SELECT count(*) AS total,
 FROM pgqueuer_log q
 JOIN pgqueuer_log p ON p.job_id = q.job_id AND p.status = 'picked'
 WHERE q.status = 'queued' AND q.job_id > $1
+"""
+
+PGQ_TIMES = """
+SELECT extract(epoch FROM q.created)::float8 AS enqueued,
+       extract(epoch FROM p.created)::float8 AS claimed
+FROM pgqueuer_log q
+JOIN pgqueuer_log p ON p.job_id = q.job_id AND p.status = 'picked'
+WHERE q.status = 'queued' AND q.job_id > $1
+ORDER BY q.job_id
 """
 
 PGQ_UNFINISHED = "SELECT count(*) FROM pgqueuer"
@@ -189,12 +211,21 @@ class SustainedResult(BaseModel):
     system: Literal["pgfleet", "pgqueuer"]
     target_rate: float
     achieved_rate: float
+    messages_per_commit: float
+    """Mean messages per producer transaction (1.0: one message per transaction throughout)."""
     seconds: float
     messages: int
     p50_ms: float
     p90_ms: float
     p99_ms: float
     max_ms: float
+    commit_p50_ms: float
+    """Enqueue to the producer seeing its transaction committed (the message's own commit)."""
+    commit_p99_ms: float
+    pickup_p50_ms: float
+    """Commit seen by the producer to claimed (wake-up and claim; can be slightly negative when
+    the worker claims before the producer reads its commit's reply)."""
+    pickup_p99_ms: float
     all_done: bool
     load_before: float
 
@@ -234,6 +265,13 @@ def _with_database(url: str, database: str) -> str:
 
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+def _ms(ordered: list[float], q: float) -> float:
+    """Quantile ``q`` of sorted seconds, in milliseconds."""
+    if not ordered:
+        return 0.0
+    return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)] * 1000, 2)
 
 
 def _median(values: list[float]) -> float:
@@ -317,6 +355,7 @@ class _CpuMeter:
         self.postgres = 0.0
         self._seen: dict[int, tuple[float, float]] = {}
         self._others: set[int] = set()
+        self._procs: dict[int, psutil.Process] = {}
         self._started = 0.0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -327,33 +366,45 @@ class _CpuMeter:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
+    def _children(self) -> list[int]:
+        assert self.postmaster is not None
+        pid = self.postmaster.pid
+        try:  # Linux lists a process's children cheaply; psutil would scan every process
+            return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            return [p.pid for p in self.postmaster.children()]
+
     def _sample(self) -> None:
         if self.postmaster is None:
             return
         try:
-            children = self.postmaster.children()
+            children = self._children()
         except psutil.Error:
             return
-        for proc in children:
-            if proc.pid in self._others:
+        for pid in children:
+            if pid in self._others:
                 continue
             try:
-                if proc.pid not in self._seen and self.database not in " ".join(proc.cmdline()):
-                    self._others.add(proc.pid)
-                    continue
+                proc = self._procs.get(pid)
+                if proc is None:
+                    proc = psutil.Process(pid)
+                    if self.database not in " ".join(proc.cmdline()):
+                        self._others.add(pid)
+                        continue
+                    self._procs[pid] = proc
                 times = proc.cpu_times()
                 used = times.user + times.system
-                if proc.pid not in self._seen:
+                if pid not in self._seen:
                     first = 0.0 if proc.create_time() >= self._started else used
-                    self._seen[proc.pid] = (first, used)
+                    self._seen[pid] = (first, used)
                 else:
-                    self._seen[proc.pid] = (self._seen[proc.pid][0], used)
+                    self._seen[pid] = (self._seen[pid][0], used)
             except psutil.Error:
                 continue
 
     async def _sampler(self) -> None:
         while not self._stop.is_set():
-            await asyncio.to_thread(self._sample)
+            self._sample()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.05)
 
@@ -429,35 +480,28 @@ async def _wait_for(
         await asyncio.sleep(0.05)
 
 
-async def _produce(rate: float, seconds: float, send: Callable[[int], Awaitable[Any]]) -> float:
-    """Open-loop producer: message i is due at i / rate seconds; returns the achieved rate.
-
-    Up to 8 sends are in flight at once, so a slow commit delays later messages' send time
-    but not the schedule (late messages go out as soon as a sender is free).
-    """
+async def _produce(
+    rate: float, seconds: float, send: Callable[[int, int], Awaitable[Any]]
+) -> tuple[float, list[tuple[int, float]]]:
+    """Open-loop producer: message i is due at ``i / rate`` s. One sender sends every message
+    due so far in one transaction (``send(first, end)``), then looks again: at low rates that
+    is one message per transaction, and when a commit is slow the next transaction carries
+    what fell due meanwhile (group commit), so the schedule is kept. Returns the achieved rate
+    and, per transaction, (messages sent so far, wall-clock time its commit was seen)."""
     total = max(int(rate * seconds), 1)
-    senders = asyncio.Semaphore(8)
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[Any]] = set()
     start = loop.time()
-
-    async def one(i: int) -> None:
-        try:
-            await send(i)
-        finally:
-            senders.release()
-
-    for i in range(total):
-        delay = start + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await senders.acquire()
-        task = asyncio.create_task(one(i))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.gather(*tasks)
-    return total / (loop.time() - start)
+    sent = 0
+    commits: list[tuple[int, float]] = []
+    while sent < total:
+        due = min(total, int((loop.time() - start) * rate) + 1)
+        if due > sent:
+            await send(sent, due)
+            commits.append((due, time.time()))
+            sent = due
+        else:
+            await asyncio.sleep(max(start + sent / rate - loop.time(), 0.0))
+    return total / (loop.time() - start), commits
 
 
 def _walk(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -767,7 +811,7 @@ class QueueBench:
         args = ["fleet", "worker", "--handler", "noop", "--concurrency", str(self.config.batch)]
         proc = _Process(args, self._env())
         pool = await create_pool(
-            self._settings(), "fleet-bench", url=self.url, min_size=8, max_size=8
+            self._settings(), "fleet-bench", url=self.url, min_size=1, max_size=1
         )
         try:
             probe = await queue.enqueue(self.conn, "probe", BODY)
@@ -780,8 +824,12 @@ class QueueBench:
             await _wait_for(probe_done, "the sustained-load worker to start", 60)
             await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
             load = _load()
-            achieved = await _produce(
-                rate, seconds, lambda i: queue.enqueue(pool, f"live{i}", BODY)
+            achieved, commits = await _produce(
+                rate,
+                seconds,
+                lambda first, end: pool.fetchval(
+                    FLEET_ENQUEUE_MANY, [f"live{i}" for i in range(first, end)]
+                ),
             )
 
             async def drained() -> bool:
@@ -791,10 +839,11 @@ class QueueBench:
             proc.terminate()
             await proc.wait(60)
             row = await self.conn.fetchrow(FLEET_LATENCY, probe)
+            times = await self.conn.fetch(FLEET_TIMES, probe)
         finally:
             await pool.close()
             proc.finish()
-        self._add_sustained("pgfleet", rate, achieved, seconds, row, load)
+        self._add_sustained("pgfleet", rate, achieved, commits, times, seconds, row, load)
 
     async def _pgq_sustained(self) -> None:
         from pgqueuer.db import AsyncpgPoolDriver
@@ -809,7 +858,7 @@ class QueueBench:
         args = ["fleet.bench.queue", "pgqueuer-worker", "--batch", str(self.config.batch)]
         proc = _Process(args, self._env())
         pool = await asyncpg.create_pool(
-            self.url, min_size=8, max_size=8, server_settings={"application_name": "fleet-bench"}
+            self.url, min_size=2, max_size=2, server_settings={"application_name": "fleet-bench"}
         )
         queries = Queries(AsyncpgPoolDriver(pool))
         try:
@@ -823,8 +872,14 @@ class QueueBench:
             await _wait_for(probe_done, "the PgQueuer worker to start", 60)
             await asyncio.sleep(1.0)
             load = _load()
-            achieved = await _produce(
-                rate, seconds, lambda _i: queries.enqueue(PGQ_ENTRYPOINT, BODY.encode())
+            achieved, commits = await _produce(
+                rate,
+                seconds,
+                lambda first, end: queries.enqueue(
+                    [PGQ_ENTRYPOINT] * (end - first),
+                    [BODY.encode()] * (end - first),
+                    [0] * (end - first),
+                ),
             )
 
             async def drained() -> bool:
@@ -834,31 +889,47 @@ class QueueBench:
             proc.terminate()
             await proc.wait(60)
             row = await self.conn.fetchrow(PGQ_LATENCY, probe)
+            times = await self.conn.fetch(PGQ_TIMES, probe)
         finally:
             await pool.close()
             proc.finish()
-        self._add_sustained("pgqueuer", rate, achieved, seconds, row, load)
+        self._add_sustained("pgqueuer", rate, achieved, commits, times, seconds, row, load)
 
     def _add_sustained(
         self,
         system: Literal["pgfleet", "pgqueuer"],
         rate: float,
         achieved: float,
+        commits: list[tuple[int, float]],
+        times: list[asyncpg.Record],
         seconds: float,
         row: asyncpg.Record,
         load: float,
     ) -> None:
         quantiles = row["quantiles"] or [0.0, 0.0, 0.0]
+        # Split each message's latency at the moment the producer saw its transaction commit.
+        committed_at: list[float] = []
+        for end, at in commits:
+            committed_at.extend([at] * (end - len(committed_at)))
+        pairs = list(zip(times, committed_at, strict=False))
+        commit = sorted(at - t["enqueued"] for t, at in pairs)
+        pickup = sorted(t["claimed"] - at for t, at in pairs)
+        per_commit = len(committed_at) / max(len(commits), 1)
         result = SustainedResult(
             system=system,
             target_rate=round(rate, 1),
             achieved_rate=round(achieved, 1),
+            messages_per_commit=round(per_commit, 2),
             seconds=seconds,
             messages=row["total"],
             p50_ms=round(quantiles[0] * 1000, 2),
             p90_ms=round(quantiles[1] * 1000, 2),
             p99_ms=round(quantiles[2] * 1000, 2),
             max_ms=round((row["max_seconds"] or 0.0) * 1000, 2),
+            commit_p50_ms=_ms(commit, 0.5),
+            commit_p99_ms=_ms(commit, 0.99),
+            pickup_p50_ms=_ms(pickup, 0.5),
+            pickup_p99_ms=_ms(pickup, 0.99),
             all_done=row["total"] == row["done"] and row["total"] >= int(rate * seconds),
             load_before=load,
         )
