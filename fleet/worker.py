@@ -97,6 +97,9 @@ class Worker:
         self._cancelling: set[int] = set()
         self._pending: list[Outcome] = []
         self._pending_event = asyncio.Event()
+        #: One outcome write at a time: shutdown's last flush waits for the completer's, so it
+        #: never releases a lease whose outcome is being written (the release could win).
+        self._flush_lock = asyncio.Lock()
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -381,6 +384,10 @@ class Worker:
                 self._pending_event.set()
 
     async def _flush_outcomes(self) -> None:
+        async with self._flush_lock:
+            await self._flush_outcomes_locked()
+
+    async def _flush_outcomes_locked(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
