@@ -31,7 +31,7 @@ import logging
 import random
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from agents.mcp import MCPServer, MCPServerStreamableHttp
@@ -258,27 +258,53 @@ class MCPClientPool:
 MAX_THROTTLED_WAITS = 50
 
 
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc``, what caused it, and the members of exception groups on the way: a failure
+    inside the MCP client's task group (a 429 while connecting, say) arrives wrapped in one."""
+    seen: set[int] = set()
+    pending = [exc] if exc is not None else []
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
+
+
 def retry_after(exc: BaseException | None) -> float | None:
-    """Seconds the server asked us to wait (its 429 answer's ``data.retry_after``), if any."""
-    while exc is not None:
-        data = getattr(getattr(exc, "error", None), "data", None)
+    """Seconds the server asked us to wait, if it answered 429: the JSON-RPC error's
+    ``data.retry_after``, or the HTTP ``Retry-After`` header when the answer came back as a
+    plain HTTP status error (during the connect handshake)."""
+    for current in _chain(exc):
+        data = getattr(getattr(current, "error", None), "data", None)
         if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
             return float(data["retry_after"])
-        exc = exc.__cause__ or exc.__context__
+        response = getattr(current, "response", None)
+        if getattr(response, "status_code", None) == 429:
+            try:
+                return float(response.headers.get("retry-after", "1"))
+            except (TypeError, ValueError):
+                return 1.0
     return None
 
 
 def _is_timeout(exc: BaseException | None) -> bool:
-    while exc is not None:
-        if isinstance(exc, TimeoutError) or "timeout" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any(
+        isinstance(current, TimeoutError) or "timeout" in str(current).lower()
+        for current in _chain(exc)
+    )
 
 
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no error"
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]  # "unhandled errors in a TaskGroup" says nothing; its member does
     text = str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
 

@@ -12,8 +12,15 @@ from tests.processes import start_fleet, stop, wait_until
 
 
 def _worker_children(supervisor_pid: int) -> list[psutil.Process]:
-    children = psutil.Process(supervisor_pid).children()
-    return [c for c in children if "worker" in c.cmdline()]
+    """The supervisor's live worker children (a killed one is a zombie until it is reaped)."""
+    workers = []
+    for child in psutil.Process(supervisor_pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "worker" in child.cmdline():
+                workers.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return workers
 
 
 async def test_up_restarts_a_killed_worker_and_drains_on_sigterm(conn, fleet_env, tmp_path: Path):

@@ -54,11 +54,11 @@ def main() -> None:
     except (OSError, asyncpg.InterfaceError) as exc:
         typer.echo(f"error: cannot reach the database or server: {exc}", err=True)
         sys.exit(1)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # usage errors (a missing argument, a bad option) and the like
+        show = getattr(exc, "show", None)
+        if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
+            # typer's vendored click raises its own ClickException classes, not click's.
+            show()
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
