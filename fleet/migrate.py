@@ -127,9 +127,19 @@ async def migrate(conn: asyncpg.Connection, settings: Settings) -> list[str]:
                     migration.checksum,
                 )
             applied_now.append(migration.version)
+        await _default_agent(conn, settings)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now
+
+
+async def _default_agent(conn: asyncpg.Connection, settings: Settings) -> None:
+    """The ``support`` agent row (get_or_create: an operator's edits are kept). Its text lives
+    in Python (:mod:`fleet.agents`), so it is written here rather than by a SQL migration."""
+    from fleet.agents import ensure_default
+    from fleet.skills import SkillLibrary
+
+    await ensure_default(conn, SkillLibrary.from_settings(settings).skills)
 
 
 async def pending(conn: asyncpg.Connection) -> list[str]:

@@ -132,12 +132,35 @@ async def enqueue(
 
 
 async def claim(
-    db: Executor, worker_id: str, limit: int, lease_seconds: float
+    db: Executor,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    *,
+    tools: Sequence[str] | None = None,
+    skills: Sequence[str] | None = None,
 ) -> list[ClaimedMessage]:
+    """Claim up to ``limit`` heads. With ``tools`` (and ``skills``) given, only messages for
+    agents whose tools and skills (and their sub-agents') are within them; None: any agent."""
     if limit <= 0:
         return []
-    rows = await db.fetch(SQL["claim"], worker_id, limit, lease_seconds)
+    rows = await db.fetch(
+        SQL["claim"],
+        worker_id,
+        limit,
+        lease_seconds,
+        None if tools is None else list(tools),
+        None if tools is None else list(skills or ()),
+    )
     return [ClaimedMessage(**dict(row)) for row in rows]
+
+
+async def claim_message(
+    db: Executor, worker_id: str, message_id: int, lease_seconds: float
+) -> ClaimedMessage | None:
+    """Claim one given message if it is a claimable head (a delegation's child, run inline)."""
+    row = await db.fetchrow(SQL["claim_message"], worker_id, message_id, lease_seconds)
+    return ClaimedMessage(**dict(row)) if row else None
 
 
 async def heartbeat(

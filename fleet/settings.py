@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     fleet_max_input_chars: int = Field(4000, ge=1)
     """Agent turns: a customer message longer than this trips the input guardrail."""
 
+    fleet_skills_dir: Path | None = None
+    """Where the skills (``<name>/SKILL.md``) are read from; unset: ``skills/`` in the checkout.
+    A worker serves only agents whose skills are all there (and whose tools its MCP server has)."""
+
+    fleet_max_delegation_depth: int = Field(3, ge=0)
+    """Agent hierarchies: how deep a chain of delegations (agent -> sub-agent -> ...) may go; a
+    delegation beyond it is refused at run time with an error the delegating model sees."""
+
     fleet_offline_latency_seconds: float = Field(0.0, ge=0)
     """Benchmarks: simulated response time of each call to the offline support policy."""
 

@@ -93,6 +93,20 @@ class SkillLibrary:
                 body=body,
             )
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> SkillLibrary:
+        """The library at ``FLEET_SKILLS_DIR`` (default: ``skills/`` in the checkout)."""
+        root = getattr(settings, "fleet_skills_dir", None)
+        return cls(Path(root) if root else SKILLS_DIR)
+
+    def subset(self, names: Any) -> SkillLibrary:
+        """The same skills restricted to ``names`` (one agent's skills), without re-reading."""
+        wanted = set(names)
+        library = SkillLibrary.__new__(SkillLibrary)
+        library.root = self.root
+        library.skills = {n: s for n, s in self.skills.items() if n in wanted}
+        return library
+
     def index(self) -> str:
         """Stage 1, for the instructions: one line per skill."""
         if not self.skills:

@@ -54,6 +54,12 @@ BEGIN
     IF enqueue.max_attempts IS NOT NULL AND enqueue.max_attempts < 1 THEN
         RAISE EXCEPTION 'fleet.enqueue: max_attempts must be at least 1' USING ERRCODE = '22023';
     END IF;
+    -- A message for an agent nobody defined would wait forever (no worker can serve it).
+    IF enqueue.agent IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM fleet.agents a WHERE a.name = enqueue.agent) THEN
+        RAISE EXCEPTION 'fleet.enqueue: unknown agent %; define it with fleet agents create',
+            quote_literal(enqueue.agent) USING ERRCODE = '22023';
+    END IF;
 
     -- Session metadata is set by the first enqueue of a session and kept afterwards.
     INSERT INTO fleet.sessions AS s (session_id, metadata)

@@ -10,9 +10,13 @@ SELECT fleet.enqueue(session_id => $1, body => $2, customer_id => $3, dedupe_key
 -- name: claim
 -- Claim up to $2 claimable heads for worker $1 with a lease of $3 seconds. Reads only the
 -- messages_claimable partial index, so its cost follows the batch size, not the backlog.
+-- $4/$5: the MCP tools and skills this worker has; only messages for agents it can serve
+-- (fleet.servable_agents, evaluated once per statement) are claimed. NULL: any agent (noop).
 WITH candidates AS (
     SELECT id FROM fleet.messages
     WHERE state = 'queued' AND is_head AND run_after <= now()
+      AND ($4::text[] IS NULL
+           OR agent = ANY ((SELECT fleet.servable_agents($4::text[], $5::text[]))::text[]))
     ORDER BY run_after, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -23,6 +27,19 @@ SET state = 'running', attempts = m.attempts + 1, claimed_at = clock_timestamp()
     lease_expires_at = clock_timestamp() + make_interval(secs => $3)
 FROM candidates c
 WHERE m.id = c.id
+RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.metadata,
+          m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
+
+-- name: claim_message
+-- Claim one given message for worker $1 if it is a claimable head (a delegation's child turn,
+-- run inline by the worker that enqueued it). Same lease rules as claim.
+UPDATE fleet.messages m
+SET state = 'running', attempts = m.attempts + 1, claimed_at = clock_timestamp(),
+    lease_owner = $1, lease_token = nextval('fleet.lease_tokens'),
+    lease_expires_at = clock_timestamp() + make_interval(secs => $3)
+WHERE m.id = (SELECT id FROM fleet.messages
+              WHERE id = $2 AND state = 'queued' AND is_head AND run_after <= now()
+              FOR UPDATE SKIP LOCKED)
 RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.metadata,
           m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
 

@@ -1,0 +1,165 @@
+"""Agents as database rows (issue 8): definitions, validation, versions, the claim filter.
+
+Real PostgreSQL, one fresh database per test. The process-level acceptance tests (agents served
+by real workers, delegation) live in ``tests/test_agent_hierarchy.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from fleet import agents, queue
+from fleet.agents import CUSTOMER_DATA_TOOLS, spec_from
+from fleet.errors import InvalidInput, NotFound
+from fleet.skills import SkillLibrary
+
+SKILLS = sorted(SkillLibrary().skills)
+
+
+def spec(name: str, **kw: object) -> agents.AgentSpec:
+    return spec_from(name=name, instructions=kw.pop("instructions", f"You are {name}."), **kw)
+
+
+async def test_migrate_seeds_the_support_agent_with_every_tool_and_skill(
+    conn: asyncpg.Connection,
+) -> None:
+    support = await agents.get(conn, "support")
+    assert support.version == 1
+    assert support.tools == list(CUSTOMER_DATA_TOOLS)
+    assert sorted(support.skills) == SKILLS and SKILLS
+    assert support.model is None and support.sub_agents == []
+    assert "customer-support agent" in support.instructions
+    # get_or_create keeps what is stored.
+    again, created = await agents.get_or_create(
+        conn, spec("support", instructions="other"), known_skills=SKILLS
+    )
+    assert not created and again.instructions == support.instructions
+    assert await conn.fetchval("SELECT count(*) FROM fleet.agent_versions") == 1
+
+
+async def test_create_update_bumps_version_and_keeps_every_snapshot(
+    conn: asyncpg.Connection,
+) -> None:
+    row = await agents.create(
+        conn, spec("billing", tools=["lookup_order"], skills=["find-similar-cases"],
+                   metadata={"team": "b"}), known_skills=SKILLS)
+    assert row.version == 1 and row.tools == ["lookup_order"]
+    updated = await agents.update(
+        conn, "billing", {"instructions": "Sign off: Billing team"}, known_skills=SKILLS)
+    assert updated.version == 2 and updated.instructions == "Sign off: Billing team"
+    assert updated.tools == ["lookup_order"] and updated.metadata == {"team": "b"}
+    assert updated.id == row.id and updated.updated_at >= row.updated_at
+    snapshots = await agents.load_versions(conn, {"billing": 1})
+    assert snapshots["billing"].instructions == "You are billing."
+    assert (await agents.load_versions(conn, {"billing": 2}))["billing"].version == 2
+    names = [a.name for a in await agents.list_agents(conn)]
+    assert names == ["billing", "support"]
+    with pytest.raises(InvalidInput, match="already exists"):
+        await agents.create(conn, spec("billing"), known_skills=SKILLS)
+    with pytest.raises(NotFound):
+        await agents.update(conn, "nobody", {"instructions": "x"}, known_skills=SKILLS)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"tools": ["run_sql"]}, "unknown tool 'run_sql'"),
+        ({"skills": ["juggling"]}, "unknown skill 'juggling'"),
+        ({"sub_agents": ["ghost"]}, "unknown sub-agent 'ghost'"),
+        ({"sub_agents": ["x"]}, "cannot be its own sub-agent"),
+    ],
+)
+async def test_bad_definitions_are_refused_with_one_sentence(
+    conn: asyncpg.Connection, fields: dict[str, object], error: str
+) -> None:
+    with pytest.raises(InvalidInput, match=error):
+        await agents.create(conn, spec("x", **fields), known_skills=SKILLS)
+    assert await agents.find(conn, "x") is None
+
+
+def test_bad_names_and_empty_instructions_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="name"):
+        spec_from(name="Bad Name", instructions="x")
+    with pytest.raises(InvalidInput, match="instructions"):
+        spec_from(name="ok", instructions="   ")
+
+
+async def test_cycles_are_refused_at_definition_on_create_and_update(
+    conn: asyncpg.Connection, db_url: str
+) -> None:
+    await agents.create(conn, spec("c"), known_skills=SKILLS)
+    await agents.create(conn, spec("b", sub_agents=["c"]), known_skills=SKILLS)
+    await agents.create(conn, spec("a", sub_agents=["b"]), known_skills=SKILLS)
+    with pytest.raises(InvalidInput, match=r"cycle \(c -> a -> b -> c\)"):
+        await agents.update(conn, "c", {"sub_agents": ["a"]}, known_skills=SKILLS)
+    assert (await agents.get(conn, "c")).version == 1
+    # Concurrent updates that would each add half of a cycle: the table lock serialises them,
+    # so exactly one wins.
+    await agents.create(conn, spec("p"), known_skills=SKILLS)
+    await agents.create(conn, spec("q"), known_skills=SKILLS)
+    from fleet.database import _init_json
+
+    pool = await asyncpg.create_pool(db_url, min_size=2, max_size=2, init=_init_json)
+    try:
+        results = await asyncio.gather(
+            agents.update(pool, "p", {"sub_agents": ["q"]}, known_skills=SKILLS),
+            agents.update(pool, "q", {"sub_agents": ["p"]}, known_skills=SKILLS),
+            return_exceptions=True,
+        )
+    finally:
+        await pool.close()
+    assert sorted(type(r).__name__ for r in results) == ["AgentRow", "InvalidInput"]
+
+
+async def test_enqueue_refuses_an_unknown_agent(conn: asyncpg.Connection) -> None:
+    with pytest.raises(InvalidInput, match="unknown agent 'nobody'"):
+        await queue.enqueue(conn, "s", "hello", agent="nobody")
+    assert await queue.enqueue(conn, "s", "hello", agent="support")
+
+
+async def test_claim_takes_only_messages_for_agents_the_worker_can_serve(
+    conn: asyncpg.Connection,
+) -> None:
+    await agents.create(conn, spec("reader", tools=["lookup_order"]), known_skills=SKILLS)
+    await agents.create(conn, spec("refunder", tools=["lookup_order", "issue_refund"]),
+                        known_skills=SKILLS)
+    await agents.create(conn, spec("summarizer", skills=["summarize-ticket"]),
+                        known_skills=SKILLS)
+    # A parent is servable only if its sub-agents are.
+    await agents.create(conn, spec("front", tools=["lookup_order"], sub_agents=["refunder"]),
+                        known_skills=SKILLS)
+    for n, agent in enumerate(["refunder", "reader", "summarizer", "front", "reader"]):
+        await queue.enqueue(conn, f"s{n}", "hi", agent=agent)
+    have_tools = [t for t in CUSTOMER_DATA_TOOLS if t != "issue_refund"]
+    claimed = await queue.claim(conn, "w1", 10, 30, tools=have_tools,
+                                skills=["find-similar-cases"])
+    assert sorted(m.agent for m in claimed) == ["reader", "reader"]
+    # The rest stay queued for a worker that has what they need; the noop claim takes any.
+    assert await queue.claim(conn, "w2", 10, 30, tools=[], skills=[]) == []
+    rest = await queue.claim(conn, "w3", 10, 30)
+    assert sorted(m.agent for m in rest) == ["front", "refunder", "summarizer"]
+
+
+async def test_claim_with_the_agent_filter_reads_the_claimable_index(
+    conn: asyncpg.Connection,
+) -> None:
+    await conn.execute("""
+        INSERT INTO fleet.sessions (session_id) SELECT 's' || g FROM generate_series(1, 5000) g;
+        INSERT INTO fleet.messages (session_id, body, state, is_head, finished_at, reply)
+        SELECT 's' || g, 'old', 'done', false, now(), 'ok' FROM generate_series(1, 5000) g;
+        INSERT INTO fleet.messages (session_id, body, is_head)
+        SELECT 's' || g, 'new', true FROM generate_series(1, 5000) g;
+        ANALYZE fleet.messages;
+    """)
+    from fleet.sql import queries
+
+    claim = queries("queries.sql")["claim"]
+    plan = "\n".join(r[0] for r in await conn.fetch(
+        "EXPLAIN " + claim.replace("$1", "'w'").replace("$2", "10").replace("$3", "30")
+        .replace("$4::text[]", "ARRAY['lookup_order']::text[]")
+        .replace("$5::text[]", "ARRAY[]::text[]")))
+    assert "messages_claimable" in plan, plan
+    assert "InitPlan" in plan or "SubPlan" in plan, plan
