@@ -163,3 +163,77 @@ async def test_claim_with_the_agent_filter_reads_the_claimable_index(
         .replace("$5::text[]", "ARRAY[]::text[]")))
     assert "messages_claimable" in plan, plan
     assert "InitPlan" in plan or "SubPlan" in plan, plan
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+def test_cli_agents_create_list_show_update(fleet_env: dict[str, str], tmp_path) -> None:
+    from tests.processes import fleet, fleet_json
+
+    instructions = tmp_path / "tier2.md"
+    instructions.write_text("You are the tier-2 billing specialist.\nSign off: Tier-2 Billing\n")
+    created = fleet_json("agents", "create", "tier2", "--instructions-file", str(instructions),
+                         "--tool", "lookup_order", "--tool", "lookup_customer",
+                         "--skill", "find-similar-cases", "--metadata", "team=billing",
+                         "--metadata", "level=2", env=fleet_env)
+    assert created["version"] == 1 and created["tools"] == ["lookup_order", "lookup_customer"]
+    assert created["metadata"] == {"team": "billing", "level": 2}
+    assert created["model"] is None
+    done = fleet("agents", "create", "front", "--instructions", "Delegate: billing -> tier2",
+                 "--sub-agent", "tier2", "--model", "offline", env=fleet_env)
+    assert done.returncode == 0, done.stderr
+    assert "sub_agents: tier2" in done.stdout and "model: offline" in done.stdout
+
+    listed = fleet_json("agents", "list", env=fleet_env)
+    assert [a["name"] for a in listed] == ["front", "support", "tier2"]
+    table = fleet("agents", "list", env=fleet_env)
+    assert table.returncode == 0 and "tier2" in table.stdout and "(fleet default)" in table.stdout
+
+    shown = fleet_json("agents", "show", "tier2", env=fleet_env)
+    assert shown["instructions"].startswith("You are the tier-2")
+    updated = fleet_json("agents", "update", "tier2", "--instructions", "Sign off: T2",
+                         "--metadata", "level=3", "--no-skills", env=fleet_env)
+    assert updated["version"] == 2 and updated["skills"] == []
+    assert updated["metadata"] == {"team": "billing", "level": 3}
+    assert updated["tools"] == ["lookup_order", "lookup_customer"]
+    text = fleet("agents", "show", "tier2", env=fleet_env)
+    assert "version: 2" in text.stdout and "  Sign off: T2" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["create", "x", "--instructions", "hi", "--tool", "run_sql"], "unknown tool 'run_sql'"),
+        (["create", "x", "--instructions", "hi", "--skill", "nope"], "unknown skill 'nope'"),
+        (["create", "x", "--instructions", "hi", "--sub-agent", "ghost"], "unknown sub-agent"),
+        (["create", "x"], "needs --instructions"),
+        (["create", "Bad", "--instructions", "hi"], "name"),
+        (["create", "support", "--instructions", "hi"], "already exists"),
+        (["create", "x", "--instructions", "hi", "--metadata", "novalue"], "KEY=VALUE"),
+        (["update", "ghost", "--instructions", "hi"], "no agent named 'ghost'"),
+        (["update", "support"], "nothing to update"),
+        (["update", "support", "--sub-agent", "support"], "own sub-agent"),
+        (["show", "ghost"], "no agent named 'ghost'"),
+    ],
+)
+def test_cli_agents_errors_are_one_sentence(
+    fleet_env: dict[str, str], args: list[str], error: str
+) -> None:
+    from tests.processes import fleet
+
+    done = fleet("agents", *args, env=fleet_env)
+    assert done.returncode != 0
+    assert error in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_cli_agents_cycle_refused(fleet_env: dict[str, str]) -> None:
+    from tests.processes import fleet
+
+    assert fleet("agents", "create", "a", "--instructions", "a", env=fleet_env).returncode == 0
+    assert fleet("agents", "create", "b", "--instructions", "b", "--sub-agent", "a",
+                 env=fleet_env).returncode == 0
+    done = fleet("agents", "update", "a", "--sub-agent", "b", env=fleet_env)
+    assert done.returncode == 2
+    assert "sub-agents would form a cycle (a -> b -> a)" in done.stderr
