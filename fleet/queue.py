@@ -249,6 +249,11 @@ async def list_messages(
     return [Message(**dict(row)) for row in rows]
 
 
+async def has_unfinished_work(db: Executor) -> bool:
+    """True while any message is queued or running (cheap: the live-messages index)."""
+    return bool(await db.fetchval(SQL["has_unfinished_work"]))
+
+
 async def state_counts(db: Executor) -> dict[str, dict[str, float]]:
     rows = await db.fetch(SQL["state_counts"])
     return {

@@ -10,6 +10,11 @@ The pieces, each an asyncio task started and stopped the same way:
 * **completer**: writes finished outcomes in batches (one statement for all that finished
   since the last write), so the database round trip is shared under load.
 * **heartbeat**: extends the leases held; a lease found taken over cancels its handler task.
+  A message someone asked to cancel (``fleet cancel``; the request NOTIFYs ``fleet_cancel``,
+  which makes the heartbeat run at once) is stopped: a handler that can stop between steps
+  (the agent) is told through its lease and stops before its next model or tool call; any
+  other handler's task is cancelled. One lease period later a turn still running is cancelled
+  regardless.
 * **maintenance**: gives expired leases of dead workers back to the queue, repairs lost heads,
   keeps this worker's row in ``fleet.workers`` fresh.
 
@@ -32,7 +37,7 @@ import asyncpg
 
 from fleet import approvals, metrics, queue, tracing
 from fleet.database import connect, create_pool, resolve_url
-from fleet.errors import LeaseLost, PermanentHandlerError
+from fleet.errors import LeaseLost, PermanentHandlerError, TurnCancelled
 from fleet.handlers import Handler, Lease, Parked, Reply
 from fleet.queue import ClaimedMessage, Outcome
 from fleet.settings import Settings
@@ -41,6 +46,8 @@ from fleet.sql import queries
 log = logging.getLogger("fleet.worker")
 SQL = queries("queries.sql")
 CHANNEL = "fleet_wakeup"
+#: ``fleet cancel`` on a running message NOTIFYs this (payload: the message id).
+CANCEL_CHANNEL = "fleet_cancel"
 
 #: Connection errors that mean "the database is away for now": back off and try again.
 TRANSIENT = (
@@ -64,6 +71,7 @@ def retry_delay(attempt: int, base: float, cap: float) -> float:
 class _InFlight:
     message: ClaimedMessage
     task: asyncio.Task[None]
+    lease: Lease
     started: float = field(default_factory=time.monotonic)
 
 
@@ -93,8 +101,10 @@ class Worker:
         self.in_flight: dict[int, _InFlight] = {}
         #: leases held, including outcomes not yet written (the heartbeat keeps them alive)
         self.held: dict[int, int] = {}
-        #: running messages whose cancellation was requested (their tasks are being stopped)
-        self._cancelling: set[int] = set()
+        #: running messages whose cancellation was requested -> when this worker first saw it
+        self._cancelling: dict[int, float] = {}
+        #: set by a ``fleet_cancel`` NOTIFY for a message in flight: heartbeat now
+        self._heartbeat_now = asyncio.Event()
         self._pending: list[Outcome] = []
         self._pending_event = asyncio.Event()
         #: One outcome write at a time: shutdown's last flush waits for the completer's, so it
@@ -244,7 +254,7 @@ class Worker:
                 if len(claimed) == free:
                     continue  # there may be more: claim again as soon as a slot frees
             if self.drain and not claimed and not self.in_flight and not self._pending:
-                if await self._queue_is_empty():
+                if not await queue.has_unfinished_work(self.pool):
                     log.info("queue drained")
                     return
             await self._wait_for_work()
@@ -261,10 +271,6 @@ class Worker:
         except TimeoutError:
             pass
 
-    async def _queue_is_empty(self) -> bool:
-        counts = await queue.state_counts(self.pool)
-        return all(counts.get(s, {}).get("count", 0) == 0 for s in ("queued", "running"))
-
     def _start(self, message: ClaimedMessage) -> None:
         metrics.MESSAGES_CLAIMED.inc()
         metrics.QUEUE_WAIT.observe(
@@ -272,12 +278,13 @@ class Worker:
         )
         metrics.IN_FLIGHT.inc()
         self.held[message.id] = message.lease_token
-        task = asyncio.create_task(self._execute(message), name=f"message-{message.id}")
-        self.in_flight[message.id] = _InFlight(message, task)
+        lease = Lease(message, self.pool)
+        task = asyncio.create_task(self._execute(message, lease), name=f"message-{message.id}")
+        self.in_flight[message.id] = _InFlight(message, task, lease)
 
     # -- executor ----------------------------------------------------------------------------
 
-    async def _execute(self, message: ClaimedMessage) -> None:
+    async def _execute(self, message: ClaimedMessage, lease: Lease) -> None:
         started = time.monotonic()
         try:
             with tracing.span(
@@ -289,7 +296,7 @@ class Worker:
                     "fleet.handler": self.handler.name,
                 },
             ):
-                result = await self.handler.handle(message, Lease(message, self.pool))
+                result = await self.handler.handle(message, lease)
             if isinstance(result, Reply):
                 self._queue_outcome(
                     Outcome(
@@ -304,14 +311,13 @@ class Worker:
                 metrics.MESSAGES_COMPLETED.labels("awaiting_approval").inc()
             else:
                 raise TypeError(f"handler returned {type(result).__name__}, not Reply or Parked")
+        except TurnCancelled as exc:
+            # Someone cancelled this message; the handler stopped before its next step.
+            self._finish_cancelled(message, str(exc))
         except asyncio.CancelledError:
             if message.id in self._cancelling:
-                # Someone cancelled this message; the turn stopped at its current step.
-                self._cancelling.discard(message.id)
-                log.info("message %d cancelled while running", message.id)
-                self._queue_outcome(Outcome(message_id=message.id,
-                                            lease_token=message.lease_token,
-                                            state="cancelled", error="cancelled while running"))
+                # Someone cancelled this message; its task was stopped where it was.
+                self._finish_cancelled(message, "interrupted")
                 return
             # Shutdown past the grace period or a lost lease: the message is released (or is
             # already someone else's). Nothing to write.
@@ -326,8 +332,21 @@ class Worker:
             metrics.TURN_DURATION.labels(self.handler.name).observe(time.monotonic() - started)
             metrics.IN_FLIGHT.dec()
             self.in_flight.pop(message.id, None)
+            self._cancelling.pop(message.id, None)
             self.processed += 1
             self._wakeup.set()
+
+    def _finish_cancelled(self, message: ClaimedMessage, how: str) -> None:
+        self._cancelling.pop(message.id, None)
+        log.info("message %d cancelled while running (%s)", message.id, how)
+        self._queue_outcome(
+            Outcome(
+                message_id=message.id,
+                lease_token=message.lease_token,
+                state="cancelled",
+                error="cancelled while running",
+            )
+        )
 
     async def _fail(self, message: ClaimedMessage, exc: BaseException) -> None:
         error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -412,7 +431,11 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         interval = max(self.lease_seconds / 3, 0.05)
         while True:
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._heartbeat_now.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            self._heartbeat_now.clear()
             leases = list(self.held.items())
             if not leases:
                 continue
@@ -424,9 +447,7 @@ class Worker:
             for message_id, token in leases:
                 flight = self.in_flight.get(message_id)
                 if kept.get(message_id) and flight is not None:
-                    if message_id not in self._cancelling:
-                        self._cancelling.add(message_id)
-                        flight.task.cancel()
+                    self._stop_cancelled(flight)
                     continue
                 if message_id in kept or self.held.get(message_id) != token:
                     continue
@@ -436,6 +457,21 @@ class Worker:
                 if flight is not None:
                     log.warning("message %d: lease lost; stopping its handler", message_id)
                     flight.task.cancel()
+
+    def _stop_cancelled(self, flight: _InFlight) -> None:
+        """Someone asked to cancel this running message (seen by a heartbeat)."""
+        message_id = flight.message.id
+        first_seen = self._cancelling.get(message_id)
+        if first_seen is None:
+            self._cancelling[message_id] = time.monotonic()
+            flight.lease.cancel_requested.set()
+            if not getattr(self.handler, "stops_on_cancel_request", False):
+                flight.task.cancel()
+            return
+        if time.monotonic() - first_seen > self.lease_seconds and not flight.task.done():
+            # A step that does not end (a hung call): stop the task where it is.
+            log.warning("message %d: cancelled turn still running; interrupting it", message_id)
+            flight.task.cancel()
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -471,6 +507,16 @@ class Worker:
         metrics.WAKEUPS.labels("notify").inc()
         self._wakeup.set()
 
+    def _on_cancel_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        """A running message was asked to stop: if it is ours, heartbeat now (the heartbeat
+        reads the request from the database, so a stray NOTIFY cancels nothing)."""
+        try:
+            message_id = int(payload)
+        except ValueError:
+            return
+        if message_id in self.in_flight:
+            self._heartbeat_now.set()
+
     async def _listen_loop(self) -> None:
         backoff = 0.2
         while True:
@@ -480,6 +526,7 @@ class Worker:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
                 backoff = 0.2
                 self._wakeup.set()  # NOTIFYs sent while we were away are gone; look once
                 while not lost.is_set():

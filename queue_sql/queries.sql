@@ -148,6 +148,12 @@ SELECT state, count(*)::bigint AS n,
        extract(epoch FROM clock_timestamp() - min(enqueued_at))::float8 AS oldest_age_seconds
 FROM fleet.messages GROUP BY state;
 
+-- name: has_unfinished_work
+-- Whether any message is still queued or running (drain mode's exit test). Reads the partial
+-- index of live messages, never the finished history.
+SELECT EXISTS (SELECT 1 FROM fleet.messages
+               WHERE state IN ('queued', 'running')) AS busy;
+
 -- name: oldest_queued_age
 -- Age of the oldest message that is due and waiting for a worker.
 SELECT coalesce(extract(epoch FROM clock_timestamp() - min(enqueued_at)), 0)::float8 AS age
