@@ -167,10 +167,21 @@ class Client:
         message_id = await self.enqueue(session_id, body, **enqueue_kwargs)
         return await self.wait_for_reply(message_id, timeout=timeout)
 
-    async def cancel(self, message_id: int) -> Reply:
+    async def cancel(
+        self,
+        message_id: int,
+        *,
+        reason: str = "cancelled",
+        by: str | None = None,
+        wait: float = 0.0,
+    ) -> Reply:
         """Cancel a message: at once when queued; a parked approval is rejected; a running one
-        stops at its next step."""
+        stops at its next step. Returns where it stands: ``cancelled``, or ``running`` while a
+        running turn has yet to stop (with ``wait`` > 0, up to that many seconds are spent
+        waiting for it to end). Every cancellation is audited in the session's trail."""
         from fleet.cancellation import cancel_message
 
-        await cancel_message(self.pool, message_id)
+        outcome = await cancel_message(self.pool, message_id, reason, by=by)
+        if outcome == "cancel_requested" and wait > 0:
+            return await self.wait_for_reply(message_id, timeout=wait)
         return await self._reply(message_id)

@@ -7,6 +7,7 @@ FleetError                      anything the fleet raises on purpose
 ├── InvalidInput                bad user input (names the field); nothing was written
 ├── NotFound                    an id that does not exist
 ├── LeaseLost                   a worker's claim on a message was taken over (fencing)
+├── TurnCancelled               someone cancelled the running message; it stopped at a step
 └── HandlerError                a handler failed; the queue decides retry or dead
     └── PermanentHandlerError   a failure retrying cannot fix: the message goes dead at once
 """
@@ -40,6 +41,11 @@ class NotFound(FleetError):
 
 class LeaseLost(FleetError):
     """This worker no longer owns the message: its lease expired and another worker took it."""
+
+
+class TurnCancelled(FleetError):
+    """The message was cancelled while it ran: the handler stopped at its next step, and the
+    worker finishes the message as ``cancelled`` (not a failure: nothing is retried)."""
 
 
 class HandlerError(FleetError):

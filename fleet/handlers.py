@@ -46,6 +46,10 @@ class Lease:
     def __init__(self, message: ClaimedMessage, pool: asyncpg.Pool) -> None:
         self.message = message
         self.pool = pool
+        #: Set by the worker when someone cancels the message while it runs. A handler whose
+        #: ``stops_on_cancel_request`` is true stops at its next step and raises
+        #: :class:`~fleet.errors.TurnCancelled`; any other handler's task is cancelled.
+        self.cancel_requested = asyncio.Event()
 
     @property
     def token(self) -> int:
@@ -69,6 +73,9 @@ class Handler(Protocol):
     """The interface every handler implements."""
 
     name: str
+    #: Optional (default False): the handler watches ``lease.cancel_requested`` and stops at its
+    #: next step itself, instead of having its task cancelled wherever it is.
+    # stops_on_cancel_request: bool
 
     async def start(self) -> None:
         """Acquire long-lived resources (pools, clients) before the first message."""

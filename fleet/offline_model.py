@@ -19,7 +19,9 @@ or the final reply, by fixed rules:
 
 Everything it needs is in the model input (the instructions carry the customer id and the skill
 index), so it behaves the same in any worker process and on a resumed run. Every tool call gets a
-fresh unique call id. ``latency`` simulates a provider's response time for benchmarks.
+fresh unique call id. ``latency`` simulates a provider's response time for benchmarks. Each
+response reports an estimated usage (characters / 4 of the input and the output), so token
+budgets and token metrics work offline too.
 """
 
 from __future__ import annotations
@@ -389,6 +391,36 @@ def classify(convo: Conversation) -> str:
     return "complaint"
 
 
+#: Every call's model input (instructions and items), when recording is on; see
+#: :func:`record_inputs`. Off (None) in production: nothing is kept.
+RECORDED: list[dict[str, Any]] | None = None
+
+
+def record_inputs(on: bool = True) -> list[dict[str, Any]] | None:
+    """Keep every model input this process's offline policy receives (tests check what the
+    model saw, e.g. that run variables never reach it); ``False`` stops and forgets."""
+    global RECORDED
+    RECORDED = [] if on else None
+    return RECORDED
+
+
+def estimate_tokens(text: str) -> int:
+    """An honest estimate of a text's tokens without a tokenizer: about 4 characters each
+    (OpenAI's rule of thumb for English), at least 1 for a non-empty text."""
+    return (len(text) + 3) // 4
+
+
+def _usage(instructions: str | None, input: Any, output: list[Any]) -> Usage:
+    """What this call would cost a real model, estimated: instructions and input items in,
+    output items out (``FLEET_TOKEN_BUDGET`` and the token metrics see these numbers)."""
+    seen = input if isinstance(input, str) else json.dumps(input, default=str)
+    out = json.dumps([_as_dict(item) for item in output], default=str)
+    input_tokens = estimate_tokens(instructions or "") + estimate_tokens(seen)
+    output_tokens = estimate_tokens(out)
+    return Usage(requests=1, input_tokens=input_tokens, output_tokens=output_tokens,
+                 total_tokens=input_tokens + output_tokens)
+
+
 class OfflineSupportPolicy(Model):
     """A rule-based support policy behind the SDK's ``Model`` interface (see the module doc)."""
 
@@ -412,10 +444,13 @@ class OfflineSupportPolicy(Model):
     ) -> ModelResponse:
         if self.latency:
             await asyncio.sleep(self.latency)
+        if RECORDED is not None:
+            RECORDED.append({"instructions": system_instructions, "input": input})
         convo = Conversation.read(system_instructions, input)
         available = {getattr(tool, "name", "") for tool in tools}
         output = decide(convo, available)
-        return ModelResponse(output=output, usage=Usage(requests=1), response_id=None)
+        return ModelResponse(output=output, usage=_usage(system_instructions, input, output),
+                             response_id=None)
 
     async def stream_response(  # type: ignore[override]
         self,

@@ -118,6 +118,18 @@ class Settings(BaseSettings):
     fleet_statement_cache_size: int = Field(100, ge=0)
     """asyncpg prepared-statement cache; 0 behind PgBouncer in transaction mode."""
 
+    fleet_max_model_calls: int = Field(12, ge=1)
+    """Agent turns: model calls per turn. Past it the message is ``dead`` at once, audited
+    ``turn_limit_exceeded`` (an agent's row may set its own)."""
+
+    fleet_max_tool_calls: int = Field(20, ge=1)
+    """Agent turns: tool and skill calls per turn; the call over the limit never runs and the
+    message is ``dead`` at once, audited ``turn_limit_exceeded``."""
+
+    fleet_token_budget: int = Field(0, ge=0)
+    """Agent turns: input + output tokens per turn as the model reports them (the offline model
+    reports an estimate, characters / 4); past it the message is ``dead``. 0: no budget."""
+
     fleet_approval_ttl_seconds: float = Field(86_400.0, gt=0)
     """How long a parked refund waits for a human before it is rejected as expired."""
 

@@ -38,6 +38,7 @@ import asyncpg
 from agents import (
     Agent,
     InputGuardrailTripwireTriggered,
+    MaxTurnsExceeded,
     ModelSettings,
     RunConfig,
     RunContextWrapper,
@@ -50,9 +51,10 @@ from agents import (
 from fleet import approvals, metrics
 from fleet.audit import AuditWriter, TurnAudit, clip, now
 from fleet.database import create_pool, resolve_url
-from fleet.errors import FleetError, HandlerError
+from fleet.errors import FleetError, HandlerError, TurnCancelled
 from fleet.guardrails import REFUSAL, input_guardrail
 from fleet.handlers import HandlerResult, Lease, Parked, Reply
+from fleet.limits import TurnLimitExceeded, TurnLimits
 from fleet.mcp_client import CustomerDataServer, CustomerDataUnavailable, MCPClientPool
 from fleet.memory import PostgresSession
 from fleet.models import OFFLINE, build_model
@@ -64,7 +66,6 @@ from fleet.skills import LOAD_SKILL, SkillLibrary
 log = logging.getLogger("fleet.turn")
 
 AGENT_NAME = "support"
-MAX_MODEL_CALLS = 12
 
 INSTRUCTIONS = """\
 You are the customer-support agent of an online shop. Answer the customer's newest message.
@@ -100,6 +101,16 @@ class TurnContext:
     model_calls: int = 0
     tool_calls: int = 0
     tokens: tuple[int, int] = (0, 0)
+    #: This turn's limits (the settings', or its agent's); the hooks enforce them.
+    limits: TurnLimits = field(default_factory=TurnLimits)
+    #: Set by the worker when someone cancels the message; the hooks stop at the next step.
+    cancel: asyncio.Event | None = None
+
+    def check_cancelled(self, step: str) -> None:
+        """Raise :class:`TurnCancelled` when the message was cancelled: called before each
+        model call and each tool call, so a cancelled turn takes no further step."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise TurnCancelled(f"message {self.message_id} was cancelled before {step}")
 
     def serialize(self) -> dict[str, Any]:
         """What a parked RunState keeps of the context (never the run variables)."""
@@ -119,13 +130,47 @@ def _arguments(raw: str | None) -> dict[str, Any]:
 
 
 class AuditHooks(RunHooks[TurnContext]):
-    """Tool and skill calls -> audit rows. A hook that raises would kill the turn, so every
-    body is guarded: an audit bug never aborts the customer's turn (course Decision 7)."""
+    """Tool and skill calls -> audit rows, and the turn's limits and cancellation.
+
+    A hook that raises kills the turn: only the deliberate stops raise (:class:`TurnCancelled`
+    before a step of a cancelled message, :class:`TurnLimitExceeded` past a limit); the audit
+    bodies are guarded, so an audit bug never aborts the customer's turn (course Decision 7).
+    """
 
     async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, items: Any) -> None:
-        context.context.model_calls += 1
+        turn: TurnContext = context.context
+        turn.check_cancelled(f"model call {turn.model_calls + 1}")
+        turn.model_calls += 1
+        turn.limits.check_model_calls(turn.model_calls)
+
+    async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
+        turn: TurnContext = context.context
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            turn.tokens = (
+                turn.tokens[0] + (usage.input_tokens or 0),
+                turn.tokens[1] + (usage.output_tokens or 0),
+            )
+        turn.limits.check_tokens(sum(turn.tokens))
 
     async def on_tool_start(self, context: Any, agent: Any, tool: Tool) -> None:
+        turn: TurnContext = context.context
+        turn.check_cancelled(f"tool call {turn.tool_calls + 1} ({tool.name})")
+        turn.tool_calls += 1
+        try:
+            turn.limits.check_tool_calls(turn.tool_calls)
+        except TurnLimitExceeded as exc:
+            # The call over the limit never runs; its row says so.
+            turn.audit.capability(
+                _capability(tool.name, _arguments(getattr(context, "tool_arguments", None))),
+                action="skill_activated" if tool.name == LOAD_SKILL else "capability_invoked",
+                arguments=_arguments(getattr(context, "tool_arguments", None)),
+                result={"blocked": str(exc)},
+                status="blocked",
+                latency_ms=None,
+                payload={"call_id": getattr(context, "tool_call_id", None)},
+            )
+            raise
         try:
             call_id = getattr(context, "tool_call_id", None)
             if call_id:
@@ -146,7 +191,6 @@ class AuditHooks(RunHooks[TurnContext]):
             if started is None:
                 started = _Started(tool.name, {}, now(), time.monotonic())
             latency = int((time.monotonic() - started.clock) * 1000)
-            turn.tool_calls += 1
             if tool.name == LOAD_SKILL:
                 text = str(result)
                 skill = str(started.arguments.get("name", ""))
@@ -179,6 +223,10 @@ class AuditHooks(RunHooks[TurnContext]):
             )
         except Exception:
             log.exception("audit hook on_tool_end failed")
+
+
+def _capability(tool_name: str, arguments: dict[str, Any]) -> str:
+    return f"skill:{arguments.get('name')}" if tool_name == LOAD_SKILL else f"mcp:{tool_name}"
 
 
 def _output_text(result: Any) -> Any:
@@ -232,6 +280,9 @@ class AgentHandler:
     """The ``agent`` handler: one Agents SDK turn per claimed message (module docstring)."""
 
     name = "agent"
+    #: A cancelled message stops before its next model or tool call (AuditHooks), so a tool
+    #: call in flight (a refund, after its approval) is never cut off halfway.
+    stops_on_cancel_request = True
 
     def __init__(
         self,
@@ -257,6 +308,7 @@ class AgentHandler:
             workflow_name="pgfleet support turn",
         )
         self.hooks = AuditHooks()
+        self.limits = TurnLimits.from_settings(settings)
         self._background: set[asyncio.Future[Any]] = set()
 
     def _tracing_disabled(self) -> bool:
@@ -316,6 +368,8 @@ class AgentHandler:
             customer_id=message.customer_id,
             variables=message.variables,
             audit=TurnAudit(message.session_id, actor=f"agent:{message.agent}"),
+            limits=self.limits,
+            cancel=lease.cancel_requested,
         )
         # A message on its first claim cannot have a parked run: skip the lookup.
         decided = None
@@ -326,6 +380,10 @@ class AgentHandler:
                 return await self._resume(message, lease, turn, decided)
             return await self._fresh(message, lease, turn)
         except asyncio.CancelledError:
+            if lease.cancel_requested.is_set():
+                # Cancelled by request, and the step did not end in time: stopped mid-step.
+                await asyncio.shield(self._cancelled(message, turn, "interrupted mid-step"))
+                raise
             self._record_unfinished(turn, "error", "the turn was cancelled")
             # Cancelled (lease lost, shutdown): the trail is still written, in the background.
             task = asyncio.ensure_future(self.audit.write(turn.audit))
@@ -336,6 +394,18 @@ class AgentHandler:
             raise  # handled in _fresh; never reaches here
         except Exception as exc:
             cause = _root_cause(exc)
+            if isinstance(exc, MaxTurnsExceeded):
+                # The SDK refuses model call N+1 itself (counting across park and resume).
+                cause = TurnLimitExceeded(
+                    "model_calls", turn.limits.max_model_calls + 1,
+                    turn.limits.max_model_calls, turn.limits.origin,
+                )
+            if isinstance(cause, TurnCancelled):
+                await self._cancelled(message, turn, str(cause))
+                raise cause from None
+            if isinstance(cause, TurnLimitExceeded):
+                await self._limit_exceeded(message, turn, cause)
+                raise cause from exc
             status = _failure_status(exc)
             self._record_unfinished(turn, status, str(cause))
             turn.audit.event(
@@ -353,6 +423,50 @@ class AgentHandler:
             if isinstance(cause, FleetError):
                 raise cause from exc
             raise HandlerError(f"agent turn failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _cancelled(self, message: ClaimedMessage, turn: TurnContext, how: str) -> None:
+        """A cancelled turn's trail: calls in flight audited as cancelled, ``message_cancelled``
+        with how far it got, written (committed) before the worker finishes the message."""
+        assert self.audit is not None
+        self._record_unfinished(turn, "error", "the message was cancelled during this call")
+        turn.audit.event(
+            "message_cancelled",
+            f"message:{message.id}",
+            {
+                "message_id": message.id,
+                "was": "running",
+                "attempt": message.attempts,
+                "stopped": how,
+                "model_calls": turn.model_calls,
+                "tool_calls": turn.tool_calls,
+            },
+            {"status": "cancelled"},
+        )
+        await self.audit.write(turn.audit)
+
+    async def _limit_exceeded(
+        self, message: ClaimedMessage, turn: TurnContext, exc: TurnLimitExceeded
+    ) -> None:
+        """A turn past its limits: calls in flight audited as failed, ``turn_limit_exceeded``
+        with the limit and the counts; the message goes dead (no retry)."""
+        assert self.audit is not None
+        self._record_unfinished(turn, "error", str(exc))
+        turn.audit.event(
+            "turn_limit_exceeded",
+            f"message:{message.id}",
+            {
+                "message_id": message.id,
+                "attempt": message.attempts,
+                **exc.audit_payload(),
+                "model_calls": turn.model_calls,
+                "tool_calls": turn.tool_calls,
+                "input_tokens": turn.tokens[0],
+                "output_tokens": turn.tokens[1],
+                "error": str(exc),
+            },
+            {"status": "error", "retried": False},
+        )
+        await self.audit.write(turn.audit)
 
     def _record_unfinished(self, turn: TurnContext, status: str, error: str) -> None:
         """Tool calls that started but never ended (the run raised): audited as failed."""
@@ -405,7 +519,7 @@ class AgentHandler:
                 context=turn,
                 hooks=self.hooks,
                 run_config=self.run_config,
-                max_turns=MAX_MODEL_CALLS,
+                max_turns=turn.limits.max_model_calls,
             )
         except InputGuardrailTripwireTriggered as exc:
             info = exc.guardrail_result.output.output_info or {}
@@ -455,7 +569,7 @@ class AgentHandler:
             session=session,
             hooks=self.hooks,
             run_config=self.run_config,
-            max_turns=MAX_MODEL_CALLS,
+            max_turns=turn.limits.max_model_calls,
         )
         return await self._finish(
             message, lease, turn, session, result, resume_of=decided.approval_id
@@ -472,6 +586,8 @@ class AgentHandler:
         resume_of: str | None,
     ) -> HandlerResult:
         assert self.audit is not None
+        # Cancelled while the last step ran: neither park nor reply (nothing more happens).
+        turn.check_cancelled("the turn's end")
         if result.interruptions:
             pending = [
                 {"tool": i.name, "arguments": _arguments(i.arguments), "call_id": i.call_id}
@@ -491,8 +607,6 @@ class AgentHandler:
             log.info("message %d parked for approval %s", message.id, approval_id)
             return Parked(approval_id)
         reply = str(result.final_output or "").strip() or "Sorry, I have no answer to that yet."
-        usage = result.context_wrapper.usage
-        turn.tokens = (usage.input_tokens, usage.output_tokens)
         return await self._reply(message, lease, turn, session, reply, save=True)
 
     async def _reply(

@@ -61,6 +61,14 @@ class CallMeta:
     session_id: str | None = None
     message_id: int | None = None
     traceparent: str | None = None
+    #: Run variables from ``fleet.enqueue(variables => ...)`` (tenant, user): the caller's,
+    #: never the model's. Written into this server's audit rows.
+    variables: dict[str, Any] | None = None
+
+    @property
+    def on_behalf_of_a_conversation(self) -> bool:
+        """A worker's call for a turn (it names the session or carries run variables)."""
+        return self.session_id is not None or bool(self.variables)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any] | None) -> CallMeta:
@@ -72,7 +80,9 @@ class CallMeta:
         session = meta.get("session_id")
         message = meta.get("message_id")
         trace = meta.get("traceparent")
+        variables = meta.get("variables")
         return cls(
+            variables=variables if isinstance(variables, dict) and variables else None,
             idempotency_key=key,
             session_id=session if isinstance(session, str) and session else None,
             message_id=message if isinstance(message, int) and not isinstance(message, bool)
@@ -102,16 +112,48 @@ def _customer_id(value: str) -> str:
     return text
 
 
-async def lookup_customer(pool: asyncpg.Pool, customer_id: str) -> CustomerInfo:
+async def audit_read(
+    pool: asyncpg.Pool, tool: str, arguments: dict[str, Any], found: dict[str, Any],
+    meta: CallMeta | None,
+) -> None:
+    """``customer_data_read``: a customer's record was read for a conversation, with the run
+    variables the worker sent (tenant, user), in that conversation's trail. Calls that name no
+    conversation (an operator's own client) are not audited here. A failure to write fails the
+    call: no unaudited read of a customer's data on behalf of a turn."""
+    if meta is None or not meta.on_behalf_of_a_conversation:
+        return
+    payload = {
+        "tool": tool,
+        "arguments": arguments,
+        "session_id": meta.session_id,
+        "message_id": meta.message_id,
+        "variables": meta.variables or {},
+        "traceparent": meta.traceparent,
+    }
+    try:
+        await pool.execute(SQL["insert_read_audit"], meta.session_id, f"mcp:{tool}", payload,
+                           found)
+    except asyncpg.ForeignKeyViolationError:
+        # The named conversation does not exist (not a worker's call): keep the row anyway.
+        await pool.execute(SQL["insert_read_audit"], None, f"mcp:{tool}", payload, found)
+
+
+async def lookup_customer(
+    pool: asyncpg.Pool, customer_id: str, meta: CallMeta | None = None
+) -> CustomerInfo:
     customer_id = _customer_id(customer_id)
     row = await pool.fetchrow(SQL["customer_by_id"], customer_id)
     if row is None:
         raise NotFound(f"no customer has id {customer_id!r}")
+    await audit_read(pool, "lookup_customer", {"customer_id": customer_id},
+                     {"customer_id": row["id"]}, meta)
     return CustomerInfo(customer_id=row["id"], **{k: row[k] for k in
                         ("email", "name", "tier", "open_ticket_count")})
 
 
-async def find_customer_by_email(pool: asyncpg.Pool, email: str) -> CustomerWithOrders:
+async def find_customer_by_email(
+    pool: asyncpg.Pool, email: str, meta: CallMeta | None = None
+) -> CustomerWithOrders:
     address = email.strip().lower() if isinstance(email, str) else ""
     if not _EMAIL.match(address):
         raise InvalidInput(f"{_shown(email)} is not an email address")
@@ -120,6 +162,8 @@ async def find_customer_by_email(pool: asyncpg.Pool, email: str) -> CustomerWith
         if row is None:
             raise NotFound(f"no customer has the email address {address}")
         orders = await conn.fetch(SQL["recent_orders"], row["id"], RECENT_ORDERS)
+    await audit_read(pool, "find_customer_by_email", {"email": address},
+                     {"customer_id": row["id"]}, meta)
     return CustomerWithOrders(
         customer_id=row["id"],
         **{k: row[k] for k in ("email", "name", "tier", "open_ticket_count")},
@@ -127,13 +171,17 @@ async def find_customer_by_email(pool: asyncpg.Pool, email: str) -> CustomerWith
     )
 
 
-async def lookup_order(pool: asyncpg.Pool, order_id: str) -> OrderInfo:
+async def lookup_order(
+    pool: asyncpg.Pool, order_id: str, meta: CallMeta | None = None
+) -> OrderInfo:
     order_id = _order_id(order_id)
     async with pool.acquire() as conn:
         row = await conn.fetchrow(SQL["order_by_id"], order_id)
         if row is None:
             raise NotFound(f"no order has id {order_id!r}")
         refunds = await conn.fetch(SQL["refunds_of_order"], order_id)
+    await audit_read(pool, "lookup_order", {"order_id": order_id},
+                     {"order_id": order_id, "customer_id": row["customer_id"]}, meta)
     return OrderInfo(
         **dict(row),
         refundable_cents=row["amount_cents"] - row["refunded_cents"],
@@ -240,6 +288,7 @@ async def issue_refund(
                     "session_id": meta.session_id,
                     "message_id": meta.message_id,
                     "traceparent": meta.traceparent,
+                    "variables": meta.variables or {},
                 },
                 {
                     "refund_id": str(refund["refund_id"]),

@@ -96,3 +96,10 @@ UPDATE orders SET status = $2, updated_at = now() WHERE id = $1;
 INSERT INTO audit_log (conversation_id, actor, action, target, payload, result)
 VALUES ($1, 'mcp:customer-data', 'refund_issued', $2, $3, $4);
 -- (No RETURNING: the audit writer role may append to audit_log but not read it.)
+
+-- name: insert_read_audit
+-- `customer_data_read`: a customer's record read on behalf of conversation $1 (NULL when the
+-- caller named none that exists), with the run variables in the payload. Append-only, like
+-- every audit row; the fleet_mcp role may insert but not read audit_log.
+INSERT INTO audit_log (conversation_id, actor, action, target, payload, result)
+VALUES ($1, 'mcp:customer-data', 'customer_data_read', $2, $3, $4);

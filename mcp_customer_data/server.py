@@ -93,6 +93,15 @@ def _meta(ctx: Context) -> dict[str, Any]:
     return dict(meta) if meta else {}
 
 
+def _call_meta(ctx: Context) -> data.CallMeta | None:
+    """The request ``_meta`` of a read (for its audit row); a malformed one audits nothing
+    rather than failing a read (only issue_refund insists on a well-formed key)."""
+    try:
+        return data.CallMeta.from_meta(_meta(ctx))
+    except FleetError:
+        return None
+
+
 async def _run(call: Any) -> Any:
     """Await a data-layer call; a deliberate refusal becomes a tool error the model reads."""
     try:
@@ -150,7 +159,7 @@ def build_server(settings: Settings) -> MCPServer:
         tickets they have open. Call it when you know the customer id (from the conversation's
         context or from lookup_order) and need their tier or history size, e.g. to decide
         whether to escalate a pro or enterprise customer."""
-        return await _run(data.lookup_customer(_state(ctx).pool, customer_id))
+        return await _run(data.lookup_customer(_state(ctx).pool, customer_id, _call_meta(ctx)))
 
     @server.tool(annotations=read_only)
     async def find_customer_by_email(
@@ -160,7 +169,7 @@ def build_server(settings: Settings) -> MCPServer:
         """Find a customer by email address: id, name, tier, open ticket count and their five
         most recent orders. Call it when a customer identifies themselves by email, or says
         "my order" without a number, to find which order they mean."""
-        return await _run(data.find_customer_by_email(_state(ctx).pool, email))
+        return await _run(data.find_customer_by_email(_state(ctx).pool, email, _call_meta(ctx)))
 
     @server.tool(annotations=read_only)
     async def lookup_order(
@@ -172,7 +181,7 @@ def build_server(settings: Settings) -> MCPServer:
         and every refund issued on it so far with the amount still refundable. Call it whenever
         a message mentions an order number ("order #4429"), and always before issue_refund, to
         check what was paid and what is left to refund."""
-        return await _run(data.lookup_order(_state(ctx).pool, order_id))
+        return await _run(data.lookup_order(_state(ctx).pool, order_id, _call_meta(ctx)))
 
     @server.tool(annotations=read_only)
     async def find_similar_resolved_tickets(

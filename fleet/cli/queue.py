@@ -1,4 +1,4 @@
-"""Queue commands: ``worker``, ``up``, ``enqueue``, ``messages``, ``status``."""
+"""Queue commands: ``worker``, ``up``, ``enqueue``, ``messages``, ``cancel``, ``status``."""
 
 from __future__ import annotations
 
@@ -190,6 +190,38 @@ def messages_command(
         emit_json(rows)
     else:
         emit_table([m.model_dump() for m in messages], MESSAGE_COLUMNS)
+
+
+@app.command("cancel")
+def cancel_command(
+    message_id: int = typer.Argument(..., help="The message to cancel."),
+    reason: str = typer.Option("cancelled", "--reason", help="Kept in the audit trail."),
+    by: str | None = typer.Option(None, "--by", help="Who cancels (audited)."),
+    wait: float = typer.Option(
+        0.0, "--wait", min=0.0, help="A running message: seconds to wait for it to stop."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Cancel a message: queued at once; parked: its approval is rejected; running: it stops
+    at its next step. Audited in the session's trail."""
+    from fleet.client import Client
+
+    async def go() -> Any:
+        async with Client(settings=settings()) as client:
+            return await client.cancel(message_id, reason=reason, by=by, wait=wait)
+
+    reply = run(go)
+    if as_json:
+        emit_json(_reply_data(reply))
+    elif reply.state == "cancelled":
+        typer.echo(f"message {message_id} cancelled")
+    elif reply.finished:
+        typer.echo(f"message {message_id} finished as {reply.state} before it could stop")
+    else:
+        typer.echo(
+            f"message {message_id} is {reply.state}: asked to stop at its next step "
+            f"(see 'fleet messages' or 'fleet trace')"
+        )
 
 
 async def read_status() -> dict[str, Any]:
