@@ -119,6 +119,8 @@ class DecidedRun:
     """The approver's note (approve) or reason (reject): the model is told it on rejection."""
     interruptions: list[dict[str, Any]] = field(default_factory=list)
     """Every pending tool call of the run: ``[{tool, arguments, call_id}]``."""
+    agent_graph: dict[str, int] | None = None
+    """``{agent: version}`` the run was built from (resumed against exactly those)."""
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -276,6 +278,7 @@ async def park_run(
     interruptions: list[dict[str, Any]],
     state_json: str,
     ttl_seconds: float | None = None,
+    agent_graph: dict[str, int] | None = None,
 ) -> str:
     """Park a paused run for a human; returns the approval id.
 
@@ -304,6 +307,7 @@ async def park_run(
             [i.model_dump() for i in items],
             state_json,
             float(ttl_seconds),
+            agent_graph or None,
         )
         approval_id = row["id"]
         if not await queue.park(conn, message.id, lease.token):
@@ -371,6 +375,7 @@ async def take_decided_run(lease: Lease) -> DecidedRun | None:
         decision=row["decision"],
         reason=row["decision_note"],
         interruptions=list(row["interruptions"] or []),
+        agent_graph=row["agent_graph"] or None,
     )
 
 

@@ -17,6 +17,15 @@ or the final reply, by fixed rules:
   mentions, searches similar resolved tickets, and drafts a reply that cites the closest case's
   resolution (or says there is no strong precedent when the closest case is far).
 
+Two rules read the agent's instructions (agents are rows in ``fleet.agents``, so an operator can
+see the policy follow the row), each a line of its own:
+
+* ``Delegate: <keyword> -> <agent>``: when the newest message contains the keyword (any case)
+  and the agent has the tool ``ask_<agent>`` (the sub-agent), call it with the message and
+  answer with the specialist's reply (or say the delegation failed, quoting its error);
+* ``Reply prefix: <text>`` and ``Sign off: <text>``: every final reply starts with / ends with
+  that text.
+
 Everything it needs is in the model input (the instructions carry the customer id and the skill
 index), so it behaves the same in any worker process and on a resumed run. Every tool call gets a
 fresh unique call id. ``latency`` simulates a provider's response time for benchmarks. Each
@@ -519,7 +528,51 @@ def _message(text: str) -> ResponseOutputMessage:
     )
 
 
+_DELEGATE = re.compile(r"^\s*Delegate:\s*(.+?)\s*->\s*([a-z][a-z0-9_-]*)\s*$",
+                       re.MULTILINE | re.IGNORECASE)
+_PREFIX = re.compile(r"^\s*Reply prefix:\s*(.+?)\s*$", re.MULTILINE | re.IGNORECASE)
+_SIGN_OFF = re.compile(r"^\s*Sign off:\s*(.+?)\s*$", re.MULTILINE | re.IGNORECASE)
+
+
 def decide(convo: Conversation, available: set[str]) -> list[Any]:
+    """The next output items; a final reply follows the instructions' directives."""
+    output = _delegation(convo, available)
+    if output is None:
+        output = _policy(convo, available)
+    if len(output) == 1 and isinstance(output[0], ResponseOutputMessage):
+        text = output[0].content[0].text  # type: ignore[union-attr]
+        return [_message(_directed(convo.instructions, text))]
+    return output
+
+
+def _directed(instructions: str, reply: str) -> str:
+    """``Reply prefix:`` / ``Sign off:`` lines of the instructions applied to a reply."""
+    if match := _PREFIX.search(instructions):
+        reply = f"{match.group(1)} {reply}"
+    if match := _SIGN_OFF.search(instructions):
+        reply = f"{reply}\n\n{match.group(1)}"
+    return reply
+
+
+def _delegation(convo: Conversation, available: set[str]) -> list[Any] | None:
+    """``Delegate: <keyword> -> <agent>``: ask the sub-agent, then relay its answer."""
+    for keyword, agent in _DELEGATE.findall(convo.instructions):
+        tool = f"ask_{agent}"
+        if tool not in available or keyword.lower() not in convo.newest.lower():
+            continue
+        calls = convo.called(tool)
+        if not calls:
+            return [_call(tool, {"request": convo.newest})]
+        answer = (calls[-1].output or "").strip()
+        if not answer or answer.startswith("error:"):
+            detail = answer.removeprefix("error:").strip() or "no answer"
+            return [_message(f"{_greeting(convo)} I couldn't get an answer from our {agent} "
+                             f"specialist: {detail}")]
+        return [_message(f"{_greeting(convo)} I asked our {agent} specialist. {answer}")]
+    return None
+
+
+def _policy(convo: Conversation, available: set[str]) -> list[Any]:
     """The next output items: tool calls still needed, else the final reply."""
     intent = classify(convo)
     if intent == "complaint" and convo.tier in ("pro", "enterprise") and _NEGATIVE.search(

@@ -9,10 +9,13 @@
 2. Open the turn in one round trip: upsert the ``conversations`` row (before any audit row
    points at it), drop what a failed earlier attempt of this turn wrote, read the history
    (:class:`fleet.memory.PostgresSession`).
-3. ``Runner.run`` the support agent: the model (offline policy or an OpenAI-compatible server,
-   :mod:`fleet.models`), the ``load_skill`` tool (:mod:`fleet.skills`), the ``customer-data``
-   MCP server through a client pool (:mod:`fleet.mcp_client`), the input guardrail
-   (:mod:`fleet.guardrails`). Hooks record every tool and skill call for the audit.
+3. ``Runner.run`` the message's agent, built from its ``fleet.agents`` row (cached by version,
+   :mod:`fleet.agent_builder`): its model (offline policy or an OpenAI-compatible server,
+   :mod:`fleet.models`), ``load_skill`` for its skills (:mod:`fleet.skills`), the
+   ``customer-data`` MCP server restricted to its tools, through a client pool
+   (:mod:`fleet.mcp_client`), one ``ask_<name>`` tool per sub-agent (:mod:`fleet.delegation`),
+   the input guardrail (:mod:`fleet.guardrails`). Hooks record every tool and skill call for
+   the audit. A resumed run is rebuilt from the agent versions it was parked with.
 4. End the turn:
    * a reply: save the turn's items and the conversation summary (one statement, fenced by the
      lease), write its audit rows (:mod:`fleet.audit`), return :class:`~fleet.handlers.Reply`;
@@ -36,26 +39,27 @@ from typing import Any
 
 import asyncpg
 from agents import (
-    Agent,
     InputGuardrailTripwireTriggered,
     MaxTurnsExceeded,
-    ModelSettings,
     RunConfig,
-    RunContextWrapper,
     RunHooks,
     Runner,
     RunState,
     Tool,
 )
 
+from fleet import agents as agent_rows
 from fleet import approvals, metrics
+from fleet.agent_builder import AgentBuilder, BuiltAgent
+from fleet.agents import ASK_PREFIX, DEFAULT_AGENT, DEFAULT_INSTRUCTIONS
 from fleet.audit import AuditWriter, TurnAudit, clip, now
 from fleet.database import create_pool, resolve_url
+from fleet.delegation import Delegator, delegation_depth
 from fleet.errors import FleetError, HandlerError, TurnCancelled
-from fleet.guardrails import REFUSAL, input_guardrail
+from fleet.guardrails import REFUSAL
 from fleet.handlers import HandlerResult, Lease, Parked, Reply
 from fleet.limits import TurnLimitExceeded, TurnLimits
-from fleet.mcp_client import CustomerDataServer, CustomerDataUnavailable, MCPClientPool
+from fleet.mcp_client import CustomerDataUnavailable, MCPClientPool
 from fleet.memory import PostgresSession
 from fleet.models import OFFLINE, build_model
 from fleet.offline_model import Conversation
@@ -65,18 +69,10 @@ from fleet.skills import LOAD_SKILL, SkillLibrary
 
 log = logging.getLogger("fleet.turn")
 
-AGENT_NAME = "support"
+#: The default agent and its instructions live in fleet/agents.py (rows in fleet.agents).
+AGENT_NAME = DEFAULT_AGENT
 
-INSTRUCTIONS = """\
-You are the customer-support agent of an online shop. Answer the customer's newest message.
-- Reach business data ONLY through the customer-data tools (lookup_customer,
-  find_customer_by_email, lookup_order, find_similar_resolved_tickets, issue_refund); never
-  guess an order's amount or status.
-- Before drafting an answer to a described problem, search similar resolved tickets and cite
-  the closest resolution; say plainly when there is no strong precedent.
-- Issue a refund only with issue_refund (a human approves it); never promise one otherwise.
-- Use what the customer told you earlier in the conversation (name, order number).
-- Be brief, concrete and polite."""
+INSTRUCTIONS = DEFAULT_INSTRUCTIONS
 
 
 @dataclass
@@ -96,6 +92,12 @@ class TurnContext:
     customer_id: str | None
     variables: dict[str, Any]
     audit: TurnAudit
+    #: The worker's lease on the message (a delegation runs its child turn through it).
+    lease: Any = None
+    #: How deep this turn is in a chain of delegations (0: a customer's message).
+    depth: int = 0
+    #: ``{agent name: version}`` of the agent graph this turn runs (parked with the run).
+    agent_graph: dict[str, int] = field(default_factory=dict)
     tool_errors: set[str] = field(default_factory=set)
     started: dict[str, _Started] = field(default_factory=dict)
     model_calls: int = 0
@@ -191,6 +193,8 @@ class AuditHooks(RunHooks[TurnContext]):
             if started is None:
                 started = _Started(tool.name, {}, now(), time.monotonic())
             latency = int((time.monotonic() - started.clock) * 1000)
+            if tool.name.startswith(ASK_PREFIX):
+                return  # a delegation: audited as `delegated` by fleet.delegation
             if tool.name == LOAD_SKILL:
                 text = str(result)
                 skill = str(started.arguments.get("name", ""))
@@ -259,22 +263,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-class SupportAgent(Agent[TurnContext]):
-    """The support agent, with its MCP tools converted once instead of at every model call.
-
-    The SDK turns each MCP tool into a ``FunctionTool`` (schema copy, strict-schema check) on
-    every step of every run; the customer-data tool list never changes while a worker runs
-    (the pool caches it), so the converted tools are cached on the agent (about 1 ms of CPU
-    per turn, measured with ``fleet bench turns``).
-    """
-
-    async def get_mcp_tools(self, run_context: RunContextWrapper[TurnContext]) -> list[Tool]:
-        cached = self.__dict__.get("_mcp_tools_cache")
-        if cached is None:
-            cached = await super().get_mcp_tools(run_context)
-            self.__dict__["_mcp_tools_cache"] = cached
-        return list(cached)
-
 
 class AgentHandler:
     """The ``agent`` handler: one Agents SDK turn per claimed message (module docstring)."""
@@ -294,14 +282,19 @@ class AgentHandler:
     ) -> None:
         self.settings = settings
         self.pool_size = pool_size
-        self.skills = skills or SkillLibrary()
+        self.skills = skills or SkillLibrary.from_settings(settings)
         self.model = model or build_model(settings)
         self.pool: asyncpg.Pool | None = None
         self.audit: AuditWriter | None = None
         self.mcp = MCPClientPool(settings)
-        self.customer_data = CustomerDataServer(self.mcp)
-        self._instructions = INSTRUCTIONS + "\n\n" + self.skills.index()
-        self.agent = self._build_agent()
+        self.delegator = Delegator(settings, lambda: self.pool)
+        #: Builds each turn's agent from its row, cached by the versions of its graph.
+        self.builder = AgentBuilder(
+            settings, model=self.model, skills=self.skills, mcp=self.mcp, delegate=self.delegator
+        )
+        #: The shipped ``support`` definition, built without the database (introspection);
+        #: turns run the agent built from their message's row.
+        self.agent = self.builder.default_agent()
         self.run_config = RunConfig(
             tracing_disabled=self._tracing_disabled(),
             trace_include_sensitive_data=False,
@@ -316,24 +309,10 @@ class AgentHandler:
         s = self.settings
         return s.model_name == OFFLINE or not s.openai_api_key or bool(s.openai_base_url)
 
-    def _build_agent(self) -> SupportAgent:
-        """The agent graph. A parked run is restored against this same graph, so its name,
-        tools and MCP server (name and order) must stay stable across releases."""
-        base = self._instructions
-
-        def instructions(ctx: RunContextWrapper[TurnContext], _agent: Agent[Any]) -> str:
-            customer = ctx.context.customer_id if ctx.context else None
-            return f"{base}\n\nCustomer id: {customer}" if customer else base
-
-        return SupportAgent(
-            name=AGENT_NAME,
-            instructions=instructions,
-            model=self.model,
-            tools=[self.skills.tool()],
-            mcp_servers=[self.customer_data],
-            input_guardrails=[input_guardrail(self.settings.fleet_max_input_chars)],
-            model_settings=ModelSettings(parallel_tool_calls=True),
-        )
+    def capabilities(self) -> tuple[list[str], list[str]]:
+        """The MCP tools and skills this worker has: it claims only messages for agents
+        (and sub-agents) within them."""
+        return self.builder.capabilities()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -349,6 +328,8 @@ class AgentHandler:
         await self.audit.start()
         # Before the first claim: a server started beside this worker may still be loading.
         await self.mcp.warm(wait=self.settings.fleet_mcp_startup_wait_seconds)
+        # The default agent exists even on a database migrated before agents were rows.
+        await agent_rows.ensure_default(self.pool, self.skills.skills)
 
     async def close(self) -> None:
         await self.mcp.close()
@@ -371,6 +352,8 @@ class AgentHandler:
             limits=self.limits,
             cancel=lease.cancel_requested,
         )
+        turn.lease = lease
+        turn.depth = delegation_depth(message.metadata)
         # A message on its first claim cannot have a parked run: skip the lookup.
         decided = None
         if message.attempts > 1 or message.takeovers > 0:
@@ -491,6 +474,8 @@ class AgentHandler:
     ) -> HandlerResult:
         assert self.pool is not None and self.audit is not None
         received_at = now()
+        built = await self.builder.for_message(self.pool, message.agent)
+        self._use(turn, built)
         session = await PostgresSession.open_turn(
             self.pool,
             message.session_id,
@@ -513,7 +498,7 @@ class AgentHandler:
         )
         try:
             result = await Runner.run(
-                self.agent,
+                built.agent,
                 message.body,
                 session=session,
                 context=turn,
@@ -547,7 +532,16 @@ class AgentHandler:
             user_id=message.customer_id or "anonymous",
             resume_of=decided.approval_id,
         )
-        state = await RunState.from_string(self.agent, decided.state_json, context_override=turn)
+        graph = getattr(decided, "agent_graph", None)
+        built = (
+            await self.builder.for_versions(self.pool, message.agent, graph)
+            if graph
+            else await self.builder.for_message(self.pool, message.agent)
+        )
+        self._use(turn, built)
+        state = await RunState.from_string(
+            built.agent, decided.state_json, context_override=turn
+        )
         reason = decided.reason or "the approver rejected it"
         for item in state.get_interruptions():
             if decided.decision == "approved":
@@ -564,7 +558,7 @@ class AgentHandler:
                 payload={"call_id": item.call_id, "approval_id": decided.approval_id},
             )
         result = await Runner.run(
-            self.agent,
+            built.agent,
             state,
             session=session,
             hooks=self.hooks,
@@ -574,6 +568,10 @@ class AgentHandler:
         return await self._finish(
             message, lease, turn, session, result, resume_of=decided.approval_id
         )
+
+    def _use(self, turn: TurnContext, built: BuiltAgent) -> None:
+        """The turn runs ``built``: remember its graph (parked with the run)."""
+        turn.agent_graph = built.graph
 
     async def _finish(
         self,
@@ -599,6 +597,7 @@ class AgentHandler:
             await self.audit.write(turn.audit)
             approval_id = await approvals.park_run(
                 lease,
+                agent_graph=turn.agent_graph,
                 session_id=message.session_id,
                 interruptions=pending,
                 state_json=state_json,

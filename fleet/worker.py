@@ -242,7 +242,9 @@ class Worker:
             claimed: list[ClaimedMessage] = []
             if free > 0:
                 try:
-                    claimed = await queue.claim(self.pool, self.worker_id, free, self.lease_seconds)
+                    tools, skills = self._capabilities()
+                    claimed = await queue.claim(self.pool, self.worker_id, free,
+                                                self.lease_seconds, tools=tools, skills=skills)
                     backoff = 0.1
                 except TRANSIENT as exc:
                     log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
@@ -258,6 +260,37 @@ class Worker:
                     log.info("queue drained")
                     return
             await self._wait_for_work()
+
+    def _capabilities(self) -> tuple[list[str] | None, list[str] | None]:
+        """The MCP tools and skills the handler has: only messages for agents within them are
+        claimed (``fleet.servable_agents``). A handler without ``capabilities`` serves any."""
+        capabilities = getattr(self.handler, "capabilities", None)
+        if capabilities is None:
+            return None, None
+        tools, skills = capabilities()
+        return list(tools), list(skills)
+
+    async def _run_child(self, message_id: int) -> bool:
+        """Claim one given message (a delegation's child turn) and run it in the calling task,
+        outside the slot count, through the normal path: its lease is heartbeated, its outcome
+        goes through the completer, a failure is retried or dead. False if it was not
+        claimable (another worker has it, or its retry is not due yet)."""
+        message = await queue.claim_message(
+            self.pool, self.worker_id, message_id, self.lease_seconds
+        )
+        if message is None:
+            return False
+        metrics.MESSAGES_CLAIMED.inc()
+        metrics.IN_FLIGHT.inc()
+        self.held[message.id] = message.lease_token
+        await self._execute(message, self._lease(message))
+        return True
+
+    def _lease(self, message: ClaimedMessage) -> Lease:
+        lease = Lease(message, self.pool)
+        # Delegations run their child turns inline (fleet.delegation).
+        lease.run_inline = self._run_child  # type: ignore[attr-defined]
+        return lease
 
     async def _wait_for_work(self) -> None:
         try:
@@ -278,7 +311,7 @@ class Worker:
         )
         metrics.IN_FLIGHT.inc()
         self.held[message.id] = message.lease_token
-        lease = Lease(message, self.pool)
+        lease = self._lease(message)
         task = asyncio.create_task(self._execute(message, lease), name=f"message-{message.id}")
         self.in_flight[message.id] = _InFlight(message, task, lease)
 

@@ -5,17 +5,18 @@
 -- name: park_insert
 -- A turn paused on tool approvals: store the serialized run, waiting for a human.
 -- $1 session, $2 message, $3 tool, $4 arguments, $5 call id, $6 all interruptions,
--- $7 serialized RunState, $8 TTL seconds.
+-- $7 serialized RunState, $8 TTL seconds, $9 the agent graph ({name: version}) it runs.
 INSERT INTO run_states (conversation_id, message_id, tool, arguments, call_id, interruptions,
-                        state, status, expires_at)
+                        state, status, expires_at, agent_graph)
 VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7, 'awaiting',
-        now() + make_interval(secs => $8))
+        now() + make_interval(secs => $8), $9::jsonb)
 RETURNING id::text, requested_at, expires_at;
 
 -- name: latest_for_message
 -- The newest parked run of a message, locked: a decided run to resume, or a resumed one whose
 -- resume never finished (its worker died, or the attempt failed and is being retried).
-SELECT id::text, status, decision, decision_note, decided_by, state, interruptions, resume_token
+SELECT id::text, status, decision, decision_note, decided_by, state, interruptions, resume_token,
+       agent_graph
 FROM run_states
 WHERE message_id = $1
 ORDER BY requested_at DESC

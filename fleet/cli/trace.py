@@ -21,20 +21,33 @@ from fleet.sql import queries
 SQL = queries("agent_runtime.sql")
 
 
-async def load_trace(conn: Any, session_id: str) -> dict[str, Any]:
-    """Everything ``fleet trace`` shows for one session."""
+async def load_trace(conn: Any, session_id: str, _depth: int = 0) -> dict[str, Any]:
+    """Everything ``fleet trace`` shows for one session, and (under ``delegations``) the trace
+    of every child session its turns delegated to, recursively."""
     conversation = await conn.fetchrow(SQL["trace_conversation"], session_id)
     audit = [dict(r) for r in await conn.fetch(SQL["trace_audit"], session_id)]
     run_states = [dict(r) for r in await conn.fetch(SQL["trace_run_states"], session_id)]
     messages = [dict(r) for r in await conn.fetch(SQL["trace_messages"], session_id)]
     if conversation is None and not audit and not messages:
         raise NotFound(f"no session {session_id!r}: no conversation, audit rows or messages")
+    delegations: list[dict[str, Any]] = []
+    children = dict.fromkeys(
+        (r.get("payload") or {}).get("child_session")
+        for r in audit if r["action"] == "delegated"
+    )
+    for child in children:
+        if child and _depth < 8:
+            try:
+                delegations.append(await load_trace(conn, child, _depth + 1))
+            except NotFound:  # pragma: no cover - enqueued, but not yet seen by a worker
+                continue
     return {
         "session_id": session_id,
         "conversation": dict(conversation) if conversation else None,
         "audit": audit,
         "run_states": run_states,
         "messages": messages,
+        "delegations": delegations,
     }
 
 
@@ -119,3 +132,6 @@ def render(data: dict[str, Any]) -> None:
     conversation = data["conversation"]
     if conversation and conversation.get("summary"):
         typer.echo(f"\nsummary: {conversation['summary']}")
+    for child in data.get("delegations", []):
+        typer.echo(f"\ndelegated turn(s) of session {data['session_id']}:")
+        render(child)

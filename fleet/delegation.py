@@ -1,0 +1,184 @@
+"""Delegation: a parent agent asks a sub-agent (``ask_<name>``); the child turn is a message in
+the same queue.
+
+Why a queued message rather than a nested ``Runner.run``: the child turn then has everything a
+turn has (a lease and fencing, retries, its own memory and audit trail, metrics, approvals) and
+shows up in ``fleet messages`` and ``fleet trace`` like any other.
+
+How one delegation runs (:class:`Delegator`):
+
+1. **Depth**: the child's depth is the parent's plus one (a top-level message is depth 0; the
+   depth travels in the child message's ``metadata.delegation``). Beyond
+   ``FLEET_MAX_DELEGATION_DEPTH`` the delegation is refused at run time: the parent's model gets
+   an ``error:`` result saying so and the refusal is audited. Cycles never get this far: they are
+   refused when agents are defined (:func:`fleet.agents.validate`).
+2. **Enqueue** the child: session ``<parent session>/<child agent>`` (its own session, so the
+   parent, which holds its own session's head while it waits, cannot block it; the specialist
+   keeps a memory per parent conversation), dedupe key ``delegation:<parent message>:<call id>``:
+   a parent that runs the same tool call again (a resumed run) gets the child it already has,
+   finished or not, instead of a second one.
+3. **Run it inline**: the parent's worker claims that very message under its own lease
+   (``queue.claim_message``) and runs it in the parent's task through the worker's normal path
+   (heartbeat, outcome written by the completer, retry or dead on failure). So a delegation
+   never waits for a free worker slot: with every slot of every worker busy with parents, each
+   parent still runs its child itself, and the fleet cannot deadlock on delegations. If another
+   worker claimed the child first (it was woken by the enqueue), the parent waits for that
+   worker's outcome; if that worker dies, the lease expires and the child comes back, and the
+   parent claims it then.
+4. **Result**: the child's reply is the tool result. A child that ends ``dead`` or ``cancelled``
+   gives an ``error:`` result; one that parks for a human approval gives a result saying so
+   (the parent never waits on a person); one that does not finish within
+   :data:`WAIT_SECONDS` gives an ``error:`` result and stays in its queue.
+
+Every delegation writes a ``delegated`` audit row in the parent's conversation: the child's
+agent, session and message id, the depth and the outcome, so ``fleet trace`` of the parent
+points at the child's own trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from typing import Any
+
+import asyncpg
+
+from fleet import queue
+from fleet.audit import now
+from fleet.settings import Settings
+
+log = logging.getLogger("fleet.delegation")
+
+#: How long a parent waits for its child turn before giving up on it (the child stays queued).
+WAIT_SECONDS = 300.0
+_POLL = 0.05
+_POLL_MAX = 0.5
+
+
+def delegation_depth(metadata: dict[str, Any] | None) -> int:
+    """How deep a message is in a chain of delegations (0: a customer's message)."""
+    info = (metadata or {}).get("delegation")
+    if isinstance(info, dict):
+        try:
+            return max(int(info.get("depth", 0)), 0)
+        except (TypeError, ValueError):
+            return 0
+    return 0
+
+
+def child_session(parent_session: str, child: str) -> str:
+    """``<parent session>/<child>``; a hash of the parent when that would pass 128 chars."""
+    session = f"{parent_session}/{child}"
+    if len(session) <= 128:
+        return session
+    digest = hashlib.sha256(parent_session.encode()).hexdigest()[:24]
+    return f"{parent_session[:40]}~{digest}/{child}"[:128]
+
+
+class Delegator:
+    """Runs ``ask_<child>`` calls for one worker's agent handler (module docstring)."""
+
+    def __init__(self, settings: Settings, pool_of: Any) -> None:
+        self.settings = settings
+        #: () -> asyncpg.Pool: the handler's pool (created at start, after this object).
+        self._pool_of = pool_of
+
+    async def __call__(
+        self, turn: Any, parent: str, child: str, request: str, call_id: str
+    ) -> str:
+        started = time.monotonic()
+        at = now()
+        depth = getattr(turn, "depth", 0) + 1
+        limit = self.settings.fleet_max_delegation_depth
+        payload: dict[str, Any] = {
+            "parent_agent": parent,
+            "agent": child,
+            "depth": depth,
+            "call_id": call_id,
+            "request": request[:500],
+            "parent_message_id": turn.message_id,
+        }
+        if depth > limit:
+            error = (
+                f"delegation refused: {parent} -> {child} would be delegation depth {depth}, "
+                f"beyond FLEET_MAX_DELEGATION_DEPTH={limit}"
+            )
+            turn.audit.event("delegated", f"agent:{child}", payload,
+                             {"status": "blocked", "error": error}, at=at)
+            return f"error: {error}"
+
+        pool: asyncpg.Pool = self._pool_of()
+        session = child_session(turn.session_id, child)
+        message_id = await queue.enqueue(
+            pool,
+            session,
+            request,
+            customer_id=turn.customer_id,
+            dedupe_key=f"delegation:{turn.message_id}:{call_id}"[:256],
+            agent=child,
+            variables=turn.variables,
+            metadata={"delegation": {
+                "depth": depth,
+                "parent_message_id": turn.message_id,
+                "parent_session": turn.session_id,
+                "parent_agent": parent,
+                "call_id": call_id,
+            }},
+        )
+        payload.update(child_session=session, child_message_id=message_id)
+        lease = getattr(turn, "lease", None)
+        run_inline = getattr(lease, "run_inline", None)
+        outcome = await self._wait(pool, message_id, run_inline)
+        latency = int((time.monotonic() - started) * 1000)
+        state = outcome.state if outcome else "timeout"
+        result: dict[str, Any] = {"status": _STATUS.get(state, "error"), "state": state,
+                                  "latency_ms": latency}
+        if outcome is not None and outcome.state == "done":
+            reply = outcome.reply or ""
+            result["reply"] = reply[:500]
+            text = reply
+        elif outcome is not None and outcome.state == "awaiting_approval":
+            text = (
+                f"The {child} agent's action is waiting for a human approval; its answer will "
+                f"follow in session {session} (message {message_id})."
+            )
+        elif outcome is None:
+            text = (
+                f"error: the {child} agent did not answer within {WAIT_SECONDS:.0f}s; its "
+                f"message {message_id} stays in the queue"
+            )
+            result["error"] = text
+        else:
+            text = f"error: the {child} agent's turn ended {outcome.state}: {outcome.error}"
+            result["error"] = text[:1000]
+        turn.audit.event("delegated", f"agent:{child}", payload, result, at=at)
+        return text
+
+    async def _wait(
+        self, pool: asyncpg.Pool, message_id: int, run_inline: Any
+    ) -> queue.Message | None:
+        """The child's final (or parked) state; runs it here whenever it is claimable."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        pause = _POLL
+        while time.monotonic() < deadline:
+            message = await queue.get_message(pool, message_id)
+            if message is None:  # pragma: no cover - messages are never deleted
+                return None
+            if message.state in queue.FINISHED_STATES or message.state == "awaiting_approval":
+                return message
+            if message.state == "queued" and run_inline is not None:
+                if await run_inline(message_id):
+                    pause = _POLL
+                    continue
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, _POLL_MAX)
+        return None
+
+
+_STATUS = {"done": "ok", "awaiting_approval": "awaiting", "dead": "error",
+           "cancelled": "error", "timeout": "timeout"}
+
+
+__all__ = ["Delegator", "child_session", "delegation_depth"]
