@@ -139,7 +139,7 @@ async def _enqueue_load(url: str, total: int, sessions: int, seconds: float, tal
 
 async def _chaos(fleet: Fleet, fleet_home: Path, tally: Tally, until: asyncio.Event, *,
                  restart_db_at: float, restart_mcp_at: float | None,
-                 restart_mcp: Any = None) -> None:
+                 restart_mcp: Any = None, pause: tuple[float, float] = (1.0, 2.5)) -> None:
     from fleet.embedded import EmbeddedServer
     from fleet.settings import Settings
 
@@ -147,7 +147,7 @@ async def _chaos(fleet: Fleet, fleet_home: Path, tally: Tally, until: asyncio.Ev
     db_done = False
     mcp_done = restart_mcp_at is None
     while not until.is_set():
-        await asyncio.sleep(random.uniform(1.0, 2.5))
+        await asyncio.sleep(random.uniform(*pause))
         fleet.kill_random_worker()
         tally.kills += 1
         elapsed = time.monotonic() - start
@@ -167,13 +167,16 @@ async def _chaos(fleet: Fleet, fleet_home: Path, tally: Tally, until: asyncio.Ev
 def _assert_no_crash(logs: str) -> None:
     """No worker exited on an error ("error: ..." from the CLI) and no task died unseen. A
     traceback that asyncpg's pool logs itself while the database is down ("Failed to restore
-    the pool connection floor; retrying") is the pool retrying, not a crash."""
+    the pool connection floor; retrying") is the pool retrying, not a crash; so is one the
+    Agents SDK logs for an MCP call that our client then retries."""
     assert "\nerror:" not in "\n" + logs, logs[-3000:]
     assert "Task exception was never retrieved" not in logs, logs[-3000:]
     blocks = logs.split("Traceback (most recent call last):")
     for before in blocks[:-1]:
         last_line = before.rstrip("\n").rsplit("\n", 1)[-1]
-        assert "asyncpg.pool" in last_line, last_line
+        # The Agents SDK logs each failed MCP call with its traceback before our client
+        # retries it (the MCP server restart): a handled failure, not a crash.
+        assert "asyncpg.pool" in last_line or "Error invoking MCP tool" in last_line, last_line
 
 
 async def _all_registered(url: str, fleet: Fleet) -> bool:
