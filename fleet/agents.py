@@ -169,6 +169,20 @@ def validate(
             f"agent {spec.name!r}: unknown skill {unknown_skills[0]!r}; the skills on disk are "
             f"{', '.join(sorted(skills)) or 'none'}"
         )
+    if "limits" in spec.metadata:
+        from fleet.limits import TurnLimits
+
+        limits = spec.metadata["limits"]
+        try:
+            if not isinstance(limits, dict):
+                raise ValueError("it must be a JSON object")
+            TurnLimits().override(limits)
+        except ValueError as exc:
+            raise InvalidInput(
+                f"agent {spec.name!r}: metadata.limits overrides max_model_calls, "
+                f"max_tool_calls and token_budget (whole numbers >= 1, budget >= 0): {exc}"
+                .splitlines()[0]
+            ) from exc
     if spec.name in spec.sub_agents:
         raise InvalidInput(f"agent {spec.name!r} cannot be its own sub-agent")
     missing = [s for s in spec.sub_agents if s not in existing]

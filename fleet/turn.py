@@ -570,8 +570,13 @@ class AgentHandler:
         )
 
     def _use(self, turn: TurnContext, built: BuiltAgent) -> None:
-        """The turn runs ``built``: remember its graph (parked with the run)."""
+        """The turn runs ``built``: remember its graph (parked with the run) and apply the
+        row's own limits (``metadata.limits``: max_model_calls, max_tool_calls, token_budget)
+        over the settings'."""
         turn.agent_graph = built.graph
+        overrides = built.row.metadata.get("limits")
+        if isinstance(overrides, dict):
+            turn.limits = turn.limits.override(overrides, origin=f"agent {built.row.name}")
 
     async def _finish(
         self,

@@ -237,3 +237,12 @@ def test_cli_agents_cycle_refused(fleet_env: dict[str, str]) -> None:
     done = fleet("agents", "update", "a", "--sub-agent", "b", env=fleet_env)
     assert done.returncode == 2
     assert "sub-agents would form a cycle (a -> b -> a)" in done.stderr
+
+
+async def test_per_agent_limits_in_metadata_are_validated(conn: asyncpg.Connection) -> None:
+    with pytest.raises(InvalidInput, match=r"metadata\.limits"):
+        await agents.create(conn, spec("x", metadata={"limits": {"max_tool_calls": 0}}),
+                            known_skills=SKILLS)
+    row = await agents.create(conn, spec("x", metadata={"limits": {"max_tool_calls": 3}}),
+                              known_skills=SKILLS)
+    assert row.metadata["limits"] == {"max_tool_calls": 3}
