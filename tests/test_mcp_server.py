@@ -498,3 +498,35 @@ async def test_least_privilege_role_through_pgbouncer(
     finally:
         await admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
         await admin.close()
+
+
+async def test_pooled_clients_share_the_tool_listing_and_compiled_validators(
+        server: RunningServer) -> None:
+    """Each new pooled client starts with the pool's tool listing and output-schema validators:
+    no tools/list of its own, no schema compiled twice; results are still validated."""
+    from pydantic import SecretStr
+
+    from fleet.mcp_client import MCPClientPool
+
+    cfg = server.settings.model_copy(update={
+        "customer_data_url": server.url, "customer_data_token": SecretStr(server.token)})
+    pool = MCPClientPool(cfg)
+    try:
+        await pool.warm()
+        results = await asyncio.gather(*(
+            pool.call_tool("lookup_order", {"order_id": "4429"}, {"session_id": f"pool-{i}"})
+            for i in range(6)))
+        assert all(not r.is_error for r in results)
+        assert pool.created >= 2, "the calls should have needed more than one client"
+        sessions = [c.session for c in pool._idle]
+        primed = [s for s in sessions if s._tool_output_validators is pool._validators]
+        assert len(primed) >= len(sessions) - 1  # every client but the one that listed the tools
+        assert "lookup_order" in pool._validators  # compiled once, shared
+        for session in primed:
+            assert set(session._tool_output_schemas) == {t.name for t in await pool.tools()}
+        # Validation still happens: a result that breaks the schema is refused.
+        bad = results[0].model_copy(update={"structured_content": {"order": "not an object"}})
+        with pytest.raises(RuntimeError, match="Invalid structured content"):
+            await primed[0].validate_tool_result("lookup_order", bad)
+    finally:
+        await pool.close()
