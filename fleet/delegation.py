@@ -14,9 +14,11 @@ How one delegation runs (:class:`Delegator`):
    refused when agents are defined (:func:`fleet.agents.validate`).
 2. **Enqueue** the child: session ``<parent session>/<child agent>`` (its own session, so the
    parent, which holds its own session's head while it waits, cannot block it; the specialist
-   keeps a memory per parent conversation), dedupe key ``delegation:<parent message>:<call id>``:
-   a parent that runs the same tool call again (a resumed run) gets the child it already has,
-   finished or not, instead of a second one.
+   keeps a memory per parent conversation), dedupe key
+   ``delegation:<parent message>:<child>:<hash of the request>``: a parent that asks the same
+   thing again (a retried attempt, whose model issues new tool call ids, or a resumed run) gets
+   the child it already has, finished or not, instead of a second one, so a child's effects
+   happen once per question however often the parent's turn is retried.
 3. **Run it inline**: the parent's worker claims that very message under its own lease
    (``queue.claim_message``) and runs it in the parent's task through the worker's normal path
    (heartbeat, outcome written by the completer, retry or dead on failure). So a delegation
@@ -68,6 +70,12 @@ def delegation_depth(metadata: dict[str, Any] | None) -> int:
     return 0
 
 
+def delegation_key(parent_message_id: int, child: str, request: str) -> str:
+    """The child message's dedupe key: one child per parent message, sub-agent and question."""
+    digest = hashlib.sha256(request.encode()).hexdigest()[:24]
+    return f"delegation:{parent_message_id}:{child}:{digest}"
+
+
 def child_session(parent_session: str, child: str) -> str:
     """``<parent session>/<child>``; a hash of the parent when that would pass 128 chars."""
     session = f"{parent_session}/{child}"
@@ -116,7 +124,7 @@ class Delegator:
             session,
             request,
             customer_id=turn.customer_id,
-            dedupe_key=f"delegation:{turn.message_id}:{call_id}"[:256],
+            dedupe_key=delegation_key(turn.message_id, child, request),
             agent=child,
             variables=turn.variables,
             metadata={"delegation": {
@@ -181,4 +189,4 @@ _STATUS = {"done": "ok", "awaiting_approval": "awaiting", "dead": "error",
            "cancelled": "error", "timeout": "timeout"}
 
 
-__all__ = ["Delegator", "child_session", "delegation_depth"]
+__all__ = ["Delegator", "child_session", "delegation_depth", "delegation_key"]

@@ -246,3 +246,47 @@ async def test_per_agent_limits_in_metadata_are_validated(conn: asyncpg.Connecti
     row = await agents.create(conn, spec("x", metadata={"limits": {"max_tool_calls": 3}}),
                               known_skills=SKILLS)
     assert row.metadata["limits"] == {"max_tool_calls": 3}
+
+
+async def test_a_retried_parent_gets_the_child_it_already_has(
+    conn: asyncpg.Connection, settings, db_url: str
+) -> None:
+    """A retried attempt of the parent turn asks again with new tool call ids: the delegation's
+    dedupe key (parent message, sub-agent, question) hands it the same child message, already
+    answered, instead of running the specialist a second time."""
+    from types import SimpleNamespace
+
+    from fleet.audit import TurnAudit
+    from fleet.database import create_pool
+    from fleet.delegation import Delegator
+    from fleet.handlers import NoopHandler
+    from fleet.worker import Worker
+
+    await agents.create(conn, spec("tier2"), known_skills=SKILLS)
+    parent_id = await queue.enqueue(conn, "parent-s", "my card was charged twice")
+    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=2)
+    worker = Worker(settings, NoopHandler(work_delay=0.0), concurrency=2)
+    running = asyncio.create_task(worker.run())
+    try:
+        delegate = Delegator(settings, lambda: pool)
+        answers, audits = [], []
+        for call_id in ("call-attempt-1", "call-attempt-2"):
+            turn = SimpleNamespace(message_id=parent_id, session_id="parent-s", customer_id=None,
+                                   variables={}, depth=0, lease=None,
+                                   audit=TurnAudit("parent-s", actor="agent:support"))
+            answers.append(await delegate(turn, "support", "tier2", "check the charge", call_id))
+            audits.append(turn.audit.rows[-1])
+        other = SimpleNamespace(message_id=parent_id, session_id="parent-s", customer_id=None,
+                                variables={}, depth=0, lease=None,
+                                audit=TurnAudit("parent-s", actor="agent:support"))
+        await delegate(other, "support", "tier2", "a different question", "call-3")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 30)
+        await pool.close()
+    assert answers == ["ok", "ok"]
+    children = await conn.fetch(
+        "SELECT id, body, attempts FROM fleet.messages WHERE agent = 'tier2' ORDER BY id")
+    assert [c["body"] for c in children] == ["check the charge", "a different question"]
+    assert children[0]["attempts"] == 1  # ran once, not once per parent attempt
+    assert {a.payload["child_message_id"] for a in audits} == {children[0]["id"]}
