@@ -157,6 +157,8 @@ async def test_openai_compatible_model_drives_a_tool_call_end_to_end(
         actions = [(r["action"], r["target"]) for r in trace["audit"]]
         assert actions == [("message_received", "conversation:wire-1"),
                            ("capability_invoked", "mcp:lookup_order"),
+                           # the server's own row for the order it read (run variables too)
+                           ("customer_data_read", "mcp:lookup_order"),
                            ("message_sent", "conversation:wire-1")]
         sent = trace["audit"][-1]["payload"]
         assert sent["model"] == "stub-model" and sent["model_calls"] == 2
