@@ -975,6 +975,8 @@ class QueueBench:
                     "explain",
                     self.config.batch,
                     30.0,
+                    None,  # tools: any agent (the no-op worker's claim)
+                    None,  # skills
                 )
             finally:
                 await tx.rollback()
