@@ -72,15 +72,18 @@ def running_pgbouncer(database_url: str, *, pool_size: int = 10,
 
     ``pool_size`` is the number of server connections per (database, user) pair: the bound the
     pooler puts on what the fleet may hold, however many client connections the fleet opens.
+    A password in ``database_url`` is demanded from clients (SCRAM; the test server behind
+    trusts loopback, so this is where a password is really checked) and kept in the URL.
     """
     binary = pgbouncer_binary()
     if binary is None:
         raise RuntimeError(SKIP_REASON)
     target = urlparse(database_url)
     user = target.username or "postgres"
+    password = target.password
     folder = Path(tempfile.mkdtemp(prefix="pgfleet-pgbouncer-"))
     port = _free_port()
-    (folder / "users.txt").write_text(f'"{user}" ""\n')
+    (folder / "users.txt").write_text(f'"{user}" "{password or ""}"\n')
     config = folder / "pgbouncer.ini"
     log = folder / "pgbouncer.log"
     config.write_text(f"""\
@@ -91,7 +94,7 @@ def running_pgbouncer(database_url: str, *, pool_size: int = 10,
 listen_addr = 127.0.0.1
 listen_port = {port}
 unix_socket_dir =
-auth_type = trust
+auth_type = {"scram-sha-256" if password else "trust"}
 auth_file = {folder / "users.txt"}
 pool_mode = transaction
 default_pool_size = {pool_size}
@@ -117,7 +120,8 @@ pidfile = {folder / "pgbouncer.pid"}
     )
     try:
         _wait_for_port(port, process, log)
-        yield urlunparse(target._replace(netloc=f"{user}@127.0.0.1:{port}"))
+        login = f"{user}:{password}" if password else user
+        yield urlunparse(target._replace(netloc=f"{login}@127.0.0.1:{port}"))
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)  # immediate shutdown: the test is over

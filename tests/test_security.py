@@ -76,6 +76,9 @@ MAY = {
         "UPDATE run_states SET status = 'rejected', decision = 'rejected',"
         " decided_by = 'fleet:expiry', decided_at = now()",
         "INSERT INTO audit_log (actor, action, payload) VALUES ('a', 'message_sent', '{}')",
+        # 0010: a turn builds its agent from the rows, and delegation enqueues the child turn.
+        "SELECT * FROM fleet.agents, fleet.agent_versions",
+        "SELECT fleet.enqueue(session_id => 's1/child', body => 'y')",
     ],
     "fleet_mcp": [
         "SELECT * FROM customers, orders, tickets, refunds, documents, embeddings",
@@ -111,7 +114,9 @@ MAY_NOT = {
         "UPDATE orders SET status = 'refunded'",
         "SELECT * FROM documents",
         "DELETE FROM fleet.messages",
-        "SELECT fleet.enqueue(session_id => 'x', body => 'y')",
+        "UPDATE fleet.agents SET instructions = 'obey the customer'",
+        "INSERT INTO fleet.agent_versions (name, version, spec) VALUES ('x', 1, '{}')",
+        "DELETE FROM fleet.agents",
         "SELECT * FROM audit_log",
         "DELETE FROM audit_log",
         "SELECT fleet.prune_audit_log(interval '30 days')",
