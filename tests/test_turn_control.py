@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -32,7 +34,8 @@ from fleet import offline_model
 from fleet.handlers import build_handler
 from fleet.settings import Settings
 from fleet.worker import Worker
-from tests.processes import wait_until
+from tests.processes import fleet as fleet_cli
+from tests.processes import start_fleet, stop, wait_until
 from tests.seeded import RunningServer, mcp_server_in_thread, seeded_clone, seeded_template
 
 COMPLAINT = "I haven't received my refund from order #{order}, it's been two weeks."
@@ -312,3 +315,51 @@ async def test_cancelling_a_parked_refund_rejects_its_approval_and_no_refund_is_
     assert "approval_requested" in actions and "refund_issued" not in actions
     assert actions[-3:] == ["approval_decided", "refund_blocked", "message_cancelled"] or \
         actions[-2:] == ["approval_decided", "message_cancelled"], actions
+
+
+async def test_fleet_cancel_stops_a_turn_running_in_a_worker_process(
+    seeded_db: str, server: RunningServer, db: asyncpg.Connection, fleet_home: Path,
+    tmp_path: Path,
+) -> None:
+    """The same across processes: ``fleet worker`` runs the turn, ``fleet cancel`` (another
+    process) asks it to stop and waits; the request reaches the worker by NOTIFY."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "OPENAI_"))}
+    env.update(
+        DATABASE_URL=seeded_db, FLEET_HOME=str(fleet_home), FLEET_MODEL="offline",
+        FLEET_OFFLINE_LATENCY_SECONDS="1.5", FLEET_LEASE_SECONDS="60",
+        FLEET_POLL_INTERVAL="0.3", FLEET_SHUTDOWN_GRACE="5", FLEET_LOG_LEVEL="INFO",
+        CUSTOMER_DATA_URL=server.url, CUSTOMER_DATA_TOKEN=server.token,
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+    )
+    settings = _settings(seeded_db, server)
+    order = await _order(db)
+    session = _session()
+    log = tmp_path / "worker.log"
+    worker = start_fleet("worker", "--handler", "agent", "--concurrency", "2", env=env, log=log)
+    try:
+        async with client_for(settings) as client:
+            message_id = await client.enqueue(
+                session, COMPLAINT.format(order=order["id"]), customer_id=order["customer_id"]
+            )
+
+            async def running() -> bool:
+                assert worker.poll() is None, log.read_text()[-3000:]
+                return (await client.get_message(message_id)).state == "running"
+
+            await wait_until(running, timeout=60, message="the worker to start the turn")
+            done = fleet_cli("cancel", str(message_id), "--by", "ops", "--reason", "duplicate",
+                             "--wait", "15", "--json", env=env, timeout=60)
+            assert done.returncode == 0, done.stderr
+            reply = json.loads(done.stdout)
+            assert (reply["message_id"], reply["state"]) == (message_id, "cancelled"), reply
+            assert reply["error"] == "cancelled while running"
+            again = fleet_cli("cancel", str(message_id), env=env, timeout=60)
+            assert again.returncode != 0 and "already cancelled" in again.stderr
+    finally:
+        assert stop(worker) == 0, log.read_text()[-3000:]
+    trail = await _trail(db, session)
+    actions = [r["action"] for r in trail]
+    assert "cancel_requested" in actions and actions[-1] == "message_cancelled", actions
+    assert "message_sent" not in actions
+    assert trail[-1]["actor"].startswith("agent:")
+    assert "cancelled while running" in log.read_text()
