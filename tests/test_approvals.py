@@ -419,6 +419,7 @@ async def test_cancelling_a_parked_message_rejects_its_run(pool: asyncpg.Pool):
         "approval_requested",
         "approval_decided",
         "refund_blocked",
+        "message_cancelled",  # the cancellation itself, in the same transaction
     ]
     assert (await queue.get_message(pool, lease.message.id)).state == "cancelled"
     with pytest.raises(InvalidInput, match="already rejected by fleet:cancel"):
