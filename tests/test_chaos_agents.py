@@ -317,16 +317,19 @@ async def test_chaos_agent_fleet_with_refunds_approvals_and_restarts(
     await _seed(db_url)
     tally = Tally()
     env = dict(fleet_env, FLEET_LOG_LEVEL="WARNING", FLEET_MODEL="offline",
-               FLEET_RETRY_BASE_SECONDS="0.5",
+               FLEET_RETRY_BASE_SECONDS="0.5", FLEET_OFFLINE_LATENCY_SECONDS="0.2",
                FLEET_RETRY_MAX_SECONDS="5", FLEET_MCP_CONNECT_TIMEOUT_SECONDS="2",
                FLEET_MCP_CALL_TIMEOUT_SECONDS="5")
     with running_mcp(env, tmp_path / "mcp.log") as mcp:
         mcp_restart: list[asyncio.Task[None]] = []
+        mcp_down: list[float] = []
 
         async def restart_mcp() -> None:
             def go() -> None:
+                down = time.monotonic()
                 mcp.stop(signal.SIGKILL)
                 mcp.start()
+                mcp_down.append(time.monotonic() - down)
 
             # In the background: the kills go on while the server reloads its model.
             mcp_restart.append(asyncio.create_task(asyncio.to_thread(go)))
@@ -379,6 +382,7 @@ async def test_chaos_agent_fleet_with_refunds_approvals_and_restarts(
     print(f"\nchaos tally (agent): {TOTAL} messages over {SESSIONS} sessions in "
           f"{time.monotonic() - tally.started:.0f}s; kill -9 x{tally.kills}, "
           f"(x{fleet.kills_busy} holding turns), "
-          f"PostgreSQL restarts x{tally.db_restarts}, MCP server restarts x{tally.mcp_restarts}, "
+          f"PostgreSQL restarts x{tally.db_restarts}, MCP server restarts x{tally.mcp_restarts} "
+          f"(down {mcp_down[0]:.1f}s), "
           f"enqueue retries x{tally.enqueue_retries}, decided {dict(tally.approvals_decided)}; "
           f"{summary}; {agent}")
