@@ -110,6 +110,23 @@ async def _run(call: Any) -> Any:
         raise ToolError(str(exc)) from exc
 
 
+def _one_thread_per_query() -> None:
+    """Run the local model's forward pass on one intra-op thread.
+
+    The server only embeds queries: one short description per search. Split over torch's
+    default thread pool (one thread per core), a 20-token forward pass gains nothing, and when
+    the cores are busy (the worker, PostgreSQL and other searches share them) the pool's threads
+    spin waiting for each other: measured in-process on this 2-core machine at load ~3, one
+    query took 210-230 ms of CPU and 460-560 ms wall with 2 threads, 19-21 ms of CPU and
+    44-66 ms wall with 1. Concurrent searches still run one after another (the embedder's
+    lock), so one thread is also all they could use. Bulk embedding (``fleet seed``,
+    ``fleet reembed``) runs in other processes and keeps the default.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def build_server(settings: Settings) -> MCPServer:
     """The MCP server with its five tools (no transport yet: see :func:`create_app`)."""
     token = settings.customer_data_token
@@ -126,6 +143,8 @@ def build_server(settings: Settings) -> MCPServer:
             vector=True,
         )
         try:
+            if settings.fleet_embeddings == "local":
+                _one_thread_per_query()
             await aembed(["warm-up"], settings)  # load the model before the port opens
             log.info("customer-data ready (embeddings: %s)", model_spec(settings).name)
             yield AppState(pool=pool, settings=settings, spec=model_spec(settings))
