@@ -25,6 +25,7 @@ the rest and release their messages so another worker takes them at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -103,6 +104,8 @@ class Worker:
         self.held: dict[int, int] = {}
         #: running messages whose cancellation was requested -> when this worker first saw it
         self._cancelling: dict[int, float] = {}
+        #: parent message id -> its delegations' child messages running inline (fleet.delegation)
+        self._children: dict[int, set[int]] = {}
         #: set by a ``fleet_cancel`` NOTIFY for a message in flight: heartbeat now
         self._heartbeat_now = asyncio.Event()
         self._pending: list[Outcome] = []
@@ -270,10 +273,13 @@ class Worker:
         tools, skills = capabilities()
         return list(tools), list(skills)
 
-    async def _run_child(self, message_id: int) -> bool:
-        """Claim one given message (a delegation's child turn) and run it in the calling task,
-        outside the slot count, through the normal path: its lease is heartbeated, its outcome
-        goes through the completer, a failure is retried or dead. False if it was not
+    async def _run_child(self, parent_id: int, message_id: int) -> bool:
+        """Claim one given message (a delegation's child turn) and run it for the calling
+        (parent's) task, outside the slot count, through the normal path: its lease is
+        heartbeated, its outcome goes through the completer, a failure is retried or dead. It
+        is in flight like any message, so cancelling it stops it; cancelling the parent stops
+        it too (:meth:`_stop_cancelled`), and a parent stopped where it is (lost lease,
+        shutdown) takes the child down with it and gives its lease back. False if it was not
         claimable (another worker has it, or its retry is not due yet)."""
         message = await queue.claim_message(
             self.pool, self.worker_id, message_id, self.lease_seconds
@@ -283,13 +289,35 @@ class Worker:
         metrics.MESSAGES_CLAIMED.inc()
         metrics.IN_FLIGHT.inc()
         self.held[message.id] = message.lease_token
-        await self._execute(message, self._lease(message))
+        lease = self._lease(message)
+        task = asyncio.create_task(self._execute(message, lease), name=f"message-{message.id}")
+        self.in_flight[message.id] = _InFlight(message, task, lease)
+        self._children.setdefault(parent_id, set()).add(message.id)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            [ended] = await asyncio.gather(task, return_exceptions=True)
+            # Stopped where it was (nothing written for it): give the message back now. Had it
+            # ended on its own (an outcome queued), the completer owns its lease.
+            if isinstance(ended, asyncio.CancelledError) and self.held.pop(message.id, None):
+                try:
+                    await queue.release(self.pool, [(message.id, message.lease_token)])
+                except TRANSIENT as exc:  # its lease will expire instead
+                    log.warning("message %d: could not release (%s)", message.id, exc)
+            raise
+        finally:
+            children = self._children.get(parent_id)
+            if children is not None:
+                children.discard(message.id)
+                if not children:
+                    self._children.pop(parent_id, None)
         return True
 
     def _lease(self, message: ClaimedMessage) -> Lease:
         lease = Lease(message, self.pool)
         # Delegations run their child turns inline (fleet.delegation).
-        lease.run_inline = self._run_child  # type: ignore[attr-defined]
+        lease.run_inline = functools.partial(self._run_child, message.id)  # type: ignore[attr-defined]
         return lease
 
     async def _wait_for_work(self) -> None:
@@ -494,6 +522,10 @@ class Worker:
     def _stop_cancelled(self, flight: _InFlight) -> None:
         """Someone asked to cancel this running message (seen by a heartbeat)."""
         message_id = flight.message.id
+        for child_id in list(self._children.get(message_id, ())):
+            child = self.in_flight.get(child_id)
+            if child is not None:  # the parent waits on it: it stops first
+                self._stop_cancelled(child)
         first_seen = self._cancelling.get(message_id)
         if first_seen is None:
             self._cancelling[message_id] = time.monotonic()
