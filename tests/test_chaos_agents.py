@@ -141,9 +141,16 @@ class AgentFleet(Fleet):
         self.busy: set[int] = set()
         self.registered: set[int] = set()
         self.kills_busy = 0
+        self.hold = False
+        self.held = 0
         super().__init__(*args, **kwargs)
 
     def kill_random_worker(self) -> None:
+        if self.hold:
+            # While the MCP server is away: otherwise every worker would soon be a replacement
+            # waiting for the server at start-up, and no running turn would meet the outage.
+            self.held += 1
+            return
         for pool in (self.busy, self.registered):
             candidates = [w for w in self.workers if w.pid in pool and w.poll() is None]
             if candidates:
@@ -327,8 +334,12 @@ async def test_chaos_agent_fleet_with_refunds_approvals_and_restarts(
         async def restart_mcp() -> None:
             def go() -> None:
                 down = time.monotonic()
-                mcp.stop(signal.SIGKILL)
-                mcp.start()
+                fleet.hold = True
+                try:
+                    mcp.stop(signal.SIGKILL)
+                    mcp.start()
+                finally:
+                    fleet.hold = False
                 mcp_down.append(time.monotonic() - down)
 
             # In the background: the kills go on while the server reloads its model.
@@ -376,9 +387,13 @@ async def test_chaos_agent_fleet_with_refunds_approvals_and_restarts(
     agent = await _check_agent_invariants(db_url)
     assert summary["states"] == {"done": TOTAL}, summary
     assert codes == [0] * len(codes)  # the survivors drained and exited cleanly
+    tally.kills -= fleet.held
     assert tally.kills >= 8 and tally.db_restarts == 1 and tally.mcp_restarts == 1
     _assert_no_crash(fleet.worker_logs())
-    assert "Traceback" not in mcp_log, mcp_log[-3000:]
+    # A worker killed mid-request disconnects: the server logs that with a traceback
+    # (starlette's ClientDisconnect). Noise, not a failure; anything else is.
+    for block in mcp_log.split("Traceback (most recent call last):")[1:]:
+        assert "ClientDisconnect" in block, block[-3000:]
     print(f"\nchaos tally (agent): {TOTAL} messages over {SESSIONS} sessions in "
           f"{time.monotonic() - tally.started:.0f}s; kill -9 x{tally.kills}, "
           f"(x{fleet.kills_busy} holding turns), "
