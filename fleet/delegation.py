@@ -20,8 +20,9 @@ How one delegation runs (:class:`Delegator`):
    the child it already has, finished or not, instead of a second one, so a child's effects
    happen once per question however often the parent's turn is retried.
 3. **Run it inline**: the parent's worker claims that very message under its own lease
-   (``queue.claim_message``) and runs it in the parent's task through the worker's normal path
-   (heartbeat, outcome written by the completer, retry or dead on failure). So a delegation
+   (``queue.claim_message``) and runs it while the parent waits, through the worker's normal
+   path (in flight, heartbeat, outcome written by the completer, retry or dead on failure;
+   cancelling the parent cancels the child first). So a delegation
    never waits for a free worker slot: with every slot of every worker busy with parents, each
    parent still runs its child itself, and the fleet cannot deadlock on delegations. If another
    worker claimed the child first (it was woken by the enqueue), the parent waits for that
