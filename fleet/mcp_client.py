@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx2
 from agents.mcp import MCPServer, MCPServerStreamableHttp
 from agents.mcp.util import MCPToolCustomDataContext, MCPToolMetaContext
 
@@ -98,6 +99,8 @@ class MCPClientPool:
         self.headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
         self.connect_timeout = settings.fleet_mcp_connect_timeout_seconds
         self.call_timeout = settings.fleet_mcp_call_timeout_seconds
+        #: how long a call waits for a server that refuses connections (restarting)
+        self.outage_wait = settings.fleet_mcp_startup_wait_seconds
         self.max_clients = max_clients
         # At most this many calls in flight (and clients alive): a burst of turns waits for a
         # free client instead of building hundreds (each costs CPU and memory to create).
@@ -189,6 +192,7 @@ class MCPClientPool:
         delay = self.backoff
         last: BaseException | None = None
         attempt = throttled = 0
+        unreachable_since: float | None = None
         while attempt < self.attempts:
             client: MCPServerStreamableHttp | None = None
             try:
@@ -212,9 +216,22 @@ class MCPClientPool:
                     log.info("customer-data %s rate limited; waiting %.2fs", what, wait)
                     await asyncio.sleep(max(wait, 0.01) * random.uniform(1.0, 1.5))
                     continue
-                attempt += 1
                 if client is not None:
                     self._discard(client)  # its session may be broken: never reuse it
+                if _is_unreachable(exc) and not self._quiet:
+                    # Nothing listens (the server is restarting: it loads its embedding model
+                    # first). The request never reached it, so waiting and trying again is
+                    # safe and costs the turn no attempt: the message's retry budget is for
+                    # failures, not for an outage of a few seconds.
+                    loop = asyncio.get_running_loop()
+                    if unreachable_since is None:
+                        unreachable_since = loop.time()
+                        log.warning("customer-data MCP server unreachable; waiting up to %.0fs",
+                                    self.outage_wait)
+                    if loop.time() - unreachable_since < self.outage_wait:
+                        await asyncio.sleep(min(1.0, self.outage_wait) * random.uniform(0.5, 1.0))
+                        continue
+                attempt += 1
                 if attempt < self.attempts:
                     (log.debug if self._quiet else log.warning)(
                         "customer-data %s failed (%s); retry %d in %.1fs",
@@ -316,6 +333,16 @@ def retry_after(exc: BaseException | None) -> float | None:
             except (TypeError, ValueError):
                 return 1.0
     return None
+
+
+def _is_unreachable(exc: BaseException | None) -> bool:
+    """True when the server could not be connected to at all (the request never left)."""
+    return any(
+        isinstance(current, ConnectionRefusedError)
+        or isinstance(current, httpx2.ConnectError)
+        or "Could not reach the server" in str(current)
+        for current in _chain(exc)
+    )
 
 
 def _is_timeout(exc: BaseException | None) -> bool:

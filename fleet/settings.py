@@ -81,7 +81,8 @@ class Settings(BaseSettings):
 
     fleet_mcp_startup_wait_seconds: float = Field(30.0, ge=0)
     """Agent workers: how long a starting worker waits for the ``customer-data`` server (which
-    ``fleet up`` starts beside it) before it claims messages anyway."""
+    ``fleet up`` starts beside it) before it claims messages anyway, and how long a tool call
+    waits for a server that refuses connections (restarting) before the turn fails."""
 
     fleet_max_input_chars: int = Field(4000, ge=1)
     """Agent turns: a customer message longer than this trips the input guardrail."""

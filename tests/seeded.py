@@ -87,14 +87,15 @@ class RunningServer:
 
 
 @contextmanager
-def mcp_server_in_thread(database_url: str, **overrides: object) -> Iterator[RunningServer]:
-    """The real customer-data app under uvicorn, in a thread, on a free port."""
+def mcp_server_in_thread(database_url: str, *, port: int | None = None,
+                         **overrides: object) -> Iterator[RunningServer]:
+    """The real customer-data app under uvicorn, in a thread, on ``port`` (default: a free one)."""
     import uvicorn
 
     from mcp_customer_data import create_app
 
-    port = free_port()
-    token = f"tok-{uuid.uuid4().hex}"
+    port = port or free_port()
+    token = str(overrides.pop("token", None) or f"tok-{uuid.uuid4().hex}")
     settings = Settings(
         database_url=database_url,
         customer_data_url=f"http://127.0.0.1:{port}/mcp",

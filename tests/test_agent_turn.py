@@ -436,7 +436,9 @@ async def test_mcp_server_stopped_mid_turn_fails_cleanly_then_succeeds(
 ) -> None:
     """Acceptance 4: the model takes 1 s per call, the server dies while the turn runs."""
     stack.stop_workers()
-    stack.start_worker(FLEET_OFFLINE_LATENCY_SECONDS="1")
+    # A short outage wait: a tool call waits that long for a server that refuses connections
+    # (a restart) before the attempt fails; this test is about the failure and the retry.
+    stack.start_worker(FLEET_OFFLINE_LATENCY_SECONDS="1", FLEET_MCP_STARTUP_WAIT_SECONDS="2")
     # Enough attempts to outlast the server's restart (it loads its embedding model first).
     message_id = await _send(sconn, "acc-4", REFUND_COMPLAINT, max_attempts=30)
 

@@ -530,3 +530,47 @@ async def test_pooled_clients_share_the_tool_listing_and_compiled_validators(
             await primed[0].validate_tool_result("lookup_order", bad)
     finally:
         await pool.close()
+
+
+async def test_a_call_waits_for_a_restarting_server_instead_of_failing(seeded_db: str) -> None:
+    """Nothing listens yet (the server is restarting): the call waits for it, within
+    FLEET_MCP_STARTUP_WAIT_SECONDS, and succeeds, costing the turn no attempt."""
+    from contextlib import ExitStack
+
+    from pydantic import SecretStr
+
+    from fleet.mcp_client import MCPClientPool
+    from tests.seeded import free_port
+
+    port = free_port()
+    token = f"tok-{uuid.uuid4().hex}"
+    cfg = Settings(database_url=seeded_db, customer_data_url=f"http://127.0.0.1:{port}/mcp",
+                   customer_data_token=SecretStr(token), fleet_mcp_startup_wait_seconds=60)
+    pool = MCPClientPool(cfg, attempts=2)
+    with ExitStack() as stack:
+        call = asyncio.create_task(
+            pool.call_tool("lookup_order", {"order_id": "4429"}, {"session_id": "outage"}))
+        await asyncio.sleep(3)
+        assert not call.done(), "the call should still be waiting for the server"
+        await asyncio.to_thread(stack.enter_context, mcp_server_in_thread(
+            seeded_db, port=port, token=token))
+        result = await asyncio.wait_for(call, 60)
+        await pool.close()
+    assert not result.is_error and "4429" in json.dumps(result.structured_content)
+
+
+async def test_an_outage_longer_than_the_wait_fails_the_call(seeded_db: str) -> None:
+    from pydantic import SecretStr
+
+    from fleet.mcp_client import CustomerDataUnavailable, MCPClientPool
+    from tests.seeded import free_port
+
+    cfg = Settings(database_url=seeded_db,
+                   customer_data_url=f"http://127.0.0.1:{free_port()}/mcp",
+                   customer_data_token=SecretStr("t"), fleet_mcp_startup_wait_seconds=1.5)
+    pool = MCPClientPool(cfg, attempts=2)
+    try:
+        with pytest.raises(CustomerDataUnavailable, match="failed after 2 attempts"):
+            await pool.call_tool("lookup_order", {"order_id": "4429"}, {"session_id": "x"})
+    finally:
+        await pool.close()
