@@ -152,7 +152,47 @@ async def claim(
         None if tools is None else list(tools),
         None if tools is None else list(skills or ()),
     )
-    return [ClaimedMessage(**dict(row)) for row in rows]
+    return [_claimed(row) for row in rows]
+
+
+def _claimed(row: asyncpg.Record) -> ClaimedMessage:
+    """A claimed row as a model, unvalidated: the columns come from our own claim statement
+    with the table's types (validating them cost ~10 us a message, a tenth of the worker's
+    whole per-message CPU in the no-op drain)."""
+    return ClaimedMessage.model_construct(**dict(row.items()))
+
+
+async def finish_and_claim(
+    db: Executor,
+    worker_id: str,
+    limit: int,
+    lease_seconds: float,
+    outcomes: Sequence[Outcome],
+    *,
+    tools: Sequence[str] | None = None,
+    skills: Sequence[str] | None = None,
+) -> tuple[set[int], list[ClaimedMessage]]:
+    """Write ``outcomes`` (as :func:`finish`) and claim up to ``limit`` heads (as :func:`claim`)
+    in one statement and one transaction: one round trip and one commit per worker cycle.
+    Returns the ids finished under their tokens and the messages claimed."""
+    if not outcomes:
+        return set(), await claim(db, worker_id, limit, lease_seconds, tools=tools,
+                                  skills=skills)
+    rows = await db.fetch(
+        SQL["finish_and_claim"],
+        worker_id,
+        max(limit, 0),
+        lease_seconds,
+        None if tools is None else list(tools),
+        None if tools is None else list(skills or ()),
+        [o.message_id for o in outcomes],
+        [o.lease_token for o in outcomes],
+        [o.state for o in outcomes],
+        [o.reply for o in outcomes],
+        [o.error for o in outcomes],
+    )
+    finished = {row["id"] for row in rows if row["lease_token"] is None}
+    return finished, [_claimed(row) for row in rows if row["lease_token"] is not None]
 
 
 async def claim_message(
@@ -160,7 +200,7 @@ async def claim_message(
 ) -> ClaimedMessage | None:
     """Claim one given message if it is a claimable head (a delegation's child, run inline)."""
     row = await db.fetchrow(SQL["claim_message"], worker_id, message_id, lease_seconds)
-    return ClaimedMessage(**dict(row)) if row else None
+    return _claimed(row) if row else None
 
 
 async def heartbeat(

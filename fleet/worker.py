@@ -119,6 +119,9 @@ class Worker:
         self.pool: asyncpg.Pool | None = None
         self.url: str | None = None
         self.processed = 0
+        # Metric children looked up once, not per message.
+        self._turn_duration = metrics.TURN_DURATION.labels(handler.name)
+        self._completed_done = metrics.MESSAGES_COMPLETED.labels("done")
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -243,26 +246,45 @@ class Worker:
             self._wakeup.clear()
             free = self.concurrency - len(self.in_flight)
             claimed: list[ClaimedMessage] = []
-            if free > 0:
+            if free > 0 or self._pending:
                 try:
-                    tools, skills = self._capabilities()
-                    claimed = await queue.claim(self.pool, self.worker_id, free,
-                                                self.lease_seconds, tools=tools, skills=skills)
+                    claimed = await self._finish_and_claim(free)
                     backoff = 0.1
                 except TRANSIENT as exc:
                     log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                for message in claimed:
-                    self._start(message)
-                if len(claimed) == free:
+                self._start_batch(claimed)
+                if free > 0 and len(claimed) == free:
                     continue  # there may be more: claim again as soon as a slot frees
             if self.drain and not claimed and not self.in_flight and not self._pending:
                 if not await queue.has_unfinished_work(self.pool):
                     log.info("queue drained")
                     return
             await self._wait_for_work()
+
+    async def _finish_and_claim(self, free: int) -> list[ClaimedMessage]:
+        """One cycle: the outcomes written so far and a claim for the free slots, in one
+        statement and one commit (``fleet.finish_and_claim``) instead of two; the claim sees
+        the successors the finish promoted. Slots are counted before the call, so no more than
+        ``concurrency`` handlers ever run. Without free slots only the outcomes are written."""
+        async with self._flush_lock:
+            batch, self._pending = self._pending, []
+            try:
+                if free > 0:
+                    tools, skills = self._capabilities()
+                    accepted, claimed = await queue.finish_and_claim(
+                        self.pool, self.worker_id, free, self.lease_seconds, batch,
+                        tools=tools, skills=skills,
+                    )
+                else:
+                    accepted, claimed = await queue.finish(self.pool, batch), []
+            except BaseException:
+                self._pending = batch + self._pending
+                raise
+            self._account(batch, accepted)
+        return claimed
 
     def _capabilities(self) -> tuple[list[str] | None, list[str] | None]:
         """The MCP tools and skills the handler has: only messages for agents within them are
@@ -332,32 +354,41 @@ class Worker:
         except TimeoutError:
             pass
 
-    def _start(self, message: ClaimedMessage) -> None:
-        metrics.MESSAGES_CLAIMED.inc()
-        metrics.QUEUE_WAIT.observe(
-            max((message.claimed_at - message.enqueued_at).total_seconds(), 0.0)
-        )
-        metrics.IN_FLIGHT.inc()
-        self.held[message.id] = message.lease_token
-        lease = self._lease(message)
-        task = asyncio.create_task(self._execute(message, lease), name=f"message-{message.id}")
-        self.in_flight[message.id] = _InFlight(message, task, lease)
+    def _start_batch(self, claimed: list[ClaimedMessage]) -> None:
+        """Start a handler task per claimed message (counters updated once per batch)."""
+        if not claimed:
+            return
+        metrics.MESSAGES_CLAIMED.inc(len(claimed))
+        metrics.IN_FLIGHT.inc(len(claimed))
+        for message in claimed:
+            metrics.QUEUE_WAIT.observe(
+                max((message.claimed_at - message.enqueued_at).total_seconds(), 0.0)
+            )
+            self.held[message.id] = message.lease_token
+            lease = self._lease(message)
+            task = asyncio.create_task(self._execute(message, lease))
+            self.in_flight[message.id] = _InFlight(message, task, lease)
 
     # -- executor ----------------------------------------------------------------------------
+
+    async def _handle(self, message: ClaimedMessage, lease: Lease) -> Reply | Parked:
+        if not tracing.enabled():  # no span machinery per message when tracing is off
+            return await self.handler.handle(message, lease)
+        with tracing.span(
+            "fleet.turn",
+            **{
+                "fleet.message_id": message.id,
+                "fleet.session_id": message.session_id,
+                "fleet.attempt": message.attempts,
+                "fleet.handler": self.handler.name,
+            },
+        ):
+            return await self.handler.handle(message, lease)
 
     async def _execute(self, message: ClaimedMessage, lease: Lease) -> None:
         started = time.monotonic()
         try:
-            with tracing.span(
-                "fleet.turn",
-                **{
-                    "fleet.message_id": message.id,
-                    "fleet.session_id": message.session_id,
-                    "fleet.attempt": message.attempts,
-                    "fleet.handler": self.handler.name,
-                },
-            ):
-                result = await self.handler.handle(message, lease)
+            result = await self._handle(message, lease)
             if isinstance(result, Reply):
                 self._queue_outcome(
                     Outcome(
@@ -390,7 +421,7 @@ class Worker:
         except Exception as exc:  # a failed attempt, whatever the handler raised
             await self._fail(message, exc)
         finally:
-            metrics.TURN_DURATION.labels(self.handler.name).observe(time.monotonic() - started)
+            self._turn_duration.observe(time.monotonic() - started)
             metrics.IN_FLIGHT.dec()
             self.in_flight.pop(message.id, None)
             self._cancelling.pop(message.id, None)
@@ -451,11 +482,17 @@ class Worker:
     def _queue_outcome(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
         self._pending_event.set()
+        self._wakeup.set()  # the producer writes it with its next claim
 
     async def _complete_loop(self) -> None:
+        """Writes outcomes the producer will not: while stopping (no more claims) or with no
+        slot free (nothing to claim). Otherwise the producer, woken by the same outcome,
+        writes them in its next ``finish_and_claim``."""
         while True:
             await self._pending_event.wait()
             self._pending_event.clear()
+            if not self._stopping.is_set() and len(self.in_flight) < self.concurrency:
+                continue
             try:
                 await self._flush_outcomes()
             except TRANSIENT as exc:
@@ -476,16 +513,25 @@ class Worker:
         except BaseException:
             self._pending = batch + self._pending
             raise
+        self._account(batch, accepted)
+        self._wakeup.set()  # a successor may have been promoted: claim it
+
+    def _account(self, batch: list[Outcome], accepted: set[int]) -> None:
+        """Outcomes written: their leases are no longer held; refused ones were taken over."""
+        done = 0
         for outcome in batch:
             self.held.pop(outcome.message_id, None)
-            if outcome.message_id in accepted:
-                metrics.MESSAGES_COMPLETED.labels(outcome.state).inc()
-            else:
+            if outcome.message_id not in accepted:
                 metrics.LEASES_LOST.inc()
                 log.warning(
                     "message %d: outcome refused, the lease was taken over", outcome.message_id
                 )
-        self._wakeup.set()
+            elif outcome.state == "done":
+                done += 1
+            else:
+                metrics.MESSAGES_COMPLETED.labels(outcome.state).inc()
+        if done:
+            self._completed_done.inc(done)
 
     # -- heartbeat ---------------------------------------------------------------------------
 

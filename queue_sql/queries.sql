@@ -56,6 +56,12 @@ RETURNING m.id, m.cancel_requested_at IS NOT NULL AS cancel_requested;
 -- Finish messages (done/dead) under their lease tokens; returns the ids actually finished.
 SELECT fleet.finish_messages($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[]) AS id;
 
+-- name: finish_and_claim
+-- The worker's cycle in one transaction: finish outcomes ($6..$10, as `finish`), then claim up
+-- to $2 heads ($1..$5, as `claim`). Rows with a NULL lease_token are the finished ids.
+SELECT * FROM fleet.finish_and_claim($1, $2, $3, $4::text[], $5::text[], $6::bigint[],
+                                     $7::bigint[], $8::text[], $9::text[], $10::text[]);
+
 -- name: retry
 -- Put a failed message back in line after a backoff; it stays its session's head, so the
 -- session's later messages keep waiting behind it. Fenced by the lease token.
