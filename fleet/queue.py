@@ -156,10 +156,9 @@ async def claim(
 
 
 def _claimed(row: asyncpg.Record) -> ClaimedMessage:
-    """A claimed row as a model, unvalidated: the columns come from our own claim statement
-    with the table's types (validating them cost ~10 us a message, a tenth of the worker's
-    whole per-message CPU in the no-op drain)."""
-    return ClaimedMessage.model_construct(**dict(row.items()))
+    """A claimed row as a model. Validated: pydantic's validator (compiled) took 3.4 us a
+    message here, ``model_construct`` (pure Python) 7.8 us."""
+    return ClaimedMessage.model_validate(dict(row))
 
 
 async def finish_and_claim(

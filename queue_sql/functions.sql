@@ -264,8 +264,7 @@ BEGIN
         SET state = 'running', attempts = m.attempts + 1, claimed_at = clock_timestamp(),
             lease_owner = $1, lease_token = nextval('fleet.lease_tokens'),
             lease_expires_at = clock_timestamp() + make_interval(secs => $3)
-        FROM candidates c
-        WHERE m.id = c.id
+        WHERE m.id = ANY (ARRAY(SELECT id FROM candidates))
         RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.metadata,
                   m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
         -- claim: end

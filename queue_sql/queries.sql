@@ -12,6 +12,10 @@ SELECT fleet.enqueue(session_id => $1, body => $2, customer_id => $3, dedupe_key
 -- messages_claimable partial index, so its cost follows the batch size, not the backlog.
 -- $4/$5: the MCP tools and skills this worker has; only messages for agents it can serve
 -- (fleet.servable_agents, evaluated once per statement) are claimed. NULL: any agent (noop).
+-- The rows are updated through the primary key (= ANY of the locked ids), never joined: with
+-- `FROM candidates WHERE m.id = c.id` the generic plan PostgreSQL may cache (LIMIT $2 unknown,
+-- so 10% of the table guessed) hash-joined a sequential scan of every message, 11.7 ms instead
+-- of 0.4 ms at 50,000 messages.
 WITH candidates AS (
     SELECT id FROM fleet.messages
     WHERE state = 'queued' AND is_head AND run_after <= now()
@@ -25,8 +29,7 @@ UPDATE fleet.messages m
 SET state = 'running', attempts = m.attempts + 1, claimed_at = clock_timestamp(),
     lease_owner = $1, lease_token = nextval('fleet.lease_tokens'),
     lease_expires_at = clock_timestamp() + make_interval(secs => $3)
-FROM candidates c
-WHERE m.id = c.id
+WHERE m.id = ANY (ARRAY(SELECT id FROM candidates))
 RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.metadata,
           m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
 
