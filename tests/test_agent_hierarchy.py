@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from fleet.errors import InvalidInput
 from fleet.settings import Settings
 from fleet.skills import SKILLS_DIR, SkillLibrary
 from tests.processes import fleet, fleet_json, wait_until
-from tests.test_agent_turn import Stack, seeded_template  # noqa: F401 - a fixture
+from tests.test_agent_turn import Stack, running_stack, seeded_template  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow
 
@@ -37,19 +36,9 @@ def stack(
     server_url: str, seeded_template: str, fleet_home: Path,  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    from tests.conftest import _admin, _with_database
-
-    name = f"t_hier_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{seeded_template}"'))
-    running = Stack(_with_database(server_url, name), fleet_home,
-                    tmp_path_factory.mktemp("hierarchy-stack"))
-    running.start_mcp()
-    running.start_worker()
-    try:
+    with running_stack(server_url, seeded_template, fleet_home,
+                       tmp_path_factory.mktemp("hierarchy-stack")) as running:
         yield running
-    finally:
-        running.close()
-        asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture

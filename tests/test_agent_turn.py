@@ -14,6 +14,7 @@ import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -302,17 +303,15 @@ class Stack:
         self.stop_mcp()
 
 
-@pytest.fixture(scope="module")
-def stack(
-    server_url: str, seeded_template: str, fleet_home: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Stack]:
+@contextmanager
+def running_stack(server_url: str, seeded_template: str, fleet_home: Path,
+                  logs: Path) -> Iterator[Stack]:
+    """A fresh copy of the seeded database with an MCP server and one agent worker on it."""
     from tests.conftest import _admin, _with_database
 
-    name = f"t_agent_{uuid.uuid4().hex[:10]}"
+    name = f"t_stack_{uuid.uuid4().hex[:10]}"
     asyncio.run(_admin(server_url, f'CREATE DATABASE "{name}" TEMPLATE "{seeded_template}"'))
-    running = Stack(_with_database(server_url, name), fleet_home,
-                    tmp_path_factory.mktemp("agent-stack"))
+    running = Stack(_with_database(server_url, name), fleet_home, logs)
     running.start_mcp()
     running.start_worker()
     try:
@@ -320,6 +319,16 @@ def stack(
     finally:
         running.close()
         asyncio.run(_admin(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
+def stack(
+    server_url: str, seeded_template: str, fleet_home: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    with running_stack(server_url, seeded_template, fleet_home,
+                       tmp_path_factory.mktemp("agent-stack")) as running:
+        yield running
 
 
 @pytest.fixture
