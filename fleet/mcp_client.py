@@ -4,12 +4,16 @@ Why a pool, measured (``../shared/NOTES.md``, BENCHMARKS.md): a new
 ``MCPServerStreamableHttp`` per turn costs about 40 ms of CPU and 0.9 MiB (a new HTTP client,
 SSL context and CA bundle, plus ``server/discover`` and ``tools/list`` round trips); one client
 shared by concurrent turns serialises every request behind its lock. So the agent sees ONE
-logical server, :class:`CustomerDataServer`, and each tool call checks a connected client out
-of :class:`MCPClientPool` for the duration of that call only: a client is never used by two
-calls (let alone two turns) at once, and the number of clients follows the number of tool calls
-in flight, not the number of turns waiting on their model (which, at 1 s per model call, is
-what keeps a hundred in-flight turns small). All clients share one SSL context and one cached
-tool list.
+logical server, :class:`CustomerDataServer`, and each tool call checks a connection out of
+:class:`MCPClientPool` for the duration of that call only: a connection is never used by two
+calls (let alone two turns) at once, and the number of connections follows the number of tool
+calls in flight, not the number of turns waiting on their model (which, at 1 s per model call,
+is what keeps a hundred in-flight turns small). The pool lists the tools once and compiles
+each output schema once; every result is parsed into ``mcp.types.CallToolResult`` and its
+structured content checked against the tool's schema, as the MCP SDK's client does. The
+requests themselves go through :mod:`fleet.mcp_wire` (plain JSON-RPC POSTs on kept-alive
+connections), not the SDK's client session: that was most of a turn's MCP cost (why, measured,
+in that module).
 
 The registration is the course's (Decisions 6 and 9): ``issue_refund`` requires human approval,
 the read tools do not. Every request carries ``_meta``: ``idempotency_key`` (derived from the
@@ -35,11 +39,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx2
-from agents.mcp import MCPServer, MCPServerStreamableHttp
+from agents.mcp import MCPServer
 from agents.mcp.util import MCPToolCustomDataContext, MCPToolMetaContext
+from mcp import types
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
 
 from fleet import tracing
 from fleet.errors import HandlerError
+from fleet.mcp_wire import Connection, Endpoint, HTTPStatusError
 from fleet.settings import Settings
 
 log = logging.getLogger("fleet.mcp_client")
@@ -64,27 +71,8 @@ def _shared_ssl_context() -> ssl.SSLContext:
     return _SSL_CONTEXT
 
 
-def _http_client_factory(
-    headers: dict[str, str] | None = None, timeout: Any = None, auth: Any = None
-) -> Any:
-    import httpx2
-
-    kwargs: dict[str, Any] = {
-        "follow_redirects": False,
-        "verify": _shared_ssl_context(),
-        "trust_env": False,  # a proxy from the environment must not sit between us and the server
-    }
-    if headers is not None:
-        kwargs["headers"] = headers
-    if timeout is not None:
-        kwargs["timeout"] = timeout
-    if auth is not None:
-        kwargs["auth"] = auth
-    return httpx2.AsyncClient(**kwargs)
-
-
 class MCPClientPool:
-    """Connected ``MCPServerStreamableHttp`` clients, each used by one call at a time."""
+    """Connections to the customer-data server, each used by one call at a time."""
 
     def __init__(
         self,
@@ -107,94 +95,48 @@ class MCPClientPool:
         self._slots = asyncio.Semaphore(max_clients)
         self.attempts = attempts
         self.backoff = backoff
-        self._idle: deque[MCPServerStreamableHttp] = deque()
-        self._tools: list[Any] | None = None
+        tls = _shared_ssl_context() if self.url.startswith("https:") else None
+        self.endpoint = Endpoint(self.url, self.headers, tls)
+        self._idle: deque[Connection] = deque()
+        self._tools: list[types.Tool] | None = None
         self._tools_lock = asyncio.Lock()
         self._closing = False
         self._quiet = False
-        self._cleanups: set[asyncio.Task[None]] = set()
-        #: compiled output-schema validators, shared by every client's session (see _prime)
+        #: each listed tool's compiled output-schema validator (None: the tool declares none)
         self._validators: dict[str, Any] = {}
         self.created = 0
 
-    def _new_client(self) -> MCPServerStreamableHttp:
-        return MCPServerStreamableHttp(
-            params={
-                "url": self.url,
-                "headers": self.headers,
-                "timeout": self.connect_timeout,
-                "sse_read_timeout": self.call_timeout,
-                "httpx_client_factory": _http_client_factory,
-            },
-            cache_tools_list=True,
-            name=SERVER_NAME,
-            client_session_timeout_seconds=self.call_timeout,
-            max_retry_attempts=0,  # retries happen here, on a fresh client
-        )
-
-    async def _connect(self) -> MCPServerStreamableHttp:
-        client = self._new_client()
-        try:
-            await asyncio.wait_for(client.connect(), timeout=self.connect_timeout)
-        except BaseException:
-            self._discard(client)
-            raise
+    async def _connect(self) -> Connection:
+        client = Connection(self.endpoint, self.connect_timeout)
+        await client.connect()
         self.created += 1
-        self._prime(client)
         return client
 
-    def _prime(self, client: MCPServerStreamableHttp) -> None:
-        """Give a new client's session the tool listing and the compiled output-schema
-        validators the pool already has.
-
-        The MCP ``ClientSession`` validates every structured tool result against the tool's
-        output schema, and keeps the schemas and the compiled validators per session: each new
-        pooled client would re-list the tools on its first call of each tool and compile each
-        schema again (``jsonschema`` ``check_schema``, about 60 validations' worth of CPU).
-        Profiled with ``fleet bench turns``, that was the largest single cost of a warming
-        worker. The results are still validated; the work is done once per worker instead of
-        once per client. The attributes are mcp 2.x's own (``tests/test_mcp_client_pool.py``
-        fails if they move); without them this does nothing.
-        """
-        session = getattr(client, "session", None)
-        absorb = getattr(session, "_absorb_tool_listing", None)
-        if self._tools is None or absorb is None or not hasattr(session, "_tool_output_validators"):
-            return
-        from mcp import types
-
-        absorb(types.ListToolsResult(tools=list(self._tools)), complete=True)
-        session._tool_output_validators = self._validators  # one dict, filled by any session
-
-    async def _checkout(self) -> MCPServerStreamableHttp:
-        if self._idle:
-            return self._idle.pop()
+    async def _checkout(self) -> Connection:
+        while self._idle:
+            client = self._idle.pop()
+            if client.usable:
+                return client
+            client.close()  # idle too long: the server may be closing it
         return await self._connect()
 
-    def _release(self, client: MCPServerStreamableHttp) -> None:
-        if self._closing or len(self._idle) >= self.max_clients:
+    def _release(self, client: Connection) -> None:
+        if self._closing or len(self._idle) >= self.max_clients or not client.usable:
             self._discard(client)
         else:
             self._idle.append(client)
 
-    def _discard(self, client: MCPServerStreamableHttp) -> None:
-        async def cleanup() -> None:
-            try:
-                await asyncio.wait_for(client.cleanup(), timeout=5)
-            except BaseException as exc:  # a broken client's cleanup may fail in any way
-                log.debug("cleanup of a discarded MCP client failed: %s", exc)
+    def _discard(self, client: Connection) -> None:
+        client.close()
 
-        task = asyncio.ensure_future(cleanup())
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
-
-    async def _with_client(self, what: str, fn: Callable[[MCPServerStreamableHttp], Any]) -> Any:
-        """Run ``fn(client)`` on a checked-out client; retry on a fresh one when it fails."""
+    async def _with_client(self, what: str, fn: Callable[[Connection], Any]) -> Any:
+        """Run ``fn(client)`` on a checked-out connection; retry on a fresh one when it fails."""
         delay = self.backoff
         last: BaseException | None = None
         attempt = throttled = 0
         unreachable_since: float | None = None
         while attempt < self.attempts:
-            client: MCPServerStreamableHttp | None = None
+            client: Connection | None = None
             try:
                 async with self._slots:
                     client = await self._checkout()
@@ -251,20 +193,79 @@ class MCPClientPool:
             f"attempts ({_describe(last)})"
         ) from last
 
-    async def tools(self) -> list[Any]:
-        """The server's tool list, fetched once and shared by every client."""
+    async def tools(self) -> list[types.Tool]:
+        """The server's tool list, fetched once (with each output schema compiled once)."""
         if self._tools is None:
             async with self._tools_lock:
                 if self._tools is None:
-                    self._tools = await self._with_client("tools/list", lambda c: c.list_tools())
+                    self._tools = await self._with_client("tools/list", self._list_tools)
         return list(self._tools)
+
+    async def _list_tools(self, client: Connection) -> list[types.Tool]:
+        if self.endpoint.protocol_version is None:
+            # Stateless server: nothing to set up, but agree on the protocol version once.
+            init = types.InitializeResult.model_validate(await client.request("initialize", {
+                "protocolVersion": LATEST_HANDSHAKE_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "fleet-worker", "version": "1"},
+            }))
+            if init.protocol_version not in HANDSHAKE_PROTOCOL_VERSIONS:
+                raise RuntimeError(
+                    f"Unsupported protocol version from the server: {init.protocol_version}"
+                )
+            self.endpoint.protocol_version = init.protocol_version
+        tools: list[types.Tool] = []
+        cursor: str | None = None
+        while True:
+            page = types.ListToolsResult.model_validate(
+                await client.request("tools/list", {"cursor": cursor} if cursor else None)
+            )
+            tools.extend(page.tools)
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        self._validators = {t.name: _compile(t.name, t.output_schema) for t in tools}
+        return tools
 
     async def call_tool(
         self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None
-    ) -> Any:
-        return await self._with_client(
-            f"call to {tool_name}", lambda c: c.call_tool(tool_name, arguments, meta=meta)
-        )
+    ) -> types.CallToolResult:
+        await self.tools()
+        params: dict[str, Any] = {"name": tool_name, "arguments": arguments or {}}
+        if meta:
+            params["_meta"] = meta
+
+        async def call(client: Connection) -> types.CallToolResult:
+            result = types.CallToolResult.model_validate(
+                await client.request("tools/call", params)
+            )
+            if not result.is_error:
+                self.validate(tool_name, result)
+            return result
+
+        return await self._with_client(f"call to {tool_name}", call)
+
+    def validate(self, name: str, result: types.CallToolResult) -> None:
+        """Check a result's structured content against the tool's output schema (the MCP SDK
+        client's check, with its messages). Raises RuntimeError."""
+        if name not in self._validators:
+            log.warning("Tool %s not listed by server, cannot validate any structured content",
+                        name)
+            return
+        validator = self._validators[name]
+        if validator is None:
+            return
+        if result.structured_content is None:
+            raise RuntimeError(
+                f"Tool {name} has an output schema but did not return structured content"
+            )
+        from jsonschema.exceptions import best_match
+
+        error = best_match(validator.iter_errors(result.structured_content))
+        if error is not None:
+            raise RuntimeError(
+                f"Invalid structured content returned by tool {name}: {error}"
+            ) from error
 
     async def warm(self, clients: int = 1, wait: float = 0.0) -> bool:
         """Fetch the tool list and connect ``clients`` clients now, waiting up to ``wait``
@@ -292,8 +293,23 @@ class MCPClientPool:
         self._closing = True
         while self._idle:
             self._discard(self._idle.pop())
-        if self._cleanups:
-            await asyncio.gather(*list(self._cleanups), return_exceptions=True)
+
+
+def _compile(name: str, schema: dict[str, Any] | None) -> Any:
+    """A tool's output-schema validator, compiled once (compiling costs ~60 validations)."""
+    if schema is None:
+        return None
+    from jsonschema import SchemaError
+    from jsonschema.validators import validator_for
+    from referencing import Registry
+
+    cls = validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except SchemaError as exc:
+        raise RuntimeError(f"Invalid schema for tool {name}: {exc}") from exc
+    # An empty registry: $refs resolve within the schema document only (as the SDK client does).
+    return cls(schema, registry=Registry())
 
 
 #: 429 answers one call may wait out before it counts as failed (at ~0.1-1 s each).
@@ -326,6 +342,11 @@ def retry_after(exc: BaseException | None) -> float | None:
         data = getattr(getattr(current, "error", None), "data", None)
         if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
             return float(data["retry_after"])
+        if isinstance(current, HTTPStatusError) and current.status_code == 429:
+            try:
+                return float(current.retry_after or "1")
+            except ValueError:
+                return 1.0
         response = getattr(current, "response", None)
         if getattr(response, "status_code", None) == 429:
             try:
@@ -421,9 +442,14 @@ class CustomerDataServer(MCPServer):
             return call.result(await self.pool.call_tool(tool_name, arguments, call.meta))
 
     async def list_prompts(self) -> Any:
-        return await self.pool._with_client("prompts/list", lambda c: c.list_prompts())
+        await self.pool.tools()
+        return types.ListPromptsResult.model_validate(
+            await self.pool._with_client("prompts/list", lambda c: c.request("prompts/list"))
+        )
 
     async def get_prompt(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
-        return await self.pool._with_client(
-            "prompts/get", lambda c: c.get_prompt(name, arguments)
+        await self.pool.tools()
+        params = {"name": name, "arguments": arguments or {}}
+        return types.GetPromptResult.model_validate(
+            await self.pool._with_client("prompts/get", lambda c: c.request("prompts/get", params))
         )

@@ -500,10 +500,11 @@ async def test_least_privilege_role_through_pgbouncer(
         await admin.close()
 
 
-async def test_pooled_clients_share_the_tool_listing_and_compiled_validators(
+async def test_pooled_connections_list_once_and_validate_every_result(
         server: RunningServer) -> None:
-    """Each new pooled client starts with the pool's tool listing and output-schema validators:
-    no tools/list of its own, no schema compiled twice; results are still validated."""
+    """The pool lists the tools and compiles each output schema once; concurrent calls use
+    connections of their own (reused afterwards), and every result is still checked against
+    its tool's schema."""
     from pydantic import SecretStr
 
     from fleet.mcp_client import MCPClientPool
@@ -513,23 +514,76 @@ async def test_pooled_clients_share_the_tool_listing_and_compiled_validators(
     pool = MCPClientPool(cfg)
     try:
         await pool.warm()
-        results = await asyncio.gather(*(
-            pool.call_tool("lookup_order", {"order_id": "4429"}, {"session_id": f"pool-{i}"})
-            for i in range(6)))
-        assert all(not r.is_error for r in results)
-        assert pool.created >= 2, "the calls should have needed more than one client"
-        sessions = [c.session for c in pool._idle]
-        primed = [s for s in sessions if s._tool_output_validators is pool._validators]
-        assert len(primed) >= len(sessions) - 1  # every client but the one that listed the tools
-        assert "lookup_order" in pool._validators  # compiled once, shared
-        for session in primed:
-            assert set(session._tool_output_schemas) == {t.name for t in await pool.tools()}
+        assert set(pool._validators) == {t.name for t in await pool.tools()}
+        validators = dict(pool._validators)
+        for _ in range(2):
+            results = await asyncio.gather(*(
+                pool.call_tool("lookup_order", {"order_id": "4429"}, {"session_id": f"pool-{i}"})
+                for i in range(6)))
+            assert all(not r.is_error and r.structured_content["order_id"] == "4429"
+                       for r in results)
+        assert 2 <= pool.created <= 6, "concurrent calls on their own connections, then reused"
+        assert pool._validators == validators  # compiled once, not per call or connection
         # Validation still happens: a result that breaks the schema is refused.
         bad = results[0].model_copy(update={"structured_content": {"order": "not an object"}})
         with pytest.raises(RuntimeError, match="Invalid structured content"):
-            await primed[0].validate_tool_result("lookup_order", bad)
+            pool.validate("lookup_order", bad)
+        missing = results[0].model_copy(update={"structured_content": None})
+        with pytest.raises(RuntimeError, match="did not return structured content"):
+            pool.validate("lookup_order", missing)
     finally:
         await pool.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced_transparently() -> None:
+    """A kept-alive connection the server closed between two calls (its keep-alive timeout)
+    costs the second call nothing: it is sent again on a new connection, not failed or
+    retried with a back-off."""
+    from pydantic import SecretStr
+
+    from fleet.mcp_client import MCPClientPool
+
+    served = dropped = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer one request, then drop the connection when the next one arrives (as a
+        server whose keep-alive timeout fired just then)."""
+        nonlocal served, dropped
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        request = json.loads(await reader.readexactly(length))
+        result: dict[str, Any] = {"content": [{"type": "text", "text": "ok"}], "isError": False}
+        if request["method"] == "initialize":
+            result = {"protocolVersion": "2025-06-18", "capabilities": {},
+                      "serverInfo": {"name": "stub", "version": "1"}}
+        elif request["method"] == "tools/list":
+            result = {"tools": [{"name": "ping", "inputSchema": {"type": "object"}}]}
+        body = json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result}).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        served += 1
+        if await reader.read(1):
+            dropped += 1
+        writer.close()
+
+    stub = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = stub.sockets[0].getsockname()[1]
+    cfg = Settings(customer_data_url=f"http://127.0.0.1:{port}/mcp",
+                   customer_data_token=SecretStr("t"))
+    pool = MCPClientPool(cfg, attempts=1)  # no retries: a failure would fail the call
+    try:
+        for i in range(3):
+            result = await pool.call_tool("ping", {}, {"session_id": f"s{i}"})
+            assert not result.is_error and result.content[0].text == "ok"
+        # initialize, tools/list and three calls each answered once; every request after the
+        # first met a dropped connection and went again on a new one
+        assert (served, dropped) == (5, 4)
+    finally:
+        await pool.close()
+        stub.close()
+        await stub.wait_closed()
 
 
 async def test_a_call_waits_for_a_restarting_server_instead_of_failing(seeded_db: str) -> None:
