@@ -238,6 +238,16 @@ CREATE OR REPLACE FUNCTION fleet.finish_and_claim(
                  takeovers integer, lease_token bigint, enqueued_at timestamptz,
                  claimed_at timestamptz)
 LANGUAGE plpgsql
+-- Generic plans, made once per connection: planning the claim afresh on every call cost ~24 us
+-- of PostgreSQL CPU per message at batch 10 (drain: 155/171 -> 132/147 us per message). A
+-- generic plan is made with whatever the statistics say at that moment, on an empty queue too,
+-- so sequential scans and sorts are ruled out for this function's statements: each of them
+-- has an index path (the claimable-heads index, primary keys, the live-messages index), and the
+-- claim must stay O(batch) whatever the table looked like when it was planned. Checked: planned
+-- on a 3-message queue, then run on 60,000 queued, a call cost 0.9 ms of PostgreSQL CPU.
+SET plan_cache_mode = force_generic_plan
+SET enable_seqscan = off
+SET enable_sort = off
 AS $$
 #variable_conflict use_column
 BEGIN
