@@ -134,6 +134,7 @@ class MCPClientPool:
         delay = self.backoff
         last: BaseException | None = None
         attempt = throttled = 0
+        throttled_since: float | None = None
         unreachable_since: float | None = None
         while attempt < self.attempts:
             client: Connection | None = None
@@ -148,11 +149,18 @@ class MCPClientPool:
             except Exception as exc:
                 last = exc
                 wait = retry_after(exc)
-                if wait is not None and throttled < MAX_THROTTLED_WAITS:
+                now = asyncio.get_running_loop().time()
+                if wait is not None and throttled_since is None:
+                    throttled_since = now
+                if wait is not None and now - (throttled_since or now) < MAX_THROTTLED_SECONDS:
                     # 429 from the server's per-token limit: not a failure (the client is
-                    # fine, no attempt is used); wait as told, with jitter so the fleet's
-                    # throttled calls do not all come back in the same instant.
+                    # fine, no attempt is used); wait as told, with jitter that widens with
+                    # each refusal, so a burst of calls racing for the same token's next free
+                    # slot spreads out instead of coming back in the same instant. Bounded by
+                    # time, not by count: under a burst the server's waits are tiny (10 ms)
+                    # and many calls compete, so a call may hear "wait" dozens of times.
                     throttled += 1
+                    wait *= 1 + min(throttled, 20) / 4
                     if client is not None:
                         self._release(client)
                     log.info("customer-data %s rate limited; waiting %.2fs", what, wait)
@@ -312,8 +320,8 @@ def _compile(name: str, schema: dict[str, Any] | None) -> Any:
     return cls(schema, registry=Registry())
 
 
-#: 429 answers one call may wait out before it counts as failed (at ~0.1-1 s each).
-MAX_THROTTLED_WAITS = 50
+#: How long one call may keep waiting out 429 answers before it counts as failed.
+MAX_THROTTLED_SECONDS = 60.0
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
