@@ -186,8 +186,10 @@ class AuditWriter:
         self.written_rows = 0
 
     async def start(self) -> None:
+        # Its statements are single INSERTs: no session state to reset on every release.
         self.pool = await create_pool(
-            self.settings, "fleet-audit", url=self.url, min_size=1, max_size=self.pool_size
+            self.settings, "fleet-audit", url=self.url, min_size=1, max_size=self.pool_size,
+            reset_sessions=False,
         )
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 

@@ -321,8 +321,9 @@ class AgentHandler:
         for name in ("httpx2", "httpx", "mcp.client"):
             logging.getLogger(name).setLevel(max(logging.WARNING, log.getEffectiveLevel()))
         url = await resolve_url(self.settings)
-        self.pool = await create_pool(
-            self.settings, "fleet-agent", url=url, min_size=1, max_size=self.pool_size
+        self.pool = await create_pool(  # no session state left behind: skip the reset
+            self.settings, "fleet-agent", url=url, min_size=1, max_size=self.pool_size,
+            reset_sessions=False,
         )
         self.audit = AuditWriter(self.settings, url=url)
         await self.audit.start()

@@ -138,9 +138,10 @@ def build_server(settings: Settings) -> MCPServer:
 
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[AppState]:
+        # Its settings are per transaction (set_config(..., true)): no per-release reset.
         pool = await create_pool(
             settings, "fleet-mcp", min_size=1, max_size=settings.customer_data_pool_size,
-            vector=True,
+            vector=True, reset_sessions=False,
         )
         try:
             if settings.fleet_embeddings == "local":
