@@ -168,11 +168,15 @@ DECLARE
 BEGIN
     -- = ANY (ARRAY(...)) rather than IN (SELECT ...): the lock is taken through the primary
     -- key, never by hashing a sequential scan of every session.
+    -- NO KEY UPDATE: it excludes other finishes and the head election at an enqueue's commit
+    -- (FOR UPDATE) as before, but not the KEY SHARE lock an INSERT into fleet.messages takes
+    -- on its session for the foreign key, so an enqueue into a session whose head is finishing
+    -- does not wait for the worker's transaction (now a claim too).
     PERFORM 1 FROM fleet.sessions s
     WHERE s.session_id = ANY (ARRAY(SELECT m.session_id FROM fleet.messages m
                                     WHERE m.id = ANY (ids)))
     ORDER BY s.session_id
-    FOR UPDATE OF s;
+    FOR NO KEY UPDATE OF s;
 
     WITH done AS (
         UPDATE fleet.messages m

@@ -109,3 +109,35 @@ async def test_wakes_nobody_and_tells_reply_waiters_once(db_url: str, conn: asyn
     finally:
         await listener.close()
     assert heard == ["fleet_outcome"]
+
+
+async def test_an_enqueue_does_not_wait_for_a_finishing_head_and_is_elected_after_it(
+    db_url: str, conn: asyncpg.Connection
+):
+    """The finish locks the session FOR NO KEY UPDATE: an enqueue's INSERT (a foreign-key KEY
+    SHARE lock on the session) goes through at once; its commit-time head election (FOR
+    UPDATE) waits for the finish and then sees it, so the new message becomes the head."""
+    head = await queue.enqueue(conn, "s1", "one")
+    [m1] = await queue.claim(conn, "w", 1, 30)
+    other = await asyncpg.connect(db_url)
+    try:
+        finishing = conn.transaction()
+        await finishing.start()
+        finished, _ = await queue.finish_and_claim(conn, "w", 0, 30, [_done(m1)])
+        assert finished == {head}
+
+        enqueuing = other.transaction()
+        await enqueuing.start()
+        new = await asyncio.wait_for(
+            other.fetchval("SELECT fleet.enqueue(session_id => 's1', body => 'two')"), timeout=5
+        )
+        commit = asyncio.create_task(enqueuing.commit())
+        await asyncio.sleep(0.3)
+        assert not commit.done()  # the election waits for the session's lock
+        await finishing.commit()
+        await asyncio.wait_for(commit, timeout=5)
+    finally:
+        await other.close()
+    assert await conn.fetchval("SELECT is_head FROM fleet.messages WHERE id = $1", new)
+    [m2] = await queue.claim(conn, "w", 1, 30)
+    assert m2.id == new
