@@ -5,10 +5,12 @@ The pieces, each an asyncio task started and stopped the same way:
 * **listener**: a dedicated connection LISTENing on ``fleet_wakeup``; it reconnects after the
   database restarts and wakes the producer after every reconnect (NOTIFYs sent while it was
   away are lost, the queue is not). ``--poll-only`` skips it (PgBouncer transaction pooling).
-* **producer**: claims ``concurrency - in_flight`` messages at a time when woken (NOTIFY,
-  a freed slot, or the poll interval) and starts one handler task per message.
-* **completer**: writes finished outcomes in batches (one statement for all that finished
-  since the last write), so the database round trip is shared under load.
+* **producer**: when woken (NOTIFY, a finished handler, or the poll interval) writes the
+  outcomes that finished since its last call and claims ``concurrency - in_flight`` messages
+  in one statement and one commit (``fleet.finish_and_claim``), then starts one handler task
+  per message claimed.
+* **completer**: writes outcomes in batches when the producer will not: while stopping, or
+  with no slot free (so nothing to claim).
 * **heartbeat**: extends the leases held; a lease found taken over cancels its handler task.
   A message someone asked to cancel (``fleet cancel``; the request NOTIFYs ``fleet_cancel``,
   which makes the heartbeat run at once) is stopped: a handler that can stop between steps
