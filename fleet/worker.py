@@ -312,10 +312,7 @@ class Worker:
             return False
         metrics.MESSAGES_CLAIMED.inc()
         metrics.IN_FLIGHT.inc()
-        self.held[message.id] = message.lease_token
-        lease = self._lease(message)
-        task = asyncio.create_task(self._execute(message, lease), name=f"message-{message.id}")
-        self.in_flight[message.id] = _InFlight(message, task, lease)
+        task = self._launch(message)
         self._children.setdefault(parent_id, set()).add(message.id)
         try:
             await asyncio.shield(task)
@@ -366,10 +363,15 @@ class Worker:
             metrics.QUEUE_WAIT.observe(
                 max((message.claimed_at - message.enqueued_at).total_seconds(), 0.0)
             )
-            self.held[message.id] = message.lease_token
-            lease = self._lease(message)
-            task = asyncio.create_task(self._execute(message, lease))
-            self.in_flight[message.id] = _InFlight(message, task, lease)
+            self._launch(message)
+
+    def _launch(self, message: ClaimedMessage) -> asyncio.Task[None]:
+        """Hold the message's lease (the heartbeat keeps it) and run its handler in a task."""
+        self.held[message.id] = message.lease_token
+        lease = self._lease(message)
+        task = asyncio.create_task(self._execute(message, lease), name=f"message-{message.id}")
+        self.in_flight[message.id] = _InFlight(message, task, lease)
+        return task
 
     # -- executor ----------------------------------------------------------------------------
 
