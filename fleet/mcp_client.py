@@ -38,7 +38,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx2
 from agents.mcp import MCPServer
 from agents.mcp.util import MCPToolCustomDataContext, MCPToolMetaContext
 from mcp import types
@@ -325,8 +324,7 @@ MAX_THROTTLED_SECONDS = 60.0
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
-    """``exc``, what caused it, and the members of exception groups on the way: a failure
-    inside the MCP client's task group (a 429 while connecting, say) arrives wrapped in one."""
+    """``exc``, what caused it, and the members of any exception group on the way."""
     seen: set[int] = set()
     pending = [exc] if exc is not None else []
     while pending:
@@ -344,8 +342,7 @@ def _chain(exc: BaseException | None) -> Iterator[BaseException]:
 
 def retry_after(exc: BaseException | None) -> float | None:
     """Seconds the server asked us to wait, if it answered 429: the JSON-RPC error's
-    ``data.retry_after``, or the HTTP ``Retry-After`` header when the answer came back as a
-    plain HTTP status error (during the connect handshake)."""
+    ``data.retry_after``, or the HTTP ``Retry-After`` header of a plain HTTP 429."""
     for current in _chain(exc):
         data = getattr(getattr(current, "error", None), "data", None)
         if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
@@ -355,21 +352,16 @@ def retry_after(exc: BaseException | None) -> float | None:
                 return float(current.retry_after or "1")
             except ValueError:
                 return 1.0
-        response = getattr(current, "response", None)
-        if getattr(response, "status_code", None) == 429:
-            try:
-                return float(response.headers.get("retry-after", "1"))
-            except (TypeError, ValueError):
-                return 1.0
     return None
 
 
 def _is_unreachable(exc: BaseException | None) -> bool:
     """True when the server could not be connected to at all (the request never left)."""
+    # One address refused: ConnectionRefusedError; several (a name with many addresses), all
+    # refused: asyncio's OSError "Multiple exceptions: [Errno 111] Connect call failed ...".
     return any(
         isinstance(current, ConnectionRefusedError)
-        or isinstance(current, httpx2.ConnectError)
-        or "Could not reach the server" in str(current)
+        or (isinstance(current, OSError) and "Connect call failed" in str(current))
         for current in _chain(exc)
     )
 
