@@ -99,10 +99,6 @@ class TurnLimits(BaseModel):
 
     # -- checks (called by the turn's hooks) ---------------------------------------------------
 
-    def check_model_calls(self, used: int) -> None:
-        if used > self.max_model_calls:
-            raise TurnLimitExceeded("model_calls", used, self.max_model_calls, self.origin)
-
     def check_tool_calls(self, used: int) -> None:
         if used > self.max_tool_calls:
             raise TurnLimitExceeded("tool_calls", used, self.max_tool_calls, self.origin)

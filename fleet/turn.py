@@ -51,7 +51,7 @@ from agents import (
 from fleet import agents as agent_rows
 from fleet import approvals, metrics
 from fleet.agent_builder import AgentBuilder, BuiltAgent
-from fleet.agents import ASK_PREFIX, DEFAULT_AGENT, DEFAULT_INSTRUCTIONS
+from fleet.agents import ASK_PREFIX
 from fleet.audit import AuditWriter, TurnAudit, clip, now
 from fleet.database import create_pool, resolve_url
 from fleet.delegation import Delegator, delegation_depth
@@ -68,11 +68,6 @@ from fleet.settings import Settings
 from fleet.skills import LOAD_SKILL, SkillLibrary
 
 log = logging.getLogger("fleet.turn")
-
-#: The default agent and its instructions live in fleet/agents.py (rows in fleet.agents).
-AGENT_NAME = DEFAULT_AGENT
-
-INSTRUCTIONS = DEFAULT_INSTRUCTIONS
 
 
 @dataclass
@@ -142,8 +137,7 @@ class AuditHooks(RunHooks[TurnContext]):
     async def on_llm_start(self, context: Any, agent: Any, system_prompt: Any, items: Any) -> None:
         turn: TurnContext = context.context
         turn.check_cancelled(f"model call {turn.model_calls + 1}")
-        turn.model_calls += 1
-        turn.limits.check_model_calls(turn.model_calls)
+        turn.model_calls += 1  # the limit is the SDK's max_turns (MaxTurnsExceeded, below)
 
     async def on_llm_end(self, context: Any, agent: Any, response: Any) -> None:
         turn: TurnContext = context.context
@@ -163,10 +157,11 @@ class AuditHooks(RunHooks[TurnContext]):
             turn.limits.check_tool_calls(turn.tool_calls)
         except TurnLimitExceeded as exc:
             # The call over the limit never runs; its row says so.
+            arguments = _arguments(getattr(context, "tool_arguments", None))
             turn.audit.capability(
-                _capability(tool.name, _arguments(getattr(context, "tool_arguments", None))),
+                _capability(tool.name, arguments),
                 action="skill_activated" if tool.name == LOAD_SKILL else "capability_invoked",
-                arguments=_arguments(getattr(context, "tool_arguments", None)),
+                arguments=arguments,
                 result={"blocked": str(exc)},
                 status="blocked",
                 latency_ms=None,

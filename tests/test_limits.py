@@ -21,11 +21,11 @@ def test_defaults_come_from_the_settings() -> None:
 
 def test_errors_name_the_knob_and_are_permanent() -> None:
     limits = TurnLimits(max_model_calls=12, max_tool_calls=2, token_budget=100)
-    limits.check_model_calls(12)
-    with pytest.raises(TurnLimitExceeded) as exc:
-        limits.check_model_calls(13)
-    assert str(exc.value) == "turn limit exceeded: 13 model calls > max 12 (FLEET_MAX_MODEL_CALLS)"
-    assert isinstance(exc.value, PermanentHandlerError)
+    limits.check_tool_calls(2)
+    # Model calls are refused by the SDK's max_turns; the turn reports them with this error.
+    error = TurnLimitExceeded("model_calls", 13, limits.max_model_calls, limits.origin)
+    assert str(error) == "turn limit exceeded: 13 model calls > max 12 (FLEET_MAX_MODEL_CALLS)"
+    assert isinstance(error, PermanentHandlerError)
     with pytest.raises(TurnLimitExceeded, match=r"3 tool calls > max 2 \(FLEET_MAX_TOOL_CALLS\)"):
         limits.check_tool_calls(3)
     with pytest.raises(TurnLimitExceeded, match=r"101 tokens > max 100 \(FLEET_TOKEN_BUDGET\)"):
