@@ -30,7 +30,8 @@ How one delegation runs (:class:`Delegator`):
    parent claims it then.
 4. **Result**: the child's reply is the tool result. A child that ends ``dead`` or ``cancelled``
    gives an ``error:`` result; one that parks for a human approval gives a result saying so
-   (the parent never waits on a person); one that does not finish within
+   (the parent never waits on a person), and so does one queued behind an earlier delegation
+   of the conversation that waits for a person; one that does not finish within
    :data:`WAIT_SECONDS` gives an ``error:`` result and stays in its queue.
 
 Every delegation writes a ``delegated`` audit row in the parent's conversation: the child's
@@ -148,9 +149,11 @@ class Delegator:
             reply = outcome.reply or ""
             result["reply"] = reply[:500]
             text = reply
-        elif outcome is not None and outcome.state == "awaiting_approval":
+        elif outcome is not None and outcome.state in ("awaiting_approval", "queued"):
+            what = ("'s action is waiting" if outcome.state == "awaiting_approval"
+                    else " is busy with an earlier request waiting")
             text = (
-                f"The {child} agent's action is waiting for a human approval; its answer will "
+                f"The {child} agent{what} for a human approval; its answer will "
                 f"follow in session {session} (message {message_id})."
             )
         elif outcome is None:
@@ -181,12 +184,18 @@ class Delegator:
                 if await run_inline(message_id):
                     pause = _POLL
                     continue
+            if message.state == "queued":
+                # Behind an earlier delegation of this conversation that waits for a human: it
+                # runs only after that decision, so waiting here would only hold the parent.
+                blocker = await queue.parked_ahead(pool, message.session_id, message_id)
+                if blocker is not None:
+                    return message  # still queued: the caller says what it waits behind
             await asyncio.sleep(pause)
             pause = min(pause * 1.5, _POLL_MAX)
         return None
 
 
-_STATUS = {"done": "ok", "awaiting_approval": "awaiting", "dead": "error",
+_STATUS = {"done": "ok", "awaiting_approval": "awaiting", "queued": "awaiting", "dead": "error",
            "cancelled": "error", "timeout": "timeout"}
 
 

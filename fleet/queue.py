@@ -213,6 +213,11 @@ async def heartbeat(
     return {row["id"]: row["cancel_requested"] for row in rows}
 
 
+async def parked_ahead(db: Executor, session_id: str, message_id: int) -> int | None:
+    """The id of a message ahead of ``message_id`` in its session that waits for a human."""
+    return await db.fetchval(SQL["parked_ahead"], session_id, message_id)
+
+
 async def finish(db: Executor, outcomes: Sequence[Outcome]) -> set[int]:
     """Write final outcomes in one statement; returns the ids accepted under their tokens."""
     if not outcomes:

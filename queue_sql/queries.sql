@@ -136,6 +136,13 @@ UPDATE fleet.messages SET cancel_requested_at = clock_timestamp()
 WHERE id = $1 AND state = 'running'
 RETURNING id;
 
+-- name: parked_ahead
+-- A message of the same session, ahead of $2, parked for a human: $2 cannot run before that
+-- approval is decided (per-session order).
+SELECT id FROM fleet.messages
+WHERE session_id = $1 AND id < $2 AND state = 'awaiting_approval'
+ORDER BY id LIMIT 1;
+
 -- name: get_message
 SELECT id, session_id, agent, body, customer_id, variables, metadata, dedupe_key, state,
        attempts, max_attempts, takeovers, enqueued_at, claimed_at, finished_at, run_after,

@@ -290,3 +290,39 @@ async def test_a_retried_parent_gets_the_child_it_already_has(
     assert [c["body"] for c in children] == ["check the charge", "a different question"]
     assert children[0]["attempts"] == 1  # ran once, not once per parent attempt
     assert {a.payload["child_message_id"] for a in audits} == {children[0]["id"]}
+
+
+async def test_a_delegation_behind_a_parked_one_answers_at_once(
+    conn: asyncpg.Connection, settings, db_url: str
+) -> None:
+    """The conversation's earlier delegation waits for a human approval, so the new child
+    cannot run before that decision: the parent is told so at once instead of holding its
+    worker slot until the wait times out."""
+    from types import SimpleNamespace
+
+    from fleet.audit import TurnAudit
+    from fleet.database import create_pool
+    from fleet.delegation import Delegator, child_session
+
+    await agents.create(conn, spec("tier2"), known_skills=SKILLS)
+    parent_id = await queue.enqueue(conn, "parent-p", "refund me and check the charge")
+    earlier = await queue.enqueue(conn, child_session("parent-p", "tier2"), "refund order 1",
+                                  agent="tier2")
+    claimed = await queue.claim(conn, "w", 5, 30)
+    assert {m.id for m in claimed} == {parent_id, earlier}
+    await conn.execute(
+        "UPDATE fleet.messages SET state = 'awaiting_approval', lease_owner = NULL,"
+        " lease_token = NULL, lease_expires_at = NULL WHERE id = $1", earlier)
+    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=2)
+    try:
+        turn = SimpleNamespace(message_id=parent_id, session_id="parent-p", customer_id=None,
+                               variables={}, depth=0, lease=None,
+                               audit=TurnAudit("parent-p", actor="agent:support"))
+        answer = await asyncio.wait_for(
+            Delegator(settings, lambda: pool)(turn, "support", "tier2", "check the charge", "c1"),
+            timeout=10)
+    finally:
+        await pool.close()
+    assert "busy with an earlier request waiting for a human approval" in answer
+    assert turn.audit.rows[-1].result["status"] == "awaiting"
+    assert turn.audit.rows[-1].result["state"] == "queued"
