@@ -14,7 +14,6 @@ parked run resumes against the exact versions it was parked with).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -202,16 +201,16 @@ def validate(
 # -- reads ---------------------------------------------------------------------------------------
 
 
-async def get(db: Executor, name: str) -> AgentRow:
-    record = await db.fetchrow(SQL["agent_get"], name)
-    if record is None:
-        raise NotFound(f"no agent named {name!r}")
-    return _row(record)
-
-
 async def find(db: Executor, name: str) -> AgentRow | None:
     record = await db.fetchrow(SQL["agent_get"], name)
     return _row(record) if record else None
+
+
+async def get(db: Executor, name: str) -> AgentRow:
+    row = await find(db, name)
+    if row is None:
+        raise NotFound(f"no agent named {name!r}")
+    return row
 
 
 async def list_agents(db: Executor) -> list[AgentRow]:
@@ -229,10 +228,7 @@ async def load_versions(db: Executor, graph: Mapping[str, int]) -> dict[str, Age
     records = await db.fetch(SQL["agent_versions_get"], names, [graph[n] for n in names])
     rows: dict[str, AgentRow] = {}
     for record in records:
-        spec = record["spec"]
-        if isinstance(spec, str):
-            spec = json.loads(spec)
-        row = AgentRow(**spec)
+        row = AgentRow(**record["spec"])  # jsonb arrives decoded (fleet.database's codec)
         rows[row.name] = row
     return rows
 
@@ -299,8 +295,8 @@ async def get_or_create(
 
     async def go(conn: asyncpg.Connection) -> tuple[AgentRow, bool]:
         existing = await _existing(conn)
-        if spec.name in existing:
-            return await get(conn, spec.name), False
+        if spec.name in existing:  # created meanwhile: the row read under the lock
+            return existing[spec.name], False
         validate(spec, existing, skills)
         row = _row(await conn.fetchrow(SQL["agent_insert"], *_params(spec)))
         await _snapshot(conn, row)
@@ -310,10 +306,17 @@ async def get_or_create(
 
 
 async def update(
-    db: Executor, name: str, changes: Mapping[str, Any], *, known_skills: Iterable[str]
+    db: Executor,
+    name: str,
+    changes: Mapping[str, Any],
+    *,
+    known_skills: Iterable[str],
+    merge_metadata: Mapping[str, Any] | None = None,
 ) -> AgentRow:
     """Change some fields of an agent; the version goes up by one. ``changes`` keys are
-    :class:`AgentSpec` fields (not ``name``); a None ``model`` means the fleet's model."""
+    :class:`AgentSpec` fields (not ``name``); a None ``model`` means the fleet's model.
+    ``merge_metadata`` keys are merged into the stored metadata under the same lock as the
+    write, so two concurrent merges both land."""
     bad = set(changes) - (set(AgentSpec.model_fields) - {"name"})
     if bad:
         raise InvalidInput(f"cannot update {', '.join(sorted(bad))} of an agent")
@@ -324,7 +327,10 @@ async def update(
         current = existing.get(name)
         if current is None:
             raise NotFound(f"no agent named {name!r}")
-        merged = spec_from(**{**current.spec().model_dump(), **dict(changes)})
+        fields = {**current.spec().model_dump(), **dict(changes)}
+        if merge_metadata:
+            fields["metadata"] = {**fields["metadata"], **merge_metadata}
+        merged = spec_from(**fields)
         others = {k: v for k, v in existing.items() if k != name}
         others[name] = current
         validate(merged, others, skills)

@@ -326,3 +326,19 @@ async def test_a_delegation_behind_a_parked_one_answers_at_once(
     assert "busy with an earlier request waiting for a human approval" in answer
     assert turn.audit.rows[-1].result["status"] == "awaiting"
     assert turn.audit.rows[-1].result["state"] == "queued"
+
+
+async def test_concurrent_metadata_merges_both_land(settings, db_url: str) -> None:
+    """`fleet agents update --metadata` merges under the agents' lock: two at once keep both."""
+    from fleet.database import create_pool
+
+    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=2, max_size=4)
+    try:
+        await asyncio.gather(*(
+            agents.update(pool, "support", {}, known_skills=SKILLS, merge_metadata={key: i})
+            for i, key in enumerate(("team", "tier", "region", "owner"))))
+        row = await agents.get(pool, "support")
+    finally:
+        await pool.close()
+    assert {"team", "tier", "region", "owner"} <= set(row.metadata)
+    assert row.version == 5

@@ -170,13 +170,9 @@ def update_command(
         raise InvalidInput("nothing to update; give at least one option (see --help)")
     skills = _known_skills()
 
-    async def go(conn: Any) -> Any:
-        if extra:
-            current = await agents.get(conn, name)
-            changes["metadata"] = {**current.metadata, **extra}
-        return await agents.update(conn, name, changes, known_skills=skills)
-
-    _show(run(lambda: _with_conn(go)), as_json)
+    row = run(lambda: _with_conn(lambda c: agents.update(
+        c, name, changes, known_skills=skills, merge_metadata=extra)))
+    _show(row, as_json)
 
 
 @agents_app.command("list")
