@@ -21,11 +21,9 @@ embedding model for 10-30 s); the secrets test runs last and searches what all o
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ import pytest
 
 from fleet import queue
 from fleet.guardrails import REFUSAL
-from tests.mcp_process import MCPProcess, module_database, module_env, running_mcp
+from tests.mcp_process import MCPProcess, _admin, module_database, module_env, running_mcp
 from tests.pgbouncer import SKIP_REASON, pgbouncer_binary, running_pgbouncer
 from tests.processes import fleet, start_fleet, stop, wait_until
 
@@ -48,20 +46,6 @@ OPENAI_KEY = f"sk-canary{CANARY}openai"
 
 def _password(role: str) -> str:
     return f"pw-{role}-{CANARY}"
-
-
-def _admin(url: str, sql: str) -> None:
-    """One statement, from sync or async test code alike (a private loop in a thread)."""
-
-    async def go() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, go()).result()
 
 
 def _login_url(url: str, user: str, password: str) -> str:

@@ -9,30 +9,17 @@ budget"); here three workers share a limit smaller than what one of them wants.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-import asyncpg
-
+from tests.mcp_process import _admin
 from tests.processes import start_fleet, stop, wait_until
 
 LIMIT = 3
 
 
-def _admin(server_url: str, sql: str) -> None:
-    async def go() -> None:
-        conn = await asyncpg.connect(server_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, go()).result()
 
 
 async def test_workers_over_a_connection_limit_slow_down_but_finish_every_message(
