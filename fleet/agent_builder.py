@@ -118,10 +118,9 @@ class AgentBuilder:
     def capabilities(self) -> tuple[list[str], list[str]]:
         """The MCP tools this worker's server exposes (the five it is specified to have until
         the list was fetched) and the skills on its disk: the claim's agent filter."""
-        tools = self.mcp._tools
-        names = (
-            [t.name for t in tools] if tools is not None else list(agent_rows.CUSTOMER_DATA_TOOLS)
-        )
+        names = self.mcp.tool_names()
+        if names is None:
+            names = list(agent_rows.CUSTOMER_DATA_TOOLS)
         return names, sorted(self.skills.skills)
 
     # -- lookups -------------------------------------------------------------------------------

@@ -200,6 +200,10 @@ class MCPClientPool:
             f"attempts ({_describe(last)})"
         ) from last
 
+    def tool_names(self) -> list[str] | None:
+        """The names of the tools the server listed; None before the first listing."""
+        return None if self._tools is None else [t.name for t in self._tools]
+
     async def tools(self) -> list[types.Tool]:
         """The server's tool list, fetched once (with each output schema compiled once)."""
         if self._tools is None:

@@ -55,7 +55,7 @@ from fleet.agents import ASK_PREFIX
 from fleet.audit import AuditWriter, TurnAudit, clip, now
 from fleet.database import create_pool, resolve_url
 from fleet.delegation import Delegator, delegation_depth
-from fleet.errors import FleetError, HandlerError, TurnCancelled
+from fleet.errors import ConfigurationError, FleetError, HandlerError, TurnCancelled
 from fleet.guardrails import REFUSAL
 from fleet.handlers import HandlerResult, Lease, Parked, Reply
 from fleet.limits import TurnLimitExceeded, TurnLimits
@@ -325,7 +325,13 @@ class AgentHandler:
         # Before the first claim: a server started beside this worker may still be loading.
         await self.mcp.warm(wait=self.settings.fleet_mcp_startup_wait_seconds)
         # The default agent exists even on a database migrated before agents were rows.
-        await agent_rows.ensure_default(self.pool, self.skills.skills)
+        try:
+            await agent_rows.ensure_default(self.pool, self.skills.skills)
+        except asyncpg.InsufficientPrivilegeError as exc:  # a fleet_worker role may only read
+            raise ConfigurationError(
+                "the default agent 'support' is missing and this role may not create it; "
+                "run `fleet migrate` (as the schema owner)"
+            ) from exc
 
     async def close(self) -> None:
         await self.mcp.close()

@@ -18,6 +18,8 @@ from fleet.cli.app import JsonOption, app, emit_json, emit_table, run, settings
 from fleet.errors import NotFound
 from fleet.sql import queries
 
+#: How deep `fleet trace` follows delegations into child sessions (FLEET_MAX_DELEGATION_DEPTH: 3).
+MAX_NESTED_TRACES = 8
 SQL = queries("agent_runtime.sql")
 
 
@@ -36,7 +38,7 @@ async def load_trace(conn: Any, session_id: str, _depth: int = 0) -> dict[str, A
         for r in audit if r["action"] == "delegated"
     )
     for child in children:
-        if child and _depth < 8:
+        if child and _depth < MAX_NESTED_TRACES:
             try:
                 delegations.append(await load_trace(conn, child, _depth + 1))
             except NotFound:  # pragma: no cover - enqueued, but not yet seen by a worker
