@@ -374,6 +374,13 @@ async def test_no_secret_in_anything_the_run_wrote(stack: Stack, db):
         await _wait_states(stack, db, [wrong_token], ("dead",), "the unauthorised turn to fail")
     finally:
         stop(worker)
+    # Dead for the refused token (the server's 401, as fleet.mcp_wire.HTTPStatusError words it
+    # inside the pool's CustomerDataUnavailable), not for some other failure; and the error an
+    # operator reads names the refusal without echoing the token it refused.
+    error = await db.fetchval("SELECT error FROM fleet.messages WHERE id = $1", wrong_token)
+    assert error and "CustomerDataUnavailable" in error, error
+    assert "HTTP 401 from the MCP server" in error, error
+    assert stack.mcp.token not in error and "wrong-" not in error, error
 
     # An approval through the CLI, and every --json output.
     parked = await queue.enqueue(db, "secret-refund", "Please refund order #4433, it broke",
