@@ -279,8 +279,8 @@ BEGIN
             lease_owner = $1, lease_token = nextval('fleet.lease_tokens'),
             lease_expires_at = clock_timestamp() + make_interval(secs => $3)
         WHERE m.id = ANY (ARRAY(SELECT id FROM candidates))
-        RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.metadata,
-                  m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
+        RETURNING m.id, m.session_id::text, m.agent, m.body::text, m.customer_id,
+                  m.variables::jsonb, m.metadata::jsonb, m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
         -- claim: end
     END IF;
 END

@@ -56,6 +56,60 @@ async def test_null_session_id_via_sql_is_refused(conn: asyncpg.Connection):
     assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "constraint"),
+    [
+        ("session_id", "has space", "messages_session_id_valid"),
+        ("body", " \t", "messages_body_not_empty"),
+        ("body", "x" * 16_385, "messages_body_size"),
+        ("metadata", "[1]", "messages_metadata_size"),
+        ("variables", '{"blob": "' + "x" * 16_400 + '"}', "messages_variables_size"),
+        ("dedupe_key", "", "messages_dedupe_key_size"),
+    ],
+)
+async def test_a_direct_insert_meets_the_same_named_checks(
+    conn: asyncpg.Connection, column: str, value: str, constraint: str
+):
+    """Plain SQL bypasses fleet.enqueue's worded errors but not the rules: the columns' domains
+    (migration 0011) refuse what the table constraints used to, under the same names."""
+    await conn.execute("INSERT INTO fleet.sessions (session_id) VALUES ('s1'), ('has space')")
+    row = {"session_id": "s1", "body": "hi", "metadata": "{}", "variables": "{}",
+           "dedupe_key": None}
+    row[column] = value
+    with pytest.raises(asyncpg.CheckViolationError) as refused:
+        await conn.execute(
+            "INSERT INTO fleet.messages (session_id, body, metadata, variables, dedupe_key)"
+            " VALUES ($1, $2, $3::text::jsonb, $4::text::jsonb, $5)",
+            *row.values(),
+        )
+    assert refused.value.constraint_name == constraint
+    assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
+
+
+async def test_updates_do_not_recheck_columns_that_never_change(conn: asyncpg.Connection):
+    """The queue updates every message at least twice (claim, finish): those updates must not
+    pay for the insert-time checks (regular expressions, jsonb measured as text). A domain's
+    check runs only when its column is assigned, which the queue's statements never do; a
+    table CHECK would run on every update."""
+    checks = await conn.fetch(
+        """SELECT conname FROM pg_constraint
+           WHERE conrelid = 'fleet.messages'::regclass AND contype = 'c'
+             AND pg_get_constraintdef(oid) ~ '(session_id|body|metadata|variables|dedupe_key)'"""
+    )
+    assert checks == []
+    domains = await conn.fetch(
+        """SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+           WHERE a.attrelid = 'fleet.messages'::regclass AND t.typtype = 'd' ORDER BY 1"""
+    )
+    assert {r["attname"]: r["typname"] for r in domains} == {
+        "body": "message_body",
+        "dedupe_key": "dedupe_key",
+        "metadata": "message_metadata",
+        "session_id": "session_id",
+        "variables": "message_variables",
+    }
+
+
 async def test_oversized_metadata_is_refused(conn: asyncpg.Connection):
     with pytest.raises(InvalidInput, match="metadata must be a JSON object"):
         await queue.enqueue(conn, "s1", "hi", metadata={"blob": "x" * 20_000})
