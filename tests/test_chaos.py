@@ -137,8 +137,11 @@ async def _enqueue_load(url: str, total: int, sessions: int, seconds: float, tal
                     " customer_id => $4)", session, body_for(i), f"chaos-{i}", "c-chaos")
                 break
             except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError):
+                    asyncpg.CannotConnectNowError, asyncpg.AdminShutdownError,
+                    asyncpg.InternalClientError):  # see _query
                 tally.enqueue_retries += 1
+                if conn is not None:
+                    conn.terminate()
                 conn = None
                 await asyncio.sleep(0.2)
         await asyncio.sleep(pause)
