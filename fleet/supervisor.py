@@ -63,6 +63,7 @@ class Supervisor:
         workers: int,
         concurrency: int,
         handler: str,
+        claim_batch: int | None = None,
         work_delay: float = 0.0,
         metrics_port: int | None = None,
         poll_only: bool = False,
@@ -71,6 +72,7 @@ class Supervisor:
         self.settings = settings
         self.workers = workers
         self.concurrency = concurrency
+        self.claim_batch = claim_batch
         self.handler = handler
         self.work_delay = work_delay
         self.metrics_port = metrics_port
@@ -120,6 +122,8 @@ class Supervisor:
             "--work-delay",
             str(self.work_delay),
         ]
+        if self.claim_batch is not None:
+            worker_args += ["--claim-batch", str(self.claim_batch)]
         if self.poll_only:
             worker_args.append("--poll-only")
         for index in range(self.workers):

@@ -87,15 +87,22 @@ class Worker:
         handler: Handler,
         *,
         concurrency: int = 10,
+        claim_batch: int | None = None,
         poll_only: bool = False,
         drain: bool = False,
         worker_id: str | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if claim_batch is not None and claim_batch < 1:
+            raise ValueError("claim_batch must be at least 1")
         self.settings = settings
         self.handler = handler
         self.concurrency = concurrency
+        #: At most this many messages per claim. Below ``concurrency`` (e.g. half of it, the
+        #: ratio PgQueuer requires of its own cap) the next claim is already under way while
+        #: the previous batch's handlers run, instead of waiting for all of them to finish.
+        self.claim_batch = min(claim_batch or concurrency, concurrency)
         self.poll_only = poll_only
         self.drain = drain
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -112,9 +119,20 @@ class Worker:
         self._heartbeat_now = asyncio.Event()
         self._pending: list[Outcome] = []
         self._pending_event = asyncio.Event()
-        #: One outcome write at a time: shutdown's last flush waits for the completer's, so it
-        #: never releases a lease whose outcome is being written (the release could win).
+        #: The completer's writes and shutdown's last one, one at a time: shutdown never
+        #: releases a lease whose outcome is being written (the release could win). The
+        #: producer's cycles have ended by then (shutdown waits for them first).
         self._flush_lock = asyncio.Lock()
+        #: The producer's calls under way (at most ``_max_claims_in_flight``), the slots their
+        #: claims have reserved, whether the last claim came back full (a backlog), and when a
+        #: failed call may be retried.
+        self._cycles: set[asyncio.Task[None]] = set()
+        self._max_claims_in_flight = 2 if 2 * self.claim_batch <= concurrency else 1
+        self._reserved = 0
+        self._backlog = False
+        self._backoff = 0.1
+        self._retry_at = 0.0
+        self._cycle_error: Exception | None = None
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -208,6 +226,8 @@ class Worker:
 
     async def _shutdown(self) -> None:
         grace = self.settings.fleet_shutdown_grace
+        if self._cycles:  # claims under way: their messages are drained with the rest
+            await asyncio.gather(*self._cycles, return_exceptions=True)
         if self.in_flight:
             log.info("draining %d in-flight messages (grace %.0fs)", len(self.in_flight), grace)
             tasks = [f.task for f in self.in_flight.values()]
@@ -243,49 +263,102 @@ class Worker:
     # -- producer ----------------------------------------------------------------------------
 
     async def _produce_loop(self) -> None:
-        backoff = 0.1
         while not self._stopping.is_set():
             self._wakeup.clear()
-            free = self.concurrency - len(self.in_flight)
-            claimed: list[ClaimedMessage] = []
-            if free > 0 or self._pending:
-                try:
-                    claimed = await self._finish_and_claim(free)
-                    backoff = 0.1
-                except TRANSIENT as exc:
-                    log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
-                    await self._sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                self._start_batch(claimed)
-                if free > 0 and len(claimed) == free:
-                    continue  # there may be more: claim again as soon as a slot frees
-            if self.drain and not claimed and not self.in_flight and not self._pending:
-                if not await queue.has_unfinished_work(self.pool):
+            if self._cycle_error is not None:
+                raise self._cycle_error
+            self._start_cycles()
+            if self.drain:
+                # Decide on what the claims under way find: exit once one found nothing and
+                # nothing is left anywhere (other workers' messages, retries not yet due).
+                if self._cycles:
+                    await asyncio.wait(set(self._cycles), return_when=asyncio.FIRST_COMPLETED)
+                if self._idle() and not await queue.has_unfinished_work(self.pool):
                     log.info("queue drained")
                     return
+                if self._wakeup.is_set():
+                    continue
             await self._wait_for_work()
 
+    def _start_cycles(self) -> None:
+        """Start the cycles there is room and reason for. One runs whenever there are free
+        slots or outcomes to write; a second only while a backlog is being drained (the last
+        claim came back full) and the claim batch leaves slots for it, so its call overlaps the
+        first's and the handlers of both. Slots are reserved when a claim starts, so no more
+        than ``concurrency`` handlers ever run."""
+        while len(self._cycles) < self._max_claims_in_flight:
+            if time.monotonic() < self._retry_at:
+                return
+            free = min(
+                self.concurrency - len(self.in_flight) - self._reserved, self.claim_batch
+            )
+            free = max(free, 0)
+            if not free and not self._pending:
+                return
+            if self._cycles and not (free and self._backlog):
+                return
+            self._reserved += free
+            task = asyncio.create_task(self._cycle(free), name="claim")
+            self._cycles.add(task)
+            if not free:
+                return
+
+    async def _cycle(self, free: int) -> None:
+        """One call: write the outcomes so far and claim ``free`` messages, start their
+        handlers. A transient failure (the database away) retries with backoff; anything
+        else is handed to the producer loop, which stops the worker with it."""
+        try:
+            claimed = await self._finish_and_claim(free)
+        except TRANSIENT as exc:
+            log.warning("claim failed (%s); retrying in %.1fs", exc, self._backoff)
+            self._retry_at = time.monotonic() + self._backoff
+            asyncio.get_running_loop().call_later(self._backoff, self._wakeup.set)
+            self._backoff = min(self._backoff * 2, 5.0)
+            return
+        except Exception as exc:
+            self._cycle_error = exc
+            self._wakeup.set()
+            return
+        finally:
+            self._reserved -= free
+            self._cycles.discard(asyncio.current_task())  # type: ignore[arg-type]
+        self._backoff = 0.1
+        self._start_batch(claimed)
+        # A full batch: there may be more, claim again at once (the call runs while the
+        # handlers just started do, and carries the outcomes they produce meanwhile).
+        self._backlog = free > 0 and len(claimed) == free
+        if self._backlog or self._pending:
+            self._wakeup.set()
+
+    def _idle(self) -> bool:
+        """Nothing claimed, running or to write, and the last claim found the queue empty."""
+        return not (
+            self._cycles
+            or self.in_flight
+            or self._pending
+            or self._backlog
+            or time.monotonic() < self._retry_at
+        )
+
     async def _finish_and_claim(self, free: int) -> list[ClaimedMessage]:
-        """One cycle: the outcomes written so far and a claim for the free slots, in one
-        statement and one commit (``fleet.finish_and_claim``) instead of two; the claim sees
-        the successors the finish promoted. Slots are counted before the call, so no more than
-        ``concurrency`` handlers ever run. Without free slots only the outcomes are written."""
-        async with self._flush_lock:
-            batch, self._pending = self._pending, []
-            try:
-                if free > 0:
-                    tools, skills = self._capabilities()
-                    accepted, claimed = await queue.finish_and_claim(
-                        self.pool, self.worker_id, free, self.lease_seconds, batch,
-                        tools=tools, skills=skills,
-                    )
-                else:
-                    accepted, claimed = await queue.finish(self.pool, batch), []
-            except BaseException:
-                self._pending = batch + self._pending
-                raise
-            self._account(batch, accepted)
+        """One cycle's call: the outcomes written so far and a claim for the free slots, in
+        one statement and one commit (``fleet.finish_and_claim``) instead of two; the claim
+        sees the successors the finish promoted. Without free slots only the outcomes are
+        written. Outcomes that could not be written go back to the pending list."""
+        batch, self._pending = self._pending, []
+        try:
+            if free > 0:
+                tools, skills = self._capabilities()
+                accepted, claimed = await queue.finish_and_claim(
+                    self.pool, self.worker_id, free, self.lease_seconds, batch,
+                    tools=tools, skills=skills,
+                )
+            else:
+                accepted, claimed = await queue.finish(self.pool, batch), []
+        except BaseException:
+            self._pending = batch + self._pending
+            raise
+        self._account(batch, accepted)
         return claimed
 
     def _capabilities(self) -> tuple[list[str] | None, list[str] | None]:

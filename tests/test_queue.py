@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import time
 
 import asyncpg
 import pytest
@@ -248,3 +250,59 @@ async def test_failing_handler_is_retried_with_backoff_then_dead(settings, conn)
     assert "told to fail" in row["error"]
     follower_row = await conn.fetchrow("SELECT * FROM fleet.messages WHERE id = $1", follower)
     assert follower_row["claimed_at"] > row["finished_at"]  # order held across the failure
+
+
+class _CountingHandler(NoopHandler):
+    """A no-op handler that records how many of its calls run at once, and when each ran."""
+
+    def __init__(self, work_delay: float) -> None:
+        super().__init__(work_delay)
+        self.running = 0
+        self.most = 0
+        self.intervals: dict[int, tuple[float, float]] = {}
+
+    async def handle(self, message, lease):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        started = time.monotonic()
+        try:
+            return await super().handle(message, lease)
+        finally:
+            self.intervals[message.id] = (started, time.monotonic())
+            self.running -= 1
+
+
+async def test_a_claim_batch_below_the_concurrency_overlaps_claims_within_the_cap(settings, conn):
+    """``claim_batch`` * 2 <= ``concurrency``: the next claim runs while the last batch's
+    handlers do (and, when they end during a call, a second call starts beside it), yet no
+    more than ``concurrency`` handlers ever run, every message is done once, and each
+    session's messages run one at a time in enqueue order."""
+    ids: dict[str, list[int]] = {}
+    async with conn.transaction():
+        for n in range(240):
+            session = f"s{n % 24}"
+            ids.setdefault(session, []).append(await queue.enqueue(conn, session, f"m{n}"))
+    handler = _CountingHandler(work_delay=0.01)
+    worker = Worker(settings, handler, concurrency=8, claim_batch=4, drain=True)
+    handlers_during_a_claim = largest_claim = 0
+    real = queue.finish_and_claim
+
+    async def counted(pool, worker_id, max_claims, *args, **kwargs):
+        nonlocal handlers_during_a_claim, largest_claim
+        handlers_during_a_claim = max(handlers_during_a_claim, handler.running)
+        largest_claim = max(largest_claim, max_claims)
+        return await real(pool, worker_id, max_claims, *args, **kwargs)
+
+    queue.finish_and_claim = counted
+    try:
+        await asyncio.wait_for(worker.run(), 60)
+    finally:
+        queue.finish_and_claim = real
+    assert worker._max_claims_in_flight == 2
+    assert handlers_during_a_claim > 0 and largest_claim == 4
+    assert handler.most <= 8
+    rows = await conn.fetch("SELECT id, state, reply, attempts FROM fleet.messages")
+    assert {(r["state"], r["reply"], r["attempts"]) for r in rows} == {("done", "ok", 1)}
+    for session, in_order in ids.items():
+        spans = [handler.intervals[i] for i in in_order]
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), session

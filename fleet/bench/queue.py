@@ -171,7 +171,11 @@ class QueueBenchConfig(BaseModel):
     sessions: int = Field(200, ge=1)
     """Sessions of the many-per-session drain (the one-per-session drain uses ``messages``)."""
     batch: int = Field(10, ge=1)
-    """Claim batch size: our worker's ``--concurrency`` and PgQueuer's ``batch_size``."""
+    """Claim batch size: our worker's ``--claim-batch`` and PgQueuer's ``batch_size``."""
+    concurrency: int | None = Field(None, ge=1)
+    """Our worker's ``--concurrency`` (messages in flight at most); default twice ``batch``,
+    the least PgQueuer accepts for its own cap (``max_concurrent_tasks >= 2 * batch_size``),
+    so the next claim runs while the last batch's handlers do. PgQueuer runs uncapped."""
     processes: int = Field(2, ge=2)
     """Worker processes of the scaling phase (compared with one)."""
     sustain_seconds: float = Field(10.0, gt=0)
@@ -191,6 +195,8 @@ class DrainResult(BaseModel):
     messages: int
     sessions: int | None
     batch: int
+    concurrency: int | None
+    """Our worker's in-flight cap (PgQueuer: None, uncapped)."""
     processes: int
     messages_per_second: float
     """Median over the runs of messages / (last completion - first claim)."""
@@ -571,6 +577,14 @@ class QueueBench:
         self._summarise()
         return self.report
 
+    @property
+    def _concurrency(self) -> int:
+        return self.config.concurrency or 2 * self.config.batch
+
+    @property
+    def _worker_limits(self) -> list[str]:
+        return ["--concurrency", str(self._concurrency), "--claim-batch", str(self.config.batch)]
+
     def _settings(self) -> Settings:
         return _bench_settings(self.settings, self.url)
 
@@ -632,7 +646,11 @@ class QueueBench:
             started = time.perf_counter()
             if processes is None:
                 worker = Worker(
-                    self._settings(), NoopHandler(), concurrency=self.config.batch, drain=True
+                    self._settings(),
+                    NoopHandler(),
+                    concurrency=self._concurrency,
+                    claim_batch=self.config.batch,
+                    drain=True,
                 )
                 await asyncio.wait_for(worker.run(), PHASE_TIMEOUT)
             else:
@@ -645,8 +663,7 @@ class QueueBench:
         return _DrainRun(rate, steady, wall, ok, worker_cpu / messages, cpu.postgres / messages)
 
     async def _run_worker_processes(self, processes: int) -> None:
-        args = ["fleet", "worker", "--handler", "noop", "--drain"]
-        args += ["--concurrency", str(self.config.batch)]
+        args = ["fleet", "worker", "--handler", "noop", "--drain", *self._worker_limits]
         procs = [_Process(args, self._env()) for _ in range(processes)]
         try:
             for proc in procs:
@@ -738,6 +755,7 @@ class QueueBench:
             messages=self.config.messages,
             sessions=sessions,
             batch=self.config.batch,
+            concurrency=self._concurrency if system == "pgfleet" else None,
             processes=processes,
             messages_per_second=round(_median([r.rate for r in runs]), 1),
             steady_messages_per_second=round(_median([r.steady for r in runs]), 1),
@@ -825,7 +843,7 @@ class QueueBench:
         seconds = self.config.sustain_seconds
         self.progress(f"pgfleet sustained: {rate:,.0f} msg/s for {seconds:g}s, 1 worker process")
         await self._fleet_history()
-        args = ["fleet", "worker", "--handler", "noop", "--concurrency", str(self.config.batch)]
+        args = ["fleet", "worker", "--handler", "noop", *self._worker_limits]
         proc = _Process(args, self._env())
         pool = await create_pool(
             self._settings(), "fleet-bench", url=self.url, min_size=1, max_size=1

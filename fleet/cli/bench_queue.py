@@ -17,7 +17,10 @@ def bench_queue_command(
         200, "--sessions", min=1, help="Sessions of the many-per-session drain."
     ),
     batch: int = typer.Option(
-        10, "--batch", min=1, help="Claim batch size (worker concurrency; PgQueuer batch_size)."
+        10, "--batch", min=1, help="Claim batch size (worker --claim-batch; PgQueuer batch_size)."
+    ),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", min=1, help="Worker messages in flight (default: 2 x --batch)."
     ),
     processes: int = typer.Option(
         2, "--processes", min=2, help="Worker processes of the scaling run (vs one)."
@@ -40,6 +43,7 @@ def bench_queue_command(
         messages=messages,
         sessions=sessions,
         batch=batch,
+        concurrency=concurrency,
         processes=processes,
         sustain_seconds=sustain_seconds,
         repeat=repeat,
@@ -74,6 +78,7 @@ def _print(report: Any) -> None:
             "layout",
             "messages",
             "batch",
+            "concurrency",
             "messages_per_second",
             "steady_messages_per_second",
             "wall_seconds",

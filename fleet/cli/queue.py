@@ -13,6 +13,13 @@ from fleet.errors import InvalidInput
 from fleet.handlers import HANDLER_NAMES
 
 HandlerOption = typer.Option("agent", "--handler", help=f"One of: {', '.join(HANDLER_NAMES)}.")
+ClaimBatchOption = typer.Option(
+    None,
+    "--claim-batch",
+    min=1,
+    help="Messages per claim at most (default: --concurrency). Half of it keeps the next"
+    " claim running while the last batch's handlers do.",
+)
 
 
 def _check_handler(name: str) -> str:
@@ -24,6 +31,7 @@ def _check_handler(name: str) -> str:
 @app.command("worker")
 def worker_command(
     concurrency: int = typer.Option(10, "--concurrency", min=1, help="Messages in flight at most."),
+    claim_batch: int | None = ClaimBatchOption,
     handler: str = HandlerOption,
     work_delay: float = typer.Option(
         0.0, "--work-delay", min=0.0, help="noop handler: seconds per message."
@@ -52,6 +60,7 @@ def worker_command(
             cfg,
             build_handler(handler, cfg, work_delay=work_delay),
             concurrency=concurrency,
+            claim_batch=claim_batch,
             poll_only=poll_only,
             drain=drain,
         )
@@ -71,6 +80,7 @@ def worker_command(
 def up_command(
     workers: int = typer.Option(2, "--workers", min=1, help="Worker processes."),
     concurrency: int = typer.Option(10, "--concurrency", min=1, help="In flight per worker."),
+    claim_batch: int | None = ClaimBatchOption,
     handler: str = HandlerOption,
     work_delay: float = typer.Option(
         0.0, "--work-delay", min=0.0, help="noop handler: seconds per message."
@@ -89,6 +99,7 @@ def up_command(
         settings(),
         workers=workers,
         concurrency=concurrency,
+        claim_batch=claim_batch,
         handler=handler,
         work_delay=work_delay,
         metrics_port=metrics_port,
