@@ -133,6 +133,37 @@ async def test_only_the_session_head_is_claimable_and_the_next_follows_in_order(
     assert [m.id for m in nxt] == [ids[1]]
 
 
+async def test_the_first_message_of_a_new_session_is_its_head_at_once(conn, db_url):
+    """fleet.enqueue makes the first message of a session it creates the head when inserting
+    it (no election at commit); a later one, and the first enqueue of the same new session
+    racing from another transaction, wait behind it: one head, claimed in enqueue order."""
+    other = await asyncpg.connect(db_url)
+    try:
+        async with conn.transaction():
+            first = await queue.enqueue(conn, "fresh", "one")
+            second = await queue.enqueue(conn, "fresh", "two")
+            heads = await conn.fetch(
+                "SELECT id FROM fleet.messages WHERE session_id = 'fresh' AND is_head")
+            assert [r["id"] for r in heads] == [first]  # before the commit already
+            # The racing enqueue blocks on the new session's key until this commit.
+            racing = asyncio.create_task(other.fetchval(
+                "SELECT fleet.enqueue(session_id => 'fresh', body => 'three')"))
+            await asyncio.sleep(0.2)
+            assert not racing.done()
+        third = await racing
+        order = []
+        for _ in range(3):
+            [claimed] = await queue.claim(conn, "w", 10, 30)
+            order.append(claimed.id)
+            assert await queue.claim(conn, "w", 10, 30) == []  # one head at a time
+            await queue.finish(conn, [Outcome(message_id=claimed.id,
+                                              lease_token=claimed.lease_token,
+                                              state="done", reply="ok")])
+        assert order == [first, second, third]
+    finally:
+        await other.close()
+
+
 async def test_a_retried_head_keeps_later_messages_of_its_session_waiting(conn: asyncpg.Connection):
     first = await queue.enqueue(conn, "s1", "first")
     await queue.enqueue(conn, "s1", "second")
