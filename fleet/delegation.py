@@ -28,6 +28,15 @@ How one delegation runs (:class:`Delegator`):
    worker claimed the child first (it was woken by the enqueue), the parent waits for that
    worker's outcome; if that worker dies, the lease expires and the child comes back, and the
    parent claims it then.
+
+   Waiting for the child's outcome (once run inline, until the completer has written it; or
+   while another worker runs it) LISTENs on ``fleet_outcome`` (:class:`OutcomeListener`, one
+   connection per worker, opened at the first wait) and re-reads the message when told,
+   at most every 50 ms and at least every 2 s (what no outcome announces, e.g. a child
+   released by a worker shutting down, and a lost notification): polling fast instead cost a
+   primary-key read every 50-500 ms per waiting parent for the whole child turn. Without
+   LISTEN (``FLEET_STATEMENT_CACHE_SIZE=0``, i.e. behind PgBouncer in transaction mode, or the
+   connection refused) it polls as before, backing off from 50 to 500 ms.
 4. **Result**: the child's reply is the tool result. A child that ends ``dead`` or ``cancelled``
    gives an ``error:`` result; one that parks for a human approval gives a result saying so
    (the parent never waits on a person), and so does one queued behind an earlier delegation
@@ -42,23 +51,36 @@ points at the child's own trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from fleet import queue
 from fleet.audit import now
+from fleet.database import connect, resolve_url
 from fleet.settings import Settings
 
 log = logging.getLogger("fleet.delegation")
 
 #: How long a parent waits for its child turn before giving up on it (the child stays queued).
 WAIT_SECONDS = 300.0
+#: Polling without LISTEN: from _POLL, times 1.5 per read, up to _POLL_MAX. With LISTEN, reads
+#: are at least _POLL apart (every finished batch in the fleet notifies, not only our child's)
+#: and _FALLBACK apart at most: what no outcome announces (a child released by a worker shutting
+#: down, or back from an expired lease) is seen that late at worst; a retry is read when due.
 _POLL = 0.05
 _POLL_MAX = 0.5
+_FALLBACK = 2.0
+#: After the LISTEN connection could not be opened, how long waits poll before trying again.
+_LISTEN_RETRY = 10.0
+_LISTEN_TIMEOUT = 5.0
+OUTCOME_CHANNEL = "fleet_outcome"  # fleet.client's; sent once per batch of finished/parked
 
 
 def delegation_depth(metadata: dict[str, Any] | None) -> int:
@@ -87,6 +109,87 @@ def child_session(parent_session: str, child: str) -> str:
     return f"{parent_session[:40]}~{digest}/{child}"[:128]
 
 
+class OutcomeListener:
+    """One LISTEN connection on ``fleet_outcome`` shared by a worker's waiting delegations.
+
+    Opened at the first wait that needs it (a worker whose agents never delegate holds no
+    extra connection), reopened at a later wait after it was lost; a wait that cannot have it
+    polls. Each waiter subscribes an event that every notification sets."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._retry_at = 0.0
+        self._waiters: set[asyncio.Event] = set()
+        self._closed = False
+
+    @property
+    def listening(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def ensure(self) -> bool:
+        """True when notifications are being received (opening the connection if needed)."""
+        if self.settings.fleet_statement_cache_size == 0:
+            return False  # PgBouncer's transaction pooling: LISTEN would hear nothing
+        async with self._lock:
+            if self.listening:
+                return True
+            if self._closed or time.monotonic() < self._retry_at:
+                return False
+            try:
+                # Bounded: the other waits that need LISTEN queue behind this lock meanwhile.
+                conn = await asyncio.wait_for(self._open(), timeout=_LISTEN_TIMEOUT)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._retry_at = time.monotonic() + _LISTEN_RETRY
+                log.warning("delegation waits poll: cannot LISTEN on %s (%s: %s)",
+                            OUTCOME_CHANNEL, type(exc).__name__, exc)
+                return False
+            conn.add_termination_listener(self._lost)
+            self._conn = conn
+            return True
+
+    async def _open(self) -> asyncpg.Connection:
+        conn = await connect(self.settings, "fleet-delegation-listen",
+                             url=await resolve_url(self.settings))
+        try:
+            await conn.add_listener(OUTCOME_CHANNEL, self._notify)
+        except BaseException:  # failed or cancelled (a timeout): not left open
+            conn.terminate()
+            raise
+        return conn
+
+    def _notify(self, *_: object) -> None:
+        for event in self._waiters:
+            event.set()
+
+    def _lost(self, *_: object) -> None:
+        # Outcomes notified while the connection was down are not heard: wake every waiter to
+        # read once (and, at its next wait, reopen the connection).
+        self._conn = None
+        self._notify()
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Event]:
+        """An event set by every notification while the block runs."""
+        event = asyncio.Event()
+        self._waiters.add(event)
+        try:
+            yield event
+        finally:
+            self._waiters.discard(event)
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5.0)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                conn.terminate()
+
+
 class Delegator:
     """Runs ``ask_<child>`` calls for one worker's agent handler (module docstring)."""
 
@@ -94,6 +197,11 @@ class Delegator:
         self.settings = settings
         #: () -> asyncpg.Pool: the handler's pool (created at start, after this object).
         self._pool_of = pool_of
+        self.outcomes = OutcomeListener(settings)
+
+    async def close(self) -> None:
+        """Close the LISTEN connection, if a wait opened one (the handler's close)."""
+        await self.outcomes.close()
 
     async def __call__(
         self, turn: Any, parent: str, child: str, request: str, call_id: str
@@ -171,27 +279,52 @@ class Delegator:
     async def _wait(
         self, pool: asyncpg.Pool, message_id: int, run_inline: Any
     ) -> queue.Message | None:
-        """The child's final (or parked) state; runs it here whenever it is claimable."""
+        """The child's final (or parked) state; runs it here whenever it is claimable.
+
+        Between reads it waits for a ``fleet_outcome`` notification (module docstring): after
+        an inline run the child's outcome is still on its way through the completer, and a
+        child another worker runs is done when that worker writes its outcome."""
         deadline = time.monotonic() + WAIT_SECONDS
+        listening: bool | None = None  # not asked yet: a child done at once needs no LISTEN
         pause = _POLL
-        while time.monotonic() < deadline:
-            message = await queue.get_message(pool, message_id)
-            if message is None:  # pragma: no cover - messages are never deleted
-                return None
-            if message.state in queue.FINISHED_STATES or message.state == "awaiting_approval":
-                return message
-            if message.state == "queued" and run_inline is not None:
-                if await run_inline(message_id):
-                    pause = _POLL
+        with self.outcomes.subscribe() as notified:
+            while time.monotonic() < deadline:
+                notified.clear()  # before the read: an outcome written after it is heard
+                read_at = time.monotonic()
+                message = await queue.get_message(pool, message_id)
+                if message is None:  # pragma: no cover - messages are never deleted
+                    return None
+                if message.state in queue.FINISHED_STATES or message.state == "awaiting_approval":
+                    return message
+                if message.state == "queued" and run_inline is not None:
+                    if await run_inline(message_id):
+                        pause = _POLL
+                        continue  # read once: done, parked, or its outcome still being written
+                if message.state == "queued":
+                    # Behind an earlier delegation of this conversation that waits for a human:
+                    # it runs only after that decision, so waiting here would only hold the
+                    # parent.
+                    blocker = await queue.parked_ahead(pool, message.session_id, message_id)
+                    if blocker is not None:
+                        return message  # still queued: the caller says what it waits behind
+                if listening is None or (listening and not self.outcomes.listening):
+                    heard = self.outcomes.listening
+                    listening = await self.outcomes.ensure()
+                    if listening and not heard:
+                        continue  # notifications before LISTEN began are not heard: read again
+                left = max(deadline - time.monotonic(), 0)
+                if not listening:
+                    await asyncio.sleep(min(pause, left))
+                    pause = min(pause * 1.5, _POLL_MAX)
                     continue
-            if message.state == "queued":
-                # Behind an earlier delegation of this conversation that waits for a human: it
-                # runs only after that decision, so waiting here would only hold the parent.
-                blocker = await queue.parked_ahead(pool, message.session_id, message_id)
-                if blocker is not None:
-                    return message  # still queued: the caller says what it waits behind
-            await asyncio.sleep(pause)
-            pause = min(pause * 1.5, _POLL_MAX)
+                wait = min(_FALLBACK, left)
+                if message.state == "queued":  # a retry not due yet: claim it when it is
+                    due = (message.run_after - datetime.now(UTC)).total_seconds()
+                    wait = min(wait, max(due, _POLL))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(notified.wait(), timeout=wait)
+                # Every finished batch in the fleet notifies: read at most every _POLL.
+                await asyncio.sleep(max(_POLL - (time.monotonic() - read_at), 0))
         return None
 
 
@@ -199,4 +332,4 @@ _STATUS = {"done": "ok", "awaiting_approval": "awaiting", "queued": "awaiting", 
            "cancelled": "error", "timeout": "timeout"}
 
 
-__all__ = ["Delegator", "child_session", "delegation_depth", "delegation_key"]
+__all__ = ["Delegator", "OutcomeListener", "child_session", "delegation_depth", "delegation_key"]

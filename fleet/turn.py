@@ -335,6 +335,7 @@ class AgentHandler:
 
     async def close(self) -> None:
         await self.mcp.close()
+        await self.delegator.close()
         if self.audit is not None:
             await self.audit.close()
         if self.pool is not None:

@@ -267,8 +267,8 @@ async def test_a_retried_parent_gets_the_child_it_already_has(
     pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=2)
     worker = Worker(settings, NoopHandler(work_delay=0.0), concurrency=2)
     running = asyncio.create_task(worker.run())
+    delegate = Delegator(settings, lambda: pool)
     try:
-        delegate = Delegator(settings, lambda: pool)
         answers, audits = [], []
         for call_id in ("call-attempt-1", "call-attempt-2"):
             turn = SimpleNamespace(message_id=parent_id, session_id="parent-s", customer_id=None,
@@ -281,6 +281,7 @@ async def test_a_retried_parent_gets_the_child_it_already_has(
                                 audit=TurnAudit("parent-s", actor="agent:support"))
         await delegate(other, "support", "tier2", "a different question", "call-3")
     finally:
+        await delegate.close()  # the LISTEN connection its waits opened
         worker.stop()
         await asyncio.wait_for(running, 30)
         await pool.close()

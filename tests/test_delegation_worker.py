@@ -1,18 +1,24 @@
 """A delegation's child turn, run inline by its parent's worker, is a message in flight like any
-other: cancelling it stops it, cancelling the parent stops both (real worker, real database)."""
+other: cancelling it stops it, cancelling the parent stops both (real worker, real database).
+And the Delegator waits for a child's outcome by LISTENing, not by reading it every 50 ms."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
 
 from fleet import queue
+from fleet.audit import TurnAudit
 from fleet.cancellation import cancel_message
 from fleet.database import create_pool
-from fleet.handlers import HandlerResult, Lease, Reply
+from fleet.delegation import Delegator
+from fleet.handlers import HandlerResult, Lease, NoopHandler, Reply
 from fleet.queue import ClaimedMessage
+from fleet.settings import Settings
 from fleet.worker import Worker
 from tests.processes import wait_until
 
@@ -97,3 +103,105 @@ async def test_cancelling_the_parent_stops_its_running_child_too(
     assert not worker.held and not worker.in_flight  # nothing left heartbeated
     rows = await conn.fetch("SELECT id, state, lease_owner FROM fleet.messages ORDER BY id")
     assert [(r["id"], r["state"]) for r in rows] == [(parent, "cancelled"), (child, "cancelled")]
+
+
+# -- how the Delegator waits for the child's outcome ----------------------------------------------
+
+def _turn(message_id: int, session: str, lease: Lease | None) -> SimpleNamespace:
+    """What the Delegator reads of a turn."""
+    return SimpleNamespace(message_id=message_id, session_id=session, customer_id=None,
+                           variables={}, depth=0, lease=lease,
+                           audit=TurnAudit(session, actor="agent:support"))
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch, pool: asyncpg.Pool) -> list[float]:
+    """When the Delegator read the child message through ``pool`` (``queue.get_message``)."""
+    reads: list[float] = []
+    real = queue.get_message
+
+    async def counted(db, message_id):  # type: ignore[no-untyped-def]
+        if db is pool:
+            reads.append(time.monotonic())
+        return await real(db, message_id)
+
+    monkeypatch.setattr(queue, "get_message", counted)
+    return reads
+
+
+class DelegatingHandler:
+    """``parent`` asks a sub-agent through the Delegator (its child runs inline, here);
+    ``child`` takes ``CHILD_SECONDS``."""
+
+    name = "test-delegator"
+    CHILD_SECONDS = 0.3
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self.delegator = Delegator(settings, lambda: pool)
+        self.answers: list[str] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        await self.delegator.close()
+
+    async def handle(self, message: ClaimedMessage, lease: Lease) -> HandlerResult:
+        if message.body == "parent":
+            turn = _turn(message.id, message.session_id, lease)
+            self.answers.append(await self.delegator(turn, "support", "support", "child", "c1"))
+            return Reply("parent done")
+        await asyncio.sleep(self.CHILD_SECONDS)
+        return Reply("child done")
+
+
+async def test_an_inline_child_is_read_once_it_ran_and_once_its_outcome_is_written(
+        conn, settings, db_url, monkeypatch) -> None:
+    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=4)
+    reads = _count_reads(monkeypatch, pool)
+    handler = DelegatingHandler(settings, pool)
+    worker = Worker(settings, handler, concurrency=1)  # the child can only run inline
+    task = asyncio.create_task(worker.run())
+    try:
+        parent = await queue.enqueue(conn, "deleg-inline", "parent")
+
+        async def done() -> bool:
+            return await conn.fetchval(
+                "SELECT state = 'done' FROM fleet.messages WHERE id = $1", parent)
+
+        await wait_until(done, timeout=30, message="the parent to finish")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await pool.close()
+    assert handler.answers == ["child done"]
+    # queued (then run inline); running or done right after; at most: LISTEN opened, read
+    # again, and the read its outcome's notification prompted.
+    assert 2 <= len(reads) <= 4, reads
+
+
+async def test_a_child_another_worker_runs_is_read_when_its_outcome_is_notified(
+        conn, settings, db_url, monkeypatch) -> None:
+    """No inline run (the parent's lease has none): the child's worker writes its outcome and
+    the waiting parent hears it on fleet_outcome. Polling every 50-500 ms read the child about
+    nine times in its 2.5 s; the fallback poll alone would answer at 4 s, not right after."""
+    child_seconds = 2.5
+    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=4)
+    reads = _count_reads(monkeypatch, pool)
+    worker = Worker(settings, NoopHandler(work_delay=child_seconds), concurrency=1)
+    task = asyncio.create_task(worker.run())
+    delegator = Delegator(settings, lambda: pool)
+    try:
+        started = time.monotonic()
+        answer = await delegator(_turn(10**9, "deleg-remote", None), "support", "support",
+                                 "child", "c1")
+        elapsed = time.monotonic() - started
+        listened = delegator.outcomes.listening
+    finally:
+        await delegator.close()
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await pool.close()
+    assert answer == "ok"
+    assert listened
+    assert len(reads) <= 5, [round(r - started, 2) for r in reads]
+    assert elapsed < child_seconds + 1.1, elapsed  # heard, not found by the 2 s fallback poll
