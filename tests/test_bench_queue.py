@@ -31,6 +31,8 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
         ("pgqueuer", "in-process", "no sessions"),
         ("pgfleet", "1 process(es)", "one-per-session"),
         ("pgfleet", "2 process(es)", "one-per-session"),
+        ("pgfleet", "1 process(es), 10 ms handlers", "one-per-session"),
+        ("pgfleet", "2 process(es), 10 ms handlers", "one-per-session"),
     }
     for drain in drains.values():
         assert drain["all_done"] is True, drain
@@ -56,7 +58,9 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
 
     summary = report["summary"]
     assert {"ratio_vs_pgqueuer_one_per_session", "ratio_vs_pgqueuer_many_per_session",
-            "scaling_steady", "sustained_p99_ms", "targets_met"} <= set(summary)
+            "scaling_steady", "scaling_steady_with_work", "sustained_p99_ms",
+            "targets_met"} <= set(summary)
+    assert drains[("pgfleet", "in-process", "one-per-session")]["concurrency"] == 20  # 2 x batch
     assert report["environment"]["pgqueuer"].startswith("1.6")
 
 
@@ -64,10 +68,14 @@ def test_bench_queue_without_pgqueuer_or_explain(fleet_env: dict[str, str]) -> N
     report = fleet_json(
         "bench", "queue", "--messages", "100", "--sessions", "5", "--batch", "5",
         "--sustain-seconds", "0.5", "--explain-backlog", "0", "--skip-pgqueuer",
+        "--scaling-work-delay", "0", "--sustain-rate", "150", "--concurrency", "5",
         env=fleet_env, timeout=180,
     )
     assert report["all_done"] is True
     assert {d["system"] for d in report["drains"]} == {"pgfleet"}
     assert [s["system"] for s in report["sustained"]] == ["pgfleet"]
+    assert report["sustained"][0]["target_rate"] == 150
+    assert {d["concurrency"] for d in report["drains"]} == {5}
+    assert not any("handlers" in d["runner"] for d in report["drains"])
     assert report["claim_plans"] == []
     assert "ratio_vs_pgqueuer_one_per_session" not in report["summary"]

@@ -25,8 +25,15 @@ def bench_queue_command(
     processes: int = typer.Option(
         2, "--processes", min=2, help="Worker processes of the scaling run (vs one)."
     ),
+    scaling_work_delay: float = typer.Option(
+        0.01, "--scaling-work-delay", min=0.0,
+        help="Scaling again with handlers this slow, in seconds (0: skip).",
+    ),
     sustain_seconds: float = typer.Option(
         10.0, "--sustain-seconds", min=0.1, help="Length of each sustained-load run."
+    ),
+    sustain_rate: float | None = typer.Option(
+        None, "--sustain-rate", min=1.0, help="Sustained messages/s (default: half of the peak)."
     ),
     repeat: int = typer.Option(1, "--repeat", min=1, help="Runs per drain (median reported)."),
     explain_backlog: int = typer.Option(
@@ -45,7 +52,9 @@ def bench_queue_command(
         batch=batch,
         concurrency=concurrency,
         processes=processes,
+        scaling_work_delay=scaling_work_delay,
         sustain_seconds=sustain_seconds,
+        sustain_rate=sustain_rate,
         repeat=repeat,
         explain_backlog=explain_backlog,
         skip_pgqueuer=skip_pgqueuer,
@@ -87,7 +96,10 @@ def _print(report: Any) -> None:
             "all_done",
         ],
     )
-    typer.echo("\nSustained load at half the single-process peak (enqueue -> claim)")
+    rate = "at half the single-process peak"
+    if report.config.sustain_rate:
+        rate = f"at {report.config.sustain_rate:,.0f} messages/s"
+    typer.echo(f"\nSustained load {rate} (enqueue -> claim)")
     emit_table(
         [s.model_dump() for s in report.sustained],
         [
