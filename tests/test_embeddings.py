@@ -138,6 +138,20 @@ def test_local_embeddings_unit_vectors_batched_and_deterministic() -> None:
     assert int(np.argmax(array @ query)) == 0
 
 
+def test_a_single_query_takes_the_traced_path_and_gets_the_same_vector() -> None:
+    """One text (a search's query) runs through the traced forward pass; it must give what
+    the sentence-transformers pipeline gives, truncation included: store and search share one
+    model (AGENTS.md), so a query vector that drifted would rank the library wrongly."""
+    from fleet.embeddings.backends import local_embedder
+
+    model = local_embedder()
+    texts = ["where is my refund", "Order #4429 never arrived and nobody answers " * 40]
+    singles = np.vstack([embed_array([text]) for text in texts])
+    assert model._one_text, "the one-text encoder was not built"
+    batch = embed_array(texts)  # two texts: sentence-transformers' encode, padded
+    assert np.abs(singles - batch).max() < 1e-5
+
+
 def test_embed_texts_refuses_bad_input() -> None:
     with pytest.raises(InvalidInput, match="text #1 to embed is empty"):
         embed_texts(["fine", "  "])
