@@ -130,6 +130,7 @@ class Worker:
         self._max_claims_in_flight = 2 if 2 * self.claim_batch <= concurrency else 1
         self._reserved = 0
         self._backlog = False
+        self._look_again = False
         self._backoff = 0.1
         self._retry_at = 0.0
         self._cycle_error: Exception | None = None
@@ -285,23 +286,26 @@ class Worker:
         slots or outcomes to write; a second only while a backlog is being drained (the last
         claim came back full) and the claim batch leaves slots for it, so its call overlaps the
         first's and the handlers of both. Slots are reserved when a claim starts, so no more
-        than ``concurrency`` handlers ever run."""
-        while len(self._cycles) < self._max_claims_in_flight:
-            if time.monotonic() < self._retry_at:
-                return
-            free = min(
-                self.concurrency - len(self.in_flight) - self._reserved, self.claim_batch
-            )
+        than ``concurrency`` handlers ever run.
+
+        Woken while a call runs (a NOTIFY, an outcome) and starting nothing, it looks again
+        when that call ends: the call's claim may have missed what woke it."""
+        running = len(self._cycles)
+        while time.monotonic() >= self._retry_at:
+            free = min(self.concurrency - len(self.in_flight) - self._reserved, self.claim_batch)
             free = max(free, 0)
             if not free and not self._pending:
-                return
-            if self._cycles and not (free and self._backlog):
-                return
+                break
+            if self._cycles and (
+                len(self._cycles) >= self._max_claims_in_flight or not (free and self._backlog)
+            ):
+                break
             self._reserved += free
-            task = asyncio.create_task(self._cycle(free), name="claim")
-            self._cycles.add(task)
+            self._cycles.add(asyncio.create_task(self._cycle(free), name="claim"))
             if not free:
-                return
+                break
+        if running and len(self._cycles) == running:
+            self._look_again = True
 
     async def _cycle(self, free: int) -> None:
         """One call: write the outcomes so far and claim ``free`` messages, start their
@@ -327,7 +331,8 @@ class Worker:
         # A full batch: there may be more, claim again at once (the call runs while the
         # handlers just started do, and carries the outcomes they produce meanwhile).
         self._backlog = free > 0 and len(claimed) == free
-        if self._backlog or self._pending:
+        if self._backlog or self._pending or self._look_again:
+            self._look_again = False
             self._wakeup.set()
 
     def _idle(self) -> bool:

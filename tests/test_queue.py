@@ -263,6 +263,40 @@ async def test_committed_enqueue_wakes_a_worker_by_notify_not_poll(settings, con
         await asyncio.wait_for(task, 30)
 
 
+async def test_a_wakeup_during_a_claim_is_not_lost(settings, conn):
+    """A message committed while the worker's claim is under way (its snapshot taken before
+    the commit, its NOTIFY heard before the claim returns) is claimed right after, not at
+    the next poll (60 s here) or the next outcome (3 s here)."""
+    settings = settings.model_copy(update={"fleet_poll_interval": 60.0})
+    worker = Worker(settings, NoopHandler(work_delay=3.0), concurrency=4)
+    real = queue.finish_and_claim
+    claim_ran = asyncio.Event()
+
+    async def slow_to_return(*args, **kwargs):
+        result = await real(*args, **kwargs)
+        if result[1]:  # the claim that took the first message: return late
+            claim_ran.set()
+            await asyncio.sleep(0.5)
+        return result
+
+    queue.finish_and_claim = slow_to_return
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-listener'"),
+            message="the worker's LISTEN connection")
+        await queue.enqueue(conn, "first", "one")
+        await asyncio.wait_for(claim_ran.wait(), 10)
+        second = await queue.enqueue(conn, "second", "two")  # during the slow return
+        await wait_until(lambda: conn.fetchval(
+            "SELECT state = 'running' FROM fleet.messages WHERE id = $1", second),
+            timeout=2, message="the second message to be claimed")
+    finally:
+        queue.finish_and_claim = real
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
 async def test_failing_handler_is_retried_with_backoff_then_dead(settings, conn):
     message_id = await queue.enqueue(conn, "s1", "please #fail", max_attempts=3)
     follower = await queue.enqueue(conn, "s1", "after the failure")
