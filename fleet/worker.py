@@ -131,6 +131,8 @@ class Worker:
         self._reserved = 0
         self._backlog = False
         self._look_again = False
+        #: Told of new work (NOTIFY, poll, LISTEN reconnected) since the last claim started.
+        self._new_work = True
         self._backoff = 0.1
         self._retry_at = 0.0
         self._cycle_error: Exception | None = None
@@ -288,8 +290,9 @@ class Worker:
         first's and the handlers of both. Slots are reserved when a claim starts, so no more
         than ``concurrency`` handlers ever run.
 
-        Woken while a call runs (a NOTIFY, an outcome) and starting nothing, it looks again
-        when that call ends: the call's claim may have missed what woke it."""
+        Told of new work (a NOTIFY, the poll) while a call runs, and starting nothing, it
+        looks again when that call ends: the call's claim may have missed it. (An outcome
+        needs no such care: the next call carries whatever is pending.)"""
         running = len(self._cycles)
         while time.monotonic() >= self._retry_at:
             free = min(self.concurrency - len(self.in_flight) - self._reserved, self.claim_batch)
@@ -304,7 +307,8 @@ class Worker:
             self._cycles.add(asyncio.create_task(self._cycle(free), name="claim"))
             if not free:
                 break
-        if running and len(self._cycles) == running:
+            self._new_work = False  # this claim sees it
+        if self._new_work and running and len(self._cycles) == running:
             self._look_again = True
 
     async def _cycle(self, free: int) -> None:
@@ -424,6 +428,7 @@ class Worker:
             await asyncio.wait_for(self._wakeup.wait(), timeout=self.poll_interval)
         except TimeoutError:
             metrics.WAKEUPS.labels("poll").inc()
+            self._new_work = True
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -698,6 +703,7 @@ class Worker:
 
     def _on_notify(self, *_: object) -> None:
         metrics.WAKEUPS.labels("notify").inc()
+        self._new_work = True
         self._wakeup.set()
 
     def _on_cancel_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
@@ -721,7 +727,8 @@ class Worker:
                 await conn.add_listener(CHANNEL, self._on_notify)
                 await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
                 backoff = 0.2
-                self._wakeup.set()  # NOTIFYs sent while we were away are gone; look once
+                self._new_work = True  # NOTIFYs sent while we were away are gone: look once
+                self._wakeup.set()
                 while not lost.is_set():
                     try:
                         await asyncio.wait_for(lost.wait(), timeout=5.0)
