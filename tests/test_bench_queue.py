@@ -31,8 +31,8 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
         ("pgqueuer", "in-process", "no sessions"),
         ("pgfleet", "1 process(es)", "one-per-session"),
         ("pgfleet", "2 process(es)", "one-per-session"),
-        ("pgfleet", "1 process(es), 10 ms handlers", "one-per-session"),
-        ("pgfleet", "2 process(es), 10 ms handlers", "one-per-session"),
+        ("pgfleet", "1 process(es), 50 ms handlers", "one-per-session"),
+        ("pgfleet", "2 process(es), 50 ms handlers", "one-per-session"),
     }
     for drain in drains.values():
         assert drain["all_done"] is True, drain

@@ -178,9 +178,10 @@ class QueueBenchConfig(BaseModel):
     so the next claim runs while the last batch's handlers do. PgQueuer runs uncapped."""
     processes: int = Field(2, ge=2)
     """Worker processes of the scaling phase (compared with one)."""
-    scaling_work_delay: float = Field(0.01, ge=0)
-    """The scaling phase again with handlers that take this long (seconds; 0 skips it): the
-    fleet's real case, where handlers (agent turns) and not the queue's CPU bound a process."""
+    scaling_work_delay: float = Field(0.05, ge=0)
+    """The scaling phase again with handlers that take this long (seconds; 0 skips it; 50 ms is
+    the fleet-core acceptance test's ``--work-delay``): the fleet's real case, where handlers
+    (agent turns) and not the queue's CPU bound a process."""
     sustain_seconds: float = Field(10.0, gt=0)
     """Length of each sustained-load run."""
     sustain_rate: float | None = Field(None, gt=0)
@@ -743,8 +744,12 @@ class QueueBench:
 
     async def _scaling(self) -> None:
         for delay in self._scaling_delays:
-            # With slow handlers a process is bound by concurrency / delay: fewer messages do.
-            messages = self.config.messages if not delay else min(self.config.messages, 10_000)
+            # With slow handlers a process is bound by concurrency / delay (400/s at 20 and
+            # 50 ms): fewer messages do, ten seconds' worth for one process.
+            if delay:
+                messages = min(self.config.messages, int(10 * self._concurrency / delay))
+            else:
+                messages = self.config.messages
             for processes in (1, self.config.processes):
                 runner = _runner(processes, delay)
                 load = _load()

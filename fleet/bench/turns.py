@@ -15,7 +15,11 @@ Phases, each with a fresh worker process:
    process's CPU (user + system from ``/proc``) per turn.
 3. ``slow model``: each model call takes ``--model-latency`` seconds; how many turns one process
    holds in flight, their latency against the model's own time (3 x latency), and the worker's
-   resident memory per in-flight turn.
+   resident memory per in-flight turn. All turns are queued at once: a burst, the worst case
+   for latency (every turn reaches its tool calls in the same second).
+4. ``slow model, steady``: the same model, turns arriving one by one at ``--steady-rate`` per
+   second (open loop), so that about rate x turn time are in flight at any moment: the load
+   "a process carries N turns in flight" describes, without the burst.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class TurnBenchConfig(BaseModel):
     slow_turns: int = 300
     slow_concurrency: int = 200
     model_latency: float = 1.0
+    steady_rate: float = 30.0
+    """Arrivals per second of the steady slow-model phase (0 skips it)."""
 
 
 class Phase(BaseModel):
@@ -152,8 +158,16 @@ class TurnBench:
             self.mcp.finish()
 
     async def phase(
-        self, conn: asyncpg.Connection, name: str, turns: int, concurrency: int, latency: float
+        self,
+        conn: asyncpg.Connection,
+        name: str,
+        turns: int,
+        concurrency: int,
+        latency: float,
+        rate: float | None = None,
     ) -> Phase:
+        """Run ``turns`` turns through a fresh worker: all queued at once, or (``rate``) one
+        every 1/rate seconds while the phase runs."""
         self.progress(f"{name}: {turns} turns, concurrency {concurrency}, model {latency}s ...")
         await conn.execute("TRUNCATE fleet.workers")
         env = {**self.env, "FLEET_OFFLINE_LATENCY_SECONDS": str(latency)}
@@ -172,13 +186,12 @@ class TurnBench:
             rss_idle = _rss_mib(pid)
             cpu0, mcp0 = _cpu_seconds(pid), _cpu_seconds(mcp_pid)
             first_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM fleet.messages")
-            async with conn.transaction():
-                for _ in range(turns):
-                    self.order += 1
-                    await queue.enqueue(
-                        conn, f"bench-{name.replace(' ', '-')}-{self.order}",
-                        COMPLAINT.format(order=4400 + self.order % 50),
-                    )
+            if rate:
+                arrivals = asyncio.create_task(self._arrive(name, turns, rate))
+            else:
+                async with conn.transaction():
+                    for _ in range(turns):
+                        await self._enqueue(conn, name)
             max_in_flight, rss_peak = 0, rss_idle
             deadline = time.monotonic() + 600 + turns * (3 * latency + 1)
             while True:
@@ -191,6 +204,8 @@ class TurnBench:
                 if row["finished"] >= turns or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)
+            if rate:
+                await arrivals
             cpu = _cpu_seconds(pid) - cpu0
             mcp_cpu = _cpu_seconds(mcp_pid) - mcp0
             rows = await conn.fetch(
@@ -201,6 +216,8 @@ class TurnBench:
             await worker.wait(60)
             worker.finish()
         done = [r for r in rows if r["state"] == "done"]
+        if rate:
+            name = f"{name} ({rate:g}/s)"
         latencies = [(r["finished_at"] - r["claimed_at"]).total_seconds() * 1000 for r in done]
         wall = (
             (max(r["finished_at"] for r in done) - min(r["claimed_at"] for r in done))
@@ -226,6 +243,26 @@ class TurnBench:
         )
 
 
+    async def _enqueue(self, conn: asyncpg.Connection, phase: str) -> None:
+        self.order += 1
+        await queue.enqueue(
+            conn, f"bench-{phase.replace(' ', '-').replace(',', '')}-{self.order}",
+            COMPLAINT.format(order=4400 + self.order % 50),
+        )
+
+    async def _arrive(self, phase: str, turns: int, rate: float) -> None:
+        """Open loop: turn i is enqueued at i / rate seconds, on its own connection, whatever
+        the worker is doing."""
+        conn = await connect(self.settings, "fleet-bench-arrivals", url=self.url)
+        try:
+            start = time.monotonic()
+            for i in range(turns):
+                await asyncio.sleep(max(start + i / rate - time.monotonic(), 0.0))
+                await self._enqueue(conn, phase)
+        finally:
+            await conn.close()
+
+
 async def run_turn_bench(
     settings: Settings, config: TurnBenchConfig, progress: Callable[[str], None]
 ) -> TurnBenchReport:
@@ -241,6 +278,11 @@ async def run_turn_bench(
                 await bench.phase(conn, "slow model", config.slow_turns,
                                   config.slow_concurrency, config.model_latency),
             ]
+            if config.steady_rate:
+                phases.append(await bench.phase(
+                    conn, "slow model, steady", config.slow_turns, config.slow_concurrency,
+                    config.model_latency, rate=config.steady_rate,
+                ))
             environment = {
                 "server_version": await conn.fetchval("SHOW server_version"),
                 "cpus": os.cpu_count(),

@@ -26,7 +26,7 @@ def bench_queue_command(
         2, "--processes", min=2, help="Worker processes of the scaling run (vs one)."
     ),
     scaling_work_delay: float = typer.Option(
-        0.01, "--scaling-work-delay", min=0.0,
+        0.05, "--scaling-work-delay", min=0.0,
         help="Scaling again with handlers this slow, in seconds (0: skip).",
     ),
     sustain_seconds: float = typer.Option(

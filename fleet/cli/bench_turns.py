@@ -21,6 +21,8 @@ def bench_turns_command(
                                          help="Worker concurrency of the slow-model phase."),
     model_latency: float = typer.Option(1.0, "--model-latency", min=0,
                                         help="Seconds per model call in the slow-model phase."),
+    steady_rate: float = typer.Option(30.0, "--steady-rate", min=0,
+                                      help="Arrivals/s of the steady slow-model phase (0: skip)."),
     sandbox_skills: bool = typer.Option(
         False, "--sandbox-skills",
         help="Instead: compare the SDK's sandbox Skills capability with fleet's load_skill tool."),
@@ -39,7 +41,7 @@ def bench_turns_command(
         return
     config = TurnBenchConfig(
         sequential=sequential, turns=turns, concurrency=concurrency, slow_turns=slow_turns,
-        slow_concurrency=slow_concurrency, model_latency=model_latency,
+        slow_concurrency=slow_concurrency, model_latency=model_latency, steady_rate=steady_rate,
     )
     progress = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
     report = run(lambda: run_turn_bench(settings(), config, progress))
