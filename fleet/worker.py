@@ -6,9 +6,11 @@ The pieces, each an asyncio task started and stopped the same way:
   database restarts and wakes the producer after every reconnect (NOTIFYs sent while it was
   away are lost, the queue is not). ``--poll-only`` skips it (PgBouncer transaction pooling).
 * **producer**: when woken (NOTIFY, a finished handler, or the poll interval) writes the
-  outcomes that finished since its last call and claims ``concurrency - in_flight`` messages
-  in one statement and one commit (``fleet.finish_and_claim``), then starts one handler task
-  per message claimed.
+  outcomes that finished since its last call and claims for the free slots (at most
+  ``claim_batch``) in one statement and one commit (``fleet.finish_and_claim``), then starts
+  one handler task per message claimed. Each call runs in its own task, so the next claim
+  overlaps the handlers just started; with ``claim_batch`` at most half the concurrency a
+  second call may run beside the first while a backlog drains.
 * **completer**: writes outcomes in batches when the producer will not: while stopping, or
   with no slot free (so nothing to claim).
 * **heartbeat**: extends the leases held; a lease found taken over cancels its handler task.

@@ -292,7 +292,8 @@ BEGIN
             lease_expires_at = clock_timestamp() + make_interval(secs => $3)
         WHERE m.id = ANY (ARRAY(SELECT id FROM candidates))
         RETURNING m.id, m.session_id::text, m.agent, m.body::text, m.customer_id,
-                  m.variables::jsonb, m.metadata::jsonb, m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
+                  m.variables::jsonb, m.metadata::jsonb, m.attempts, m.max_attempts,
+                  m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
         -- claim: end
     END IF;
 END

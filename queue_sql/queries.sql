@@ -32,7 +32,8 @@ SET state = 'running', attempts = m.attempts + 1, claimed_at = clock_timestamp()
     lease_expires_at = clock_timestamp() + make_interval(secs => $3)
 WHERE m.id = ANY (ARRAY(SELECT id FROM candidates))
 RETURNING m.id, m.session_id::text, m.agent, m.body::text, m.customer_id,
-          m.variables::jsonb, m.metadata::jsonb, m.attempts, m.max_attempts, m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
+          m.variables::jsonb, m.metadata::jsonb, m.attempts, m.max_attempts,
+          m.takeovers, m.lease_token, m.enqueued_at, m.claimed_at;
 
 -- name: claim_message
 -- Claim one given message for worker $1 if it is a claimable head (a delegation's child turn,
