@@ -10,10 +10,11 @@ costs money and holds a worker slot until something stops it. Each turn therefor
 ``turn_limit_exceeded``.
 
 Where each is enforced (``fleet.turn.AuditHooks``): model calls by the SDK's ``max_turns`` (it
-refuses to start call N+1; across a parked and resumed run the count goes on); tool calls when a
-call is about to start (the call over the limit never runs); tokens after each model call, from
-the usage the model reports (the offline model reports an estimate, see
-``fleet.offline_model.estimate_tokens``).
+refuses to start call N+1); tool calls when a call is about to start (the call over the limit
+never runs); tokens after each model call, from the usage the model reports (the offline model
+reports an estimate, see ``fleet.offline_model.estimate_tokens``). A turn parked for an approval
+and resumed later is one turn: all three counts go on from what the parked run kept
+(``TurnContext.serialize`` / ``restore_counts``).
 """
 
 from __future__ import annotations

@@ -110,12 +110,27 @@ class TurnContext:
             raise TurnCancelled(f"message {self.message_id} was cancelled before {step}")
 
     def serialize(self) -> dict[str, Any]:
-        """What a parked RunState keeps of the context (never the run variables)."""
+        """What a parked RunState keeps of the context (never the run variables): who, and the
+        turn's counts so far, so its limits hold across the park (:meth:`restore_counts`)."""
         return {
             "session_id": self.session_id,
             "message_id": self.message_id,
             "customer_id": self.customer_id,
+            "tool_calls": self.tool_calls,
+            "tokens": list(self.tokens),
         }
+
+    def restore_counts(self, state_json: str) -> None:
+        """Go on from the counts a parked run kept: a turn that parks for an approval and
+        resumes is one turn, so ``FLEET_MAX_TOOL_CALLS`` and ``FLEET_TOKEN_BUDGET`` count both
+        parts (model calls already do: the SDK's ``max_turns`` counts across the resume)."""
+        try:
+            parked = json.loads(state_json).get("context", {}).get("context") or {}
+            self.tool_calls = int(parked.get("tool_calls", 0))
+            input_tokens, output_tokens = parked.get("tokens", (0, 0))
+            self.tokens = (int(input_tokens), int(output_tokens))
+        except (ValueError, TypeError, AttributeError):
+            return  # a run parked before the counts were kept: count from here
 
 
 def _arguments(raw: str | None) -> dict[str, Any]:
@@ -542,6 +557,7 @@ class AgentHandler:
             else await self.builder.for_message(self.pool, message.agent)
         )
         self._use(turn, built)
+        turn.restore_counts(decided.state_json)
         state = await RunState.from_string(
             built.agent, decided.state_json, context_override=turn
         )

@@ -219,6 +219,40 @@ async def test_a_turn_past_its_limit_is_dead_at_once_with_the_reason_audited(
         assert len(blocked) >= 1
 
 
+async def test_the_limits_count_a_parked_and_resumed_turn_as_one(
+    seeded_db: str, server: RunningServer, db: asyncpg.Connection
+) -> None:
+    """A refund parks for approval and resumes in whichever worker claims it: one turn, so its
+    tool calls and tokens go on from what the parked run kept. Resumed under a tool-call limit
+    equal to what the first part used, the refund call (one more) is over it: dead, and no
+    refund is issued."""
+    from fleet import approvals
+
+    order = await _order(db, unrefunded=True)
+    session = _session()
+    settings = _settings(seeded_db, server)
+    async with agent_worker(settings), client_for(settings) as client:
+        parked = await client.run_sync(
+            session, f"please refund order #{order['id']}", timeout=60,
+            customer_id=order["customer_id"],
+        )
+    assert parked.state == "awaiting_approval" and parked.approval_id, parked
+    state = await db.fetchval("SELECT state FROM run_states WHERE id = $1::uuid",
+                              parked.approval_id)
+    kept = json.loads(state)["context"]["context"]
+    assert kept["tool_calls"] >= 1 and sum(kept["tokens"]) > 0, kept
+    await approvals.approve(db, parked.approval_id, by="erin")
+
+    tight = _settings(seeded_db, server, fleet_max_tool_calls=kept["tool_calls"])
+    async with agent_worker(tight), client_for(tight) as client:
+        reply = await client.wait_for_reply(parked.message_id, timeout=60)
+    assert reply.state == "dead", reply
+    assert f"tool calls > max {kept['tool_calls']}" in (reply.error or ""), reply.error
+    assert await db.fetchval("SELECT count(*) FROM refunds WHERE order_id = $1", order["id"]) == 0
+    [exceeded] = [r for r in await _trail(db, session) if r["action"] == "turn_limit_exceeded"]
+    assert exceeded["payload"]["used"] == kept["tool_calls"] + 1
+
+
 # -- acceptance 5: cancellation -------------------------------------------------------------------
 
 
