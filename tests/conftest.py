@@ -133,3 +133,25 @@ async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await connect(Settings(database_url=db_url), "fleet-test", url=db_url)
     yield connection
     await connection.close()
+
+
+@pytest.fixture(scope="module")
+def seeded_db(server_url: str, template_url: str) -> Iterator[str]:
+    """A copy of the seeded database (customers, orders, the embedded corpus) per test module
+    (``tests/seeded.py``: seeded once per session, cloned per use)."""
+    from tests.seeded import seeded_clone, seeded_template
+
+    seeded_template(server_url)
+    with seeded_clone(server_url) as url:
+        yield url
+
+
+@pytest.fixture
+async def db(seeded_db: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the module's seeded database."""
+    from fleet.database import connect
+
+    connection = await connect(Settings(database_url=seeded_db), "fleet-test", url=seeded_db)
+    yield connection
+    await connection.close()
+

@@ -25,7 +25,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from fleet.settings import Settings
-from tests.seeded import RunningServer, mcp_server_in_thread, seeded_clone, seeded_template
+from tests.seeded import RunningServer, mcp_server_in_thread
 
 TOOLS = {
     "lookup_customer": {"customer_id"},
@@ -37,25 +37,9 @@ TOOLS = {
 
 
 @pytest.fixture(scope="module")
-def seeded_db(server_url: str, template_url: str) -> Iterator[str]:
-    seeded_template(server_url)
-    with seeded_clone(server_url) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def server(seeded_db: str) -> Iterator[RunningServer]:
     with mcp_server_in_thread(seeded_db, fleet_statement_cache_size=0) as running:
         yield running
-
-
-@pytest.fixture
-async def db(seeded_db: str) -> AsyncIterator[asyncpg.Connection]:
-    from fleet.database import connect
-
-    conn = await connect(Settings(database_url=seeded_db), "fleet-test", url=seeded_db)
-    yield conn
-    await conn.close()
 
 
 @asynccontextmanager

@@ -36,31 +36,15 @@ from fleet.settings import Settings
 from fleet.worker import Worker
 from tests.processes import fleet as fleet_cli
 from tests.processes import start_fleet, stop, wait_until
-from tests.seeded import RunningServer, mcp_server_in_thread, seeded_clone, seeded_template
+from tests.seeded import RunningServer, mcp_server_in_thread
 
 COMPLAINT = "I haven't received my refund from order #{order}, it's been two weeks."
-
-
-@pytest.fixture(scope="module")
-def seeded_db(server_url: str, template_url: str) -> Iterator[str]:
-    seeded_template(server_url)
-    with seeded_clone(server_url) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
 def server(seeded_db: str) -> Iterator[RunningServer]:
     with mcp_server_in_thread(seeded_db) as running:
         yield running
-
-
-@pytest.fixture
-async def db(seeded_db: str) -> AsyncIterator[asyncpg.Connection]:
-    from fleet.database import connect
-
-    conn = await connect(Settings(database_url=seeded_db), "fleet-test", url=seeded_db)
-    yield conn
-    await conn.close()
 
 
 @pytest.fixture
