@@ -21,7 +21,7 @@ import asyncpg
 import numpy as np
 from pydantic import BaseModel
 
-from fleet.embeddings import ModelSpec, aembed, model_spec
+from fleet.embeddings import ModelSpec, aembed_query, model_spec
 from fleet.embeddings.store import SQL
 from fleet.errors import FleetError, InvalidInput
 from fleet.settings import Settings
@@ -110,6 +110,6 @@ async def search(
         raise InvalidInput(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
     limit = check_limit(limit)
     await ensure_model(conn, model_spec(settings))
-    vector = (await aembed([text], settings))[0]
+    vector = await aembed_query(text, settings)
     rows = await search_vector(conn, vector, source=source, limit=limit)
     return [SearchHit(**dict(row)) for row in rows]

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from fleet.embeddings import ModelSpec, aembed
+from fleet.embeddings import ModelSpec, aembed_query
 from fleet.embeddings.store import SQL as LIBRARY_SQL
 from fleet.errors import FleetError, InvalidInput, NotFound
 from fleet.search import EF_SEARCH, ensure_model
@@ -200,7 +200,7 @@ async def find_similar_resolved_tickets(
     limit = min(limit, MAX_SIMILAR)
     async with pool.acquire() as conn:
         await ensure_model(conn, spec)
-        vector = (await aembed([text[:MAX_DESCRIPTION_CHARS]], settings))[0]
+        vector = await aembed_query(text[:MAX_DESCRIPTION_CHARS], settings)
         async with conn.transaction():
             await conn.execute(SEARCH_SETTINGS, str(max(EF_SEARCH, 3 * limit)))
             rows = await conn.fetch(SQL["similar_resolved_tickets"], vector, 3 * limit, limit)

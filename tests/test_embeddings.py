@@ -6,6 +6,7 @@ No database here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -243,3 +244,28 @@ def test_openai_backend_batches_and_keeps_order(fake_openai: str) -> None:
 def test_openai_backend_needs_a_key() -> None:
     with pytest.raises(ConfigurationError, match="OPENAI_API_KEY"):
         embed_texts(["x"], Settings(fleet_embeddings="openai", openai_api_key=None))
+
+
+async def test_concurrent_queries_share_forward_passes_and_keep_their_vectors(monkeypatch):
+    """Searches that arrive together are embedded together (fewer forward passes than
+    queries), each gets its own text's vector, and a lone query goes through at once."""
+    import fleet.embeddings as embeddings
+
+    texts = [f"order #{4400 + i} has not arrived and I want my money back" for i in range(12)]
+    alone = [embed_array([text])[0] for text in texts]
+    passes: list[int] = []
+    real = embeddings.aembed
+
+    async def counted(batch, settings=None):
+        passes.append(len(batch))
+        return await real(batch, settings)
+
+    monkeypatch.setattr(embeddings, "aembed", counted)
+    together = await asyncio.gather(*(embeddings.aembed_query(text) for text in texts))
+    assert sum(passes) == len(texts) and len(passes) < len(texts), passes
+    assert np.abs(np.vstack(together) - np.vstack(alone)).max() < 1e-5
+    passes.clear()
+    await embeddings.aembed_query("where is my parcel")
+    assert passes == [1]
+    with pytest.raises(InvalidInput):
+        await embeddings.aembed_query("   ")
