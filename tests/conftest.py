@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
@@ -125,14 +126,23 @@ def fleet_env(db_url: str, fleet_home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to this test's database (json/jsonb decoded like the fleet's own)."""
+@asynccontextmanager
+async def _connected(url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to ``url`` with the fleet's own codecs (json/jsonb decoded)."""
     from fleet.database import connect
 
-    connection = await connect(Settings(database_url=db_url), "fleet-test", url=db_url)
-    yield connection
-    await connection.close()
+    connection = await connect(Settings(database_url=url), "fleet-test", url=url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this test's database."""
+    async with _connected(db_url) as connection:
+        yield connection
 
 
 @pytest.fixture(scope="module")
@@ -149,9 +159,6 @@ def seeded_db(server_url: str, template_url: str) -> Iterator[str]:
 @pytest.fixture
 async def db(seeded_db: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the module's seeded database."""
-    from fleet.database import connect
-
-    connection = await connect(Settings(database_url=seeded_db), "fleet-test", url=seeded_db)
-    yield connection
-    await connection.close()
+    async with _connected(seeded_db) as connection:
+        yield connection
 
