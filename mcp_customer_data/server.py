@@ -18,6 +18,7 @@ person's coding agent, talks to the same server).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -37,7 +38,7 @@ from starlette.applications import Starlette
 
 from fleet import tracing
 from fleet.database import create_pool
-from fleet.embeddings import ModelSpec, aembed, model_spec
+from fleet.embeddings import ModelSpec, aembed, model_spec, prepare_for_queries
 from fleet.errors import ConfigurationError, FleetError
 from fleet.settings import Settings
 from mcp_customer_data import data
@@ -147,6 +148,7 @@ def build_server(settings: Settings) -> MCPServer:
             if settings.fleet_embeddings == "local":
                 _one_thread_per_query()
             await aembed(["warm-up"], settings)  # load the model before the port opens
+            await asyncio.to_thread(prepare_for_queries, settings)  # queries all day
             log.info("customer-data ready (embeddings: %s)", model_spec(settings).name)
             yield AppState(pool=pool, settings=settings, spec=model_spec(settings))
         finally:

@@ -140,15 +140,17 @@ def test_local_embeddings_unit_vectors_batched_and_deterministic() -> None:
 
 
 def test_a_single_query_takes_the_traced_path_and_gets_the_same_vector() -> None:
-    """One text (a search's query) runs through the traced forward pass; it must give what
-    the sentence-transformers pipeline gives, truncation included: store and search share one
-    model (AGENTS.md), so a query vector that drifted would rank the library wrongly."""
+    """One text (a search's query) runs through the traced forward pass once a server asked
+    for it (``prepare_for_queries``); it must give what the sentence-transformers pipeline
+    gives, truncation included: store and search share one model (AGENTS.md), so a query
+    vector that drifted would rank the library wrongly."""
+    from fleet.embeddings import prepare_for_queries
     from fleet.embeddings.backends import local_embedder
 
-    model = local_embedder()
+    prepare_for_queries(Settings(fleet_embeddings="local"))
+    assert local_embedder()._one_text is not None, "the one-text encoder was not built"
     texts = ["where is my refund", "Order #4429 never arrived and nobody answers " * 40]
     singles = np.vstack([embed_array([text]) for text in texts])
-    assert model._one_text, "the one-text encoder was not built"
     batch = embed_array(texts)  # two texts: sentence-transformers' encode, padded
     assert np.abs(singles - batch).max() < 1e-5
 

@@ -855,7 +855,7 @@ class QueueBench:
         """The single-process peak the sustained rate is half of."""
         if system == "pgfleet":
             picks = [d for d in self.report.drains if d.system == system and d.processes == 1]
-            picks = [d for d in picks if d.runner != "in-process"] or picks
+            picks = [d for d in picks if d.runner == _runner(1, 0.0)] or picks  # no-op, own process
         else:
             picks = [d for d in self.report.drains if d.system == system]
         return max(d.steady_messages_per_second for d in picks)

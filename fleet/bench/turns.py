@@ -174,6 +174,7 @@ class TurnBench:
         worker = _Process(
             ["fleet", "worker", "--handler", "agent", "--concurrency", str(concurrency)], env
         )
+        arrivals: asyncio.Task[None] | None = None
         try:
             async def registered() -> bool:
                 if worker.popen.poll() is not None:
@@ -204,7 +205,7 @@ class TurnBench:
                 if row["finished"] >= turns or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.1)
-            if rate:
+            if arrivals is not None:
                 await arrivals
             cpu = _cpu_seconds(pid) - cpu0
             mcp_cpu = _cpu_seconds(mcp_pid) - mcp0
@@ -212,6 +213,8 @@ class TurnBench:
                 "SELECT state, claimed_at, finished_at FROM fleet.messages WHERE id > $1",
                 first_id)
         finally:
+            if arrivals is not None and not arrivals.done():
+                arrivals.cancel()
             worker.terminate()
             await worker.wait(60)
             worker.finish()
@@ -241,7 +244,6 @@ class TurnBench:
             mib_per_in_flight_turn=round(grown / max_in_flight, 3) if max_in_flight else None,
             all_done=len(done) == turns,
         )
-
 
     async def _enqueue(self, conn: asyncpg.Connection, phase: str) -> None:
         self.order += 1

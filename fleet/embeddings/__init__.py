@@ -45,6 +45,7 @@ __all__ = [
     "embed_texts",
     "embedder",
     "model_spec",
+    "prepare_for_queries",
 ]
 
 
@@ -110,6 +111,14 @@ def embed_texts(texts: list[str], settings: Settings | None = None) -> list[list
 async def aembed(texts: list[str], settings: Settings | None = None) -> np.ndarray:
     """:func:`embed_array` in a worker thread, for code running on an event loop."""
     return await asyncio.to_thread(embed_array, texts, settings)
+
+
+def prepare_for_queries(settings: Settings | None = None) -> None:
+    """For a process that embeds search queries all day (the customer-data server): the local
+    model's traced one-text path (``LocalEmbedder.trace_one_text``). Nothing to do for the
+    API backend."""
+    if (settings or get_settings()).fleet_embeddings == "local":
+        local_embedder().trace_one_text()
 
 
 async def aembed_query(text: str, settings: Settings | None = None) -> np.ndarray:

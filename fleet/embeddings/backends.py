@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -80,20 +80,25 @@ class LocalEmbedder:
         # One encode at a time: the model is shared by every thread of the process, and on a
         # CPU concurrent encodes only fight over the same cores.
         self._lock = threading.Lock()
-        #: One text's forward pass traced (built at the first one-text call); None until then,
-        #: False if it could not be built or did not match.
-        self._one_text: Callable[[str], np.ndarray] | Literal[False] | None = None
+        #: One text's forward pass traced (:meth:`trace_one_text`, which a long-lived server
+        #: asks for at start); None until then or if it could not be built or did not match.
+        self._one_text: Callable[[str], np.ndarray] | None = None
         log.info("loaded %s from %s", self.name, path)
 
     def embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         with self._lock:
-            if len(texts) == 1:  # a search's query: the hot path of the customer-data server
-                if self._one_text is None:
-                    self._one_text = self._build_one_text()
-                if self._one_text:
-                    return self._one_text(texts[0])
+            if len(texts) == 1 and self._one_text is not None:  # a search's query
+                return self._one_text(texts[0])
             vectors = self._encode(texts, batch_size)
         return np.asarray(vectors, dtype=np.float32)
+
+    def trace_one_text(self) -> bool:
+        """Build the traced one-text path (~1 s, once): worth it in a process that embeds
+        queries all day (the customer-data server), not in a one-off ``fleet search``."""
+        with self._lock:
+            if self._one_text is None:
+                self._one_text = self._build_one_text()
+            return self._one_text is not None
 
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         return self._model.encode(
@@ -104,7 +109,7 @@ class LocalEmbedder:
             show_progress_bar=False,
         )
 
-    def _build_one_text(self) -> Callable[[str], np.ndarray] | Literal[False]:
+    def _build_one_text(self) -> Callable[[str], np.ndarray] | None:
         """The model's forward pass for one text, traced and frozen with TorchScript.
 
         A search embeds one short query at a time, and there eager PyTorch spends much of its
@@ -125,10 +130,10 @@ class LocalEmbedder:
         except Exception as exc:  # any failure: the plain path still works
             log.warning("one-text encoder not traced (%s: %s); using encode", type(exc).__name__,
                         exc)
-            return False
+            return None
         if deviation > 1e-5:
             log.warning("one-text encoder differs from encode by %.2g; using encode", deviation)
-            return False
+            return None
         log.info("one-text encoder traced (largest difference from encode %.1g)", deviation)
         return encode_one
 
@@ -145,14 +150,13 @@ def _trace_one_text(model: Any) -> Callable[[str], np.ndarray]:
     """sentence-transformers' Transformer -> mean Pooling -> Normalize, for one text, with
     the transformer traced and frozen."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     transformer = model[0]
     tokenizer, bert = transformer.tokenizer, transformer.auto_model
     max_length = transformer.max_seq_length
     probe = tokenizer(ONE_TEXT_PROBES[1], return_tensors="pt", truncation=True,
                       max_length=max_length)
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the config's notes, printed again by the tracer's call
     try:
