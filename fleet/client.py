@@ -26,7 +26,6 @@ from fleet.settings import Settings, get_settings
 from fleet.sql import queries
 
 SQL = queries("queries.sql")
-OUTCOME_CHANNEL = "fleet_outcome"
 
 
 class Reply(BaseModel):
@@ -65,7 +64,7 @@ class Client:
         self._pool = await create_pool(self.settings, "fleet-client", url=url, max_size=4)
         try:
             self._listener = await connect(self.settings, "fleet-client-listen", url=url)
-            await self._listener.add_listener(OUTCOME_CHANNEL, self._on_outcome)
+            await self._listener.add_listener(queue.OUTCOME_CHANNEL, self._on_outcome)
         except (OSError, asyncpg.PostgresError):
             self._listener = None  # e.g. behind PgBouncer: polling alone still works
         return self

@@ -80,7 +80,6 @@ _FALLBACK = 2.0
 #: After the LISTEN connection could not be opened, how long waits poll before trying again.
 _LISTEN_RETRY = 10.0
 _LISTEN_TIMEOUT = 5.0
-OUTCOME_CHANNEL = "fleet_outcome"  # fleet.client's; sent once per batch of finished/parked
 
 
 def delegation_depth(metadata: dict[str, Any] | None) -> int:
@@ -143,7 +142,7 @@ class OutcomeListener:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._retry_at = time.monotonic() + _LISTEN_RETRY
                 log.warning("delegation waits poll: cannot LISTEN on %s (%s: %s)",
-                            OUTCOME_CHANNEL, type(exc).__name__, exc)
+                            queue.OUTCOME_CHANNEL, type(exc).__name__, exc)
                 return False
             conn.add_termination_listener(self._lost)
             self._conn = conn
@@ -153,7 +152,7 @@ class OutcomeListener:
         conn = await connect(self.settings, "fleet-delegation-listen",
                              url=await resolve_url(self.settings))
         try:
-            await conn.add_listener(OUTCOME_CHANNEL, self._notify)
+            await conn.add_listener(queue.OUTCOME_CHANNEL, self._notify)
         except BaseException:  # failed or cancelled (a timeout): not left open
             conn.terminate()
             raise

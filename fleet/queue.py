@@ -24,6 +24,11 @@ MessageState = Literal["queued", "running", "awaiting_approval", "done", "dead",
 MESSAGE_STATES: tuple[str, ...] = MessageState.__args__  # type: ignore[attr-defined]
 FINISHED_STATES = frozenset({"done", "dead", "cancelled"})
 
+#: NOTIFY channels of queue_sql/functions.sql: a claimable head appeared (workers listen), and a
+#: batch of messages finished or parked (reply waiters listen: fleet.Client, delegations).
+WAKEUP_CHANNEL = "fleet_wakeup"
+OUTCOME_CHANNEL = "fleet_outcome"
+
 #: One connection or a pool: everything here works with either.
 Executor = asyncpg.Connection | asyncpg.Pool
 

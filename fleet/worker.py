@@ -50,7 +50,6 @@ from fleet.sql import queries
 
 log = logging.getLogger("fleet.worker")
 SQL = queries("queries.sql")
-CHANNEL = "fleet_wakeup"
 #: ``fleet cancel`` on a running message NOTIFYs this (payload: the message id).
 CANCEL_CHANNEL = "fleet_cancel"
 
@@ -726,7 +725,7 @@ class Worker:
                 conn = await connect(self.settings, "fleet-listener", url=self.url)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(queue.WAKEUP_CHANNEL, self._on_notify)
                 await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
                 backoff = 0.2
                 self._new_work = True  # NOTIFYs sent while we were away are gone: look once
