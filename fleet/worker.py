@@ -131,8 +131,8 @@ class Worker:
         self._max_claims_in_flight = 2 if 2 * self.claim_batch <= concurrency else 1
         self._reserved = 0
         self._backlog = False
-        self._look_again = False
-        #: Told of new work (NOTIFY, poll, LISTEN reconnected) since the last claim started.
+        #: Told of new work (NOTIFY, poll, LISTEN reconnected) since the last claim started: a
+        #: call that ends with it set is followed by another claim.
         self._new_work = True
         self._backoff = 0.1
         self._retry_at = 0.0
@@ -292,9 +292,8 @@ class Worker:
         than ``concurrency`` handlers ever run.
 
         Told of new work (a NOTIFY, the poll) while a call runs, and starting nothing, it
-        looks again when that call ends: the call's claim may have missed it. (An outcome
-        needs no such care: the next call carries whatever is pending.)"""
-        running = len(self._cycles)
+        looks again when that call ends (``_new_work`` still set): the call's claim may have
+        missed it. An outcome needs no such care: the next call carries whatever is pending."""
         while time.monotonic() >= self._retry_at:
             free = min(self.concurrency - len(self.in_flight) - self._reserved, self.claim_batch)
             free = max(free, 0)
@@ -309,8 +308,6 @@ class Worker:
             if not free:
                 break
             self._new_work = False  # this claim sees it
-        if self._new_work and running and len(self._cycles) == running:
-            self._look_again = True
 
     async def _cycle(self, free: int) -> None:
         """One call: write the outcomes so far and claim ``free`` messages, start their
@@ -336,8 +333,7 @@ class Worker:
         # A full batch: there may be more, claim again at once (the call runs while the
         # handlers just started do, and carries the outcomes they produce meanwhile).
         self._backlog = free > 0 and len(claimed) == free
-        if self._backlog or self._pending or self._look_again:
-            self._look_again = False
+        if self._backlog or self._pending or self._new_work:
             self._wakeup.set()
 
     def _idle(self) -> bool:
