@@ -124,6 +124,15 @@ def tracebacks(logs: str) -> list[LoggedTraceback]:
             current.exceptions.append(name if _NAME.match(name) else f"<unparsed {line!r}>")
             in_frames = False
             continue
+        name = line.split(":", 1)[0].strip()
+        if header is not None and _NAME.match(name) and resolve(name) is not None:
+            # A chain whose first exception has no frames (a cause raised outside any call
+            # Python recorded, e.g. asyncpg's ConnectionResetError) starts with its bare
+            # exception line, right after the record: the chain is that record's.
+            current = LoggedTraceback(*header, exceptions=[name])
+            found.append(current)
+            header, joins = None, False
+            continue
         header = None
         joins = current is not None and line.strip() in _CHAIN
     return found

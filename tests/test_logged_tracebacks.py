@@ -105,6 +105,24 @@ def test_handled_failures_are_tolerated() -> None:
     _assert_no_crash(logs)
 
 
+def test_a_chain_whose_cause_has_no_frames_belongs_to_its_record() -> None:
+    """asyncpg's pool logs a dropped connection as a cause with no frames (printed as a bare
+    exception line right after the record), then the chained traceback. Seen in the agent
+    chaos suite; the chain was counted as printed outside any record, i.e. a crash."""
+    cause = ConnectionResetError(104, "Connection reset by peer")  # never raised: no frames
+
+    def drop() -> None:
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed") from cause
+
+    logs = _log("asyncpg.pool", POOL_FLOOR, _raised(drop))
+    [found] = tracebacks(logs)
+    assert (found.logger, found.message) == ("asyncpg.pool", POOL_FLOOR)
+    assert found.exceptions == [
+        "ConnectionResetError", "asyncpg.exceptions.ConnectionDoesNotExistError",
+    ]
+    assert untolerated(logs, WORKER_TOLERATED) == []
+
+
 async def _refused_in_group() -> None:
     async def refuse() -> None:
         raise ConnectionRefusedError(111, "Connect call failed")
