@@ -139,20 +139,28 @@ def test_local_embeddings_unit_vectors_batched_and_deterministic() -> None:
     assert int(np.argmax(array @ query)) == 0
 
 
-def test_a_single_query_takes_the_traced_path_and_gets_the_same_vector() -> None:
-    """One text (a search's query) runs through the traced forward pass once a server asked
-    for it (``prepare_for_queries``); it must give what the sentence-transformers pipeline
-    gives, truncation included: store and search share one model (AGENTS.md), so a query
-    vector that drifted would rank the library wrongly."""
+def test_queries_take_the_traced_path_and_get_the_same_vectors() -> None:
+    """Queries (one text, or the few the query batcher groups) run through the traced forward
+    pass once a server asked for it (``prepare_for_queries``); they must get what the
+    sentence-transformers pipeline gives, padding and truncation included: store and search
+    share one model (AGENTS.md), so a query vector that drifted would rank the library wrongly.
+    """
     from fleet.embeddings import prepare_for_queries
-    from fleet.embeddings.backends import local_embedder
+    from fleet.embeddings.backends import MAX_TRACED_BATCH, local_embedder
 
     prepare_for_queries(Settings(fleet_embeddings="local"))
-    assert local_embedder()._one_text is not None, "the one-text encoder was not built"
-    texts = ["where is my refund", "Order #4429 never arrived and nobody answers " * 40]
+    embedder = local_embedder()
+    assert embedder._queries is not None, "the query encoder was not traced"
+    texts = ["where is my refund", "Order #4429 never arrived and nobody answers " * 40,
+             "my card was charged twice for one order and I want the second charge back", "hi"]
+    expected = embedder._encode(texts, 32)  # sentence-transformers' own pipeline
     singles = np.vstack([embed_array([text]) for text in texts])
-    batch = embed_array(texts)  # two texts: sentence-transformers' encode, padded
-    assert np.abs(singles - batch).max() < 1e-5
+    batch = embed_array(texts)  # padded to the longest (truncated) text, attention-masked
+    assert np.abs(singles - expected).max() < 1e-5
+    assert np.abs(batch - expected).max() < 1e-5
+    # Past the query batcher's size, encode is used as before.
+    many = [f"question number {i} about order #{4400 + i}" for i in range(MAX_TRACED_BATCH + 1)]
+    assert np.abs(embed_array(many) - embedder._encode(many, 32)).max() < 1e-5
 
 
 def test_embed_texts_refuses_bad_input() -> None:

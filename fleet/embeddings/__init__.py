@@ -115,16 +115,17 @@ async def aembed(texts: list[str], settings: Settings | None = None) -> np.ndarr
 
 def prepare_for_queries(settings: Settings | None = None) -> None:
     """For a process that embeds search queries all day (the customer-data server): the local
-    model's traced one-text path (``LocalEmbedder.trace_one_text``). Nothing to do for the
-    API backend."""
+    model's forward pass traced for a few texts at a time (``LocalEmbedder.trace_for_queries``).
+    Nothing to do for the API backend."""
     if (settings or get_settings()).fleet_embeddings == "local":
-        local_embedder().trace_one_text()
+        local_embedder().trace_for_queries()
 
 
 async def aembed_query(text: str, settings: Settings | None = None) -> np.ndarray:
     """One text's vector, for a search. Queries that arrive while the model is busy with
-    earlier ones wait and then go through it together, as one batch: on a CPU a batch of 8
-    short texts costs ~7 ms a text against ~13 ms one at a time (BENCHMARKS.md), and alone a
+    earlier ones wait and then go through it together, as one batch: on a CPU, through the
+    traced model, a batch of 8 short texts costs ~6 ms a text against ~10 ms one at a time
+    (BENCHMARKS.md), and alone a
     query goes straight through (no added wait). The vectors are the model's either way (a
     padded batch gives a text the same vector to ~1e-7; ``tests/test_embeddings.py``)."""
     _check([text])
