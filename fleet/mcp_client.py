@@ -41,11 +41,18 @@ from typing import Any
 from agents.mcp import MCPServer
 from agents.mcp.util import MCPToolCustomDataContext, MCPToolMetaContext
 from mcp import types
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, LATEST_HANDSHAKE_VERSION
+from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import mcp_param_headers, x_mcp_header_map
+from mcp_types.version import (
+    HANDSHAKE_PROTOCOL_VERSIONS,
+    LATEST_HANDSHAKE_VERSION,
+    LATEST_MODERN_VERSION,
+)
+from pydantic import ValidationError
 
 from fleet import tracing
 from fleet.errors import HandlerError
-from fleet.mcp_wire import Connection, Endpoint, HTTPStatusError
+from fleet.mcp_wire import CLIENT_INFO, Connection, Endpoint, HTTPStatusError
 from fleet.settings import Settings
 
 log = logging.getLogger("fleet.mcp_client")
@@ -103,6 +110,8 @@ class MCPClientPool:
         self._quiet = False
         #: each listed tool's compiled output-schema validator (None: the tool declares none)
         self._validators: dict[str, Any] = {}
+        #: arguments a listed tool wants mirrored in ``Mcp-Param-*`` headers (2026 revision)
+        self._param_headers: dict[str, dict[tuple[str, ...], str]] = {}
         self.created = 0
 
     async def _connect(self) -> Connection:
@@ -214,17 +223,8 @@ class MCPClientPool:
 
     async def _list_tools(self, client: Connection) -> list[types.Tool]:
         if self.endpoint.protocol_version is None:
-            # Stateless server: nothing to set up, but agree on the protocol version once.
-            init = types.InitializeResult.model_validate(await client.request("initialize", {
-                "protocolVersion": LATEST_HANDSHAKE_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": "fleet-worker", "version": "1"},
-            }))
-            if init.protocol_version not in HANDSHAKE_PROTOCOL_VERSIONS:
-                raise RuntimeError(
-                    f"Unsupported protocol version from the server: {init.protocol_version}"
-                )
-            self.endpoint.protocol_version = init.protocol_version
+            # Stateless server: nothing to set up, but agree on the protocol once.
+            await self._agree_protocol(client)
         tools: list[types.Tool] = []
         cursor: str | None = None
         while True:
@@ -236,7 +236,48 @@ class MCPClientPool:
             if not cursor:
                 break
         self._validators = {t.name: _compile(t.name, t.output_schema) for t in tools}
+        self._param_headers = {
+            t.name: header_map for t in tools if (header_map := x_mcp_header_map(t.input_schema))
+        }
         return tools
+
+    async def _agree_protocol(self, client: Connection) -> None:
+        """The SDK client's ``mode="auto"`` policy (``mcp.client._probe``), for one endpoint:
+        probe ``server/discover`` at the 2026 revision; a server that answers it and lists
+        that revision is spoken to with per-request envelopes from then on. Anything else that
+        is an answer (an error, a 4xx, a result that is not a discover result) means a
+        handshake-era server: ``initialize`` as before. A 429 or an outage is no answer: it
+        propagates and the pool retries it like any call."""
+        probe = Endpoint(self.url, self.headers, self.endpoint.ssl)
+        probe.adopt(LATEST_MODERN_VERSION)
+        prober = Connection(probe, self.connect_timeout)
+        try:
+            answer: Any = await prober.request("server/discover")
+        except (MCPError, HTTPStatusError) as exc:
+            if retry_after(exc) is not None or (
+                isinstance(exc, HTTPStatusError) and exc.status_code >= 500
+            ):
+                raise
+            answer = None
+        finally:
+            prober.close()
+        try:
+            discovered = types.DiscoverResult.model_validate(answer) if answer else None
+        except ValidationError:
+            discovered = None
+        if discovered is not None and LATEST_MODERN_VERSION in discovered.supported_versions:
+            self.endpoint.adopt(LATEST_MODERN_VERSION)
+            return
+        init = types.InitializeResult.model_validate(await client.request("initialize", {
+            "protocolVersion": LATEST_HANDSHAKE_VERSION,
+            "capabilities": {},
+            "clientInfo": CLIENT_INFO,
+        }))
+        if init.protocol_version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            raise RuntimeError(
+                f"Unsupported protocol version from the server: {init.protocol_version}"
+            )
+        self.endpoint.adopt(init.protocol_version)
 
     async def call_tool(
         self, tool_name: str, arguments: dict[str, Any] | None, meta: dict[str, Any] | None
@@ -246,9 +287,16 @@ class MCPClientPool:
         if meta:
             params["_meta"] = meta
 
+        header_map = self._param_headers.get(tool_name)
+        # A 2026-revision tool may ask for arguments mirrored in Mcp-Param-* headers.
+        mirrored = "".join(
+            f"{name}: {value}\r\n"
+            for name, value in mcp_param_headers(header_map, arguments or {}).items()
+        ) if header_map and self.endpoint.modern else ""
+
         async def call(client: Connection) -> types.CallToolResult:
             result = types.CallToolResult.model_validate(
-                await client.request("tools/call", params)
+                await client.request("tools/call", params, mirrored)
             )
             if not result.is_error:
                 self.validate(tool_name, result)

@@ -499,6 +499,8 @@ async def test_pooled_connections_list_once_and_validate_every_result(
     try:
         await pool.warm()
         assert set(pool._validators) == {t.name for t in await pool.tools()}
+        # The SDK's server answers server/discover: the 2026 revision, per-request envelopes.
+        assert pool.endpoint.modern and pool.endpoint.protocol_version == "2026-07-28"
         validators = dict(pool._validators)
         for _ in range(2):
             results = await asyncio.gather(*(
@@ -543,7 +545,11 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_transparent
                       "serverInfo": {"name": "stub", "version": "1"}}
         elif request["method"] == "tools/list":
             result = {"tools": [{"name": "ping", "inputSchema": {"type": "object"}}]}
-        body = json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result}).encode()
+        answer: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"], "result": result}
+        if request["method"] == "server/discover":  # a handshake-era server
+            answer = {"jsonrpc": "2.0", "id": request["id"],
+                      "error": {"code": -32601, "message": "Method not found"}}
+        body = json.dumps(answer).encode()
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
@@ -561,13 +567,97 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_transparent
         for i in range(3):
             result = await pool.call_tool("ping", {}, {"session_id": f"s{i}"})
             assert not result.is_error and result.content[0].text == "ok"
-        # initialize, tools/list and three calls each answered once; every request after the
-        # first met a dropped connection and went again on a new one
-        assert (served, dropped) == (5, 4)
+        # the discover probe (on a connection of its own), initialize, tools/list and three
+        # calls each answered once; every request after initialize met a dropped connection
+        # and went again on a new one
+        assert (served, dropped) == (6, 4)
     finally:
         await pool.close()
         stub.close()
         await stub.wait_closed()
+
+
+@pytest.mark.parametrize("era", ["2026-07-28", "2025-06-18"])
+async def test_the_pool_speaks_what_the_server_speaks(era: str) -> None:
+    """Like the SDK client's default mode: a server that answers ``server/discover`` with the
+    2026 revision gets per-request envelopes (``_meta`` keys, ``Mcp-Method``/``Mcp-Name``
+    headers matching the body, the caller's own ``_meta`` kept) and no handshake; one that
+    does not gets ``initialize`` and the version header (and no ``Mcp-Param-*`` mirror of
+    a declared argument, which only the 2026 revision has). A 429 on the probe is no verdict:
+    the pool waits and probes again."""
+    from pydantic import SecretStr
+
+    from fleet.mcp_client import MCPClientPool
+
+    seen: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+    throttled = False
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal throttled
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            lines = head.decode("latin-1").split("\r\n")[1:-2]
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines)}
+            request = json.loads(await reader.readexactly(int(headers["content-length"])))
+            method, params = request["method"], request.get("params") or {}
+            seen.append((method, headers, params))
+            status, error, result = 200, None, None
+            if method == "server/discover" and not throttled:
+                throttled = True
+                status, error = 429, {"code": -32029, "message": "rate limited",
+                                      "data": {"retry_after": 0.01}}
+            elif method == "server/discover" and era == "2026-07-28":
+                result = {"supportedVersions": ["2026-07-28"], "capabilities": {"tools": {}}}
+            elif method == "server/discover":
+                error = {"code": -32601, "message": "Method not found"}
+            elif method == "initialize":
+                result = {"protocolVersion": era, "capabilities": {},
+                          "serverInfo": {"name": "stub", "version": "1"}}
+            elif method == "tools/list":  # one argument declared as an Mcp-Param header
+                result = {"tools": [{"name": "ping", "inputSchema": {
+                    "type": "object",
+                    "properties": {"region": {"type": "string", "x-mcp-header": "Region"}}}}]}
+            else:
+                result = {"content": [{"type": "text", "text": "ok"}], "isError": False}
+            message = {"jsonrpc": "2.0", "id": request["id"]}
+            message.update({"error": error} if error else {"result": result})
+            body = json.dumps(message).encode()
+            writer.write(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
+            await writer.drain()
+
+    stub = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = stub.sockets[0].getsockname()[1]
+    pool = MCPClientPool(Settings(customer_data_url=f"http://127.0.0.1:{port}/mcp",
+                                  customer_data_token=SecretStr("t")), attempts=1)
+    try:
+        result = await pool.call_tool("ping", {"region": "eu"}, {"session_id": "s1"})
+        assert not result.is_error and pool.endpoint.protocol_version == era
+    finally:
+        await pool.close()
+        stub.close()
+        await stub.wait_closed()
+    methods = [method for method, _, _ in seen]
+    _, call_headers, call_params = seen[-1]
+    assert call_headers["mcp-protocol-version"] == era
+    assert call_params["arguments"] == {"region": "eu"}
+    assert call_params["_meta"]["session_id"] == "s1"
+    if era == "2026-07-28":
+        assert methods == ["server/discover", "server/discover", "tools/list", "tools/call"]
+        assert pool.endpoint.modern
+        assert call_headers["mcp-method"] == "tools/call" and call_headers["mcp-name"] == "ping"
+        assert call_headers["mcp-param-region"] == "eu"
+        envelope = call_params["_meta"]
+        assert envelope["io.modelcontextprotocol/protocolVersion"] == era
+        assert envelope["io.modelcontextprotocol/clientInfo"]["name"] == "fleet-worker"
+        assert "io.modelcontextprotocol/clientCapabilities" in envelope
+    else:
+        assert methods == ["server/discover", "server/discover", "initialize", "tools/list",
+                           "tools/call"]
+        assert not pool.endpoint.modern
+        assert "mcp-method" not in call_headers and "mcp-param-region" not in call_headers
+        assert not any(key.startswith("io.modelcontextprotocol/")
+                       for key in call_params["_meta"])
 
 
 async def test_a_call_waits_for_a_restarting_server_instead_of_failing(seeded_db: str) -> None:
