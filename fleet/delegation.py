@@ -35,7 +35,7 @@ How one delegation runs (:class:`Delegator`):
    at most every 50 ms and at least every 2 s (what no outcome announces, e.g. a child
    released by a worker shutting down, and a lost notification): polling fast instead cost a
    primary-key read every 50-500 ms per waiting parent for the whole child turn. Without
-   LISTEN (``FLEET_STATEMENT_CACHE_SIZE=0``, i.e. behind PgBouncer in transaction mode, or the
+   LISTEN (a ``fleet worker --poll-only``, i.e. behind PgBouncer in transaction mode, or the
    connection refused) it polls as before, backing off from 50 to 500 ms.
 4. **Result**: the child's reply is the tool result. A child that ends ``dead`` or ``cancelled``
    gives an ``error:`` result; one that parks for a human approval gives a result saying so
@@ -115,8 +115,11 @@ class OutcomeListener:
     extra connection), reopened at a later wait after it was lost; a wait that cannot have it
     polls. Each waiter subscribes an event that every notification sets."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, listen: bool = True) -> None:
         self.settings = settings
+        #: False for a ``--poll-only`` worker: LISTEN would hear nothing through PgBouncer's
+        #: transaction pooling, so every wait polls.
+        self.listen = listen
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._retry_at = 0.0
@@ -129,8 +132,8 @@ class OutcomeListener:
 
     async def ensure(self) -> bool:
         """True when notifications are being received (opening the connection if needed)."""
-        if self.settings.fleet_statement_cache_size == 0:
-            return False  # PgBouncer's transaction pooling: LISTEN would hear nothing
+        if not self.listen:
+            return False
         async with self._lock:
             if self.listening:
                 return True
@@ -192,11 +195,11 @@ class OutcomeListener:
 class Delegator:
     """Runs ``ask_<child>`` calls for one worker's agent handler (module docstring)."""
 
-    def __init__(self, settings: Settings, pool_of: Any) -> None:
+    def __init__(self, settings: Settings, pool_of: Any, *, listen: bool = True) -> None:
         self.settings = settings
         #: () -> asyncpg.Pool: the handler's pool (created at start, after this object).
         self._pool_of = pool_of
-        self.outcomes = OutcomeListener(settings)
+        self.outcomes = OutcomeListener(settings, listen=listen)
 
     async def close(self) -> None:
         """Close the LISTEN connection, if a wait opened one (the handler's close)."""

@@ -114,14 +114,17 @@ class NoopHandler:
 HANDLER_NAMES = ("agent", "noop")
 
 
-def build_handler(name: str, settings: Settings, *, work_delay: float = 0.0) -> Handler:
-    """The handler ``fleet worker --handler NAME`` runs."""
+def build_handler(
+    name: str, settings: Settings, *, work_delay: float = 0.0, poll_only: bool = False
+) -> Handler:
+    """The handler ``fleet worker --handler NAME`` runs (``poll_only``: the worker's flag, which
+    the agent handler's delegation waits follow)."""
     if name == "noop":
         return NoopHandler(work_delay)
     if name == "agent":
         from fleet.turn import AgentHandler
 
-        return AgentHandler(settings)
+        return AgentHandler(settings, listen=not poll_only)
     raise ConfigurationError(
         f"unknown handler {name!r}; expected one of: {', '.join(HANDLER_NAMES)}"
     )

@@ -289,7 +289,10 @@ class AgentHandler:
         pool_size: int = 6,
         skills: SkillLibrary | None = None,
         model: Any = None,
+        listen: bool = True,
     ) -> None:
+        """``listen=False`` for a ``--poll-only`` worker: its delegations poll for their
+        children's outcomes instead of LISTENing (PgBouncer's transaction pooling)."""
         self.settings = settings
         self.pool_size = pool_size
         self.skills = skills or SkillLibrary.from_settings(settings)
@@ -297,7 +300,7 @@ class AgentHandler:
         self.pool: asyncpg.Pool | None = None
         self.audit: AuditWriter | None = None
         self.mcp = MCPClientPool(settings)
-        self.delegator = Delegator(settings, lambda: self.pool)
+        self.delegator = Delegator(settings, lambda: self.pool, listen=listen)
         #: Builds each turn's agent from its row, cached by the versions of its graph.
         self.builder = AgentBuilder(
             settings, model=self.model, skills=self.skills, mcp=self.mcp, delegate=self.delegator

@@ -205,3 +205,33 @@ async def test_a_child_another_worker_runs_is_read_when_its_outcome_is_notified(
     assert listened
     assert len(reads) <= 5, [round(r - started, 2) for r in reads]
     assert elapsed < child_seconds + 1.1, elapsed  # heard, not found by the 2 s fallback poll
+
+
+async def test_a_poll_only_workers_delegation_polls_and_opens_no_listen_connection(
+        conn, settings, db_url, monkeypatch) -> None:
+    """``fleet worker --poll-only`` (PgBouncer's transaction pooling, where LISTEN hears
+    nothing): the flag reaches the agent handler's Delegator, whose waits poll the child
+    (backing off from 50 to 500 ms) and never open ``fleet-delegation-listen``."""
+    from fleet.handlers import build_handler
+
+    handler = build_handler("agent", settings, poll_only=True)
+    assert not handler.delegator.outcomes.listen  # type: ignore[attr-defined]
+    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=4)
+    reads = _count_reads(monkeypatch, pool)
+    worker = Worker(settings, NoopHandler(work_delay=1.0), concurrency=1)
+    task = asyncio.create_task(worker.run())
+    delegator = Delegator(settings, lambda: pool, listen=False)
+    try:
+        answer = await delegator(_turn(10**9 + 1, "deleg-poll", None), "support", "support",
+                                 "child", "c1")
+        listeners = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'fleet-delegation-listen'")
+    finally:
+        await delegator.close()
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await pool.close()
+    assert answer == "ok"
+    assert not delegator.outcomes.listening and listeners == 0
+    assert len(reads) >= 4, reads  # polled while the child ran: 50, 100, 200, 400 ms, ...

@@ -58,7 +58,7 @@ def worker_command(
 
         worker = Worker(
             cfg,
-            build_handler(handler, cfg, work_delay=work_delay),
+            build_handler(handler, cfg, work_delay=work_delay, poll_only=poll_only),
             concurrency=concurrency,
             claim_batch=claim_batch,
             poll_only=poll_only,
