@@ -78,7 +78,8 @@ class Handler(Protocol):
     # stops_on_cancel_request: bool
 
     async def start(self) -> None:
-        """Acquire long-lived resources (pools, clients) before the first message."""
+        """Acquire long-lived resources (pools, clients) before the first message. One that
+        fails leaves nothing acquired: the worker retries it while the database is away."""
 
     async def handle(self, message: ClaimedMessage, lease: Lease) -> HandlerResult:
         """Process one message."""

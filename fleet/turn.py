@@ -330,16 +330,31 @@ class AgentHandler:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """The agent and audit pools, the MCP client's tool list, the default agent. A start
+        that fails (the database went away meanwhile) closes what it opened before raising,
+        so the worker can wait and call it again."""
         # One INFO line per MCP request from the HTTP client is noise (and CPU) in a worker.
         for name in ("httpx2", "httpx", "mcp.client"):
             logging.getLogger(name).setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+        try:
+            await self._open()
+        except BaseException:
+            if self.audit is not None:
+                await self.audit.close()
+            if self.pool is not None:
+                await self.pool.close()
+            self.pool = self.audit = None
+            raise
+
+    async def _open(self) -> None:
         url = await resolve_url(self.settings)
         self.pool = await create_pool(  # no session state left behind: skip the reset
             self.settings, "fleet-agent", url=url, min_size=1, max_size=self.pool_size,
             reset_sessions=False,
         )
-        self.audit = AuditWriter(self.settings, url=url)
-        await self.audit.start()
+        audit = AuditWriter(self.settings, url=url)
+        await audit.start()
+        self.audit = audit
         # Before the first claim: a server started beside this worker may still be loading.
         await self.mcp.warm(wait=self.settings.fleet_mcp_startup_wait_seconds)
         # The default agent exists even on a database migrated before agents were rows.

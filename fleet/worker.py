@@ -159,7 +159,9 @@ class Worker:
         self.pool = await self._open_pool()
         if self.pool is None:  # asked to stop before the database ever let us in
             return
-        await self.handler.start()
+        if not await self._start_handler():
+            await self.pool.close()
+            return
         await self._register()
         metrics.WORKER_UP.inc()
         log.info(
@@ -204,6 +206,25 @@ class Worker:
                 log.warning("cannot connect to the database (%s); retrying in %.1fs", exc, delay)
                 await self._sleep(delay)
         return None
+
+    async def _start_handler(self) -> bool:
+        """The handler's own resources (the agent handler's pools). The database may go away
+        between opening the worker's pool and this (a replacement started while it restarts):
+        wait with backoff, as for the pool, instead of exiting. A failed start leaves nothing
+        open (the Handler protocol). False when asked to stop while waiting."""
+        attempt = 0
+        while True:
+            try:
+                await self.handler.start()
+                return True
+            except TRANSIENT as exc:
+                attempt += 1
+                if self._stopping.is_set():
+                    return False
+                delay = retry_delay(attempt, 0.2, 5.0)
+                log.warning("starting the %s handler failed (%s); retrying in %.1fs",
+                            self.handler.name, exc, delay)
+                await self._sleep(delay)
 
     async def _register(self) -> None:
         """This worker's row in ``fleet.workers``. The database may go away between opening

@@ -371,3 +371,56 @@ async def test_a_claim_batch_below_the_concurrency_overlaps_claims_within_the_ca
     for session, in_order in ids.items():
         spans = [handler.intervals[i] for i in in_order]
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), session
+
+
+class _StartsOnThirdTry(NoopHandler):
+    """A handler whose start meets the database away twice (a replacement worker started
+    while PostgreSQL restarts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        if self.starts < 3:
+            raise ConnectionRefusedError("[Errno 111] Connect call failed")
+
+
+async def test_a_handler_start_that_meets_the_database_away_is_retried(settings, conn):
+    """The worker waits for its handler's start as it waits for its own pool: it registers
+    and works once the start goes through, instead of exiting."""
+    handler = _StartsOnThirdTry()
+    worker = Worker(settings, handler, concurrency=2)
+    task = asyncio.create_task(worker.run())
+    try:
+        message = await queue.enqueue(conn, "late-start", "hello")
+        await wait_until(lambda: conn.fetchval(
+            "SELECT state = 'done' FROM fleet.messages WHERE id = $1", message),
+            timeout=15, message="the message to be handled after the retried start")
+        assert handler.starts == 3
+        assert await conn.fetchval(
+            "SELECT count(*) FROM fleet.workers WHERE worker_id = $1", worker.worker_id) == 1
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_an_agent_handler_start_that_fails_leaves_no_connection_open(
+        settings, conn, monkeypatch):
+    """What a failed start opened (the agent and audit pools) is closed before it raises, so
+    the worker's retry does not pile up pools."""
+    from fleet.handlers import build_handler
+
+    handler = build_handler("agent", settings)
+
+    async def refused(*args, **kwargs):
+        raise ConnectionRefusedError("[Errno 111] Connect call failed")
+
+    monkeypatch.setattr(handler.mcp, "warm", refused)  # after both pools are open
+    with pytest.raises(ConnectionRefusedError):
+        await handler.start()
+    assert handler.pool is None and handler.audit is None
+    assert await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE application_name IN ('fleet-agent', 'fleet-audit')") == 0
