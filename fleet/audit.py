@@ -33,7 +33,7 @@ from typing import Any, Literal
 import asyncpg
 
 from fleet import metrics
-from fleet.database import create_pool
+from fleet.database import TRANSIENT, create_pool
 from fleet.settings import Settings
 from fleet.sql import queries
 
@@ -41,17 +41,6 @@ log = logging.getLogger("fleet.audit")
 SQL = queries("agent_runtime.sql")
 
 Status = Literal["ok", "error", "blocked", "timeout"]
-
-#: Errors that mean "the database is away for now": retry with backoff.
-TRANSIENT = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.TooManyConnectionsError,
-)
 
 #: Tool results longer than this are cut in the audit row (the full text stays in the session).
 MAX_RESULT_CHARS = 4000

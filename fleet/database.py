@@ -15,6 +15,22 @@ import asyncpg
 
 from fleet.settings import Settings
 
+#: Errors that mean "the database is away for now" (down, restarting, at its connection
+#: limit, or a pooled connection broken by its restart): back off and try again.
+#: ``InternalClientError`` is asyncpg's "cannot switch to state ...; another operation is in
+#: progress", raised by a pooled connection whose server shut down mid-operation (seen in the
+#: agent chaos suite right after a PostgreSQL restart, on a worker's retry write).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
 
 async def resolve_url(settings: Settings) -> str:
     """The libpq URL of the fleet's database, starting the embedded server if that is the one."""

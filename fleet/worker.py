@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from fleet import approvals, metrics, queue, tracing
-from fleet.database import connect, create_pool, resolve_url
+from fleet.database import TRANSIENT, connect, create_pool, resolve_url
 from fleet.errors import LeaseLost, PermanentHandlerError, TurnCancelled
 from fleet.handlers import Handler, Lease, Parked, Reply
 from fleet.queue import ClaimedMessage, Outcome
@@ -53,16 +53,6 @@ SQL = queries("queries.sql")
 #: ``fleet cancel`` on a running message NOTIFYs this (payload: the message id).
 CANCEL_CHANNEL = "fleet_cancel"
 
-#: Connection errors that mean "the database is away for now": back off and try again.
-TRANSIENT = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncio.TimeoutError,
-)
 
 
 def retry_delay(attempt: int, base: float, cap: float) -> float:
