@@ -179,32 +179,47 @@ async def test_an_inline_child_is_read_once_it_ran_and_once_its_outcome_is_writt
     assert 2 <= len(reads) <= 4, reads
 
 
+async def _delegate_to_a_remote_child(
+        conn, settings, db_url, monkeypatch, *, listen: bool, child_seconds: float,
+        session: str) -> SimpleNamespace:
+    """A parent without a lease (so no inline run) delegates; a noop worker runs the child.
+    What the wait did: the answer, when it read the child, how long it took, whether it
+    listened, and the LISTEN connections open when it returned."""
+    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=4)
+    reads = _count_reads(monkeypatch, pool)
+    worker = Worker(settings, NoopHandler(work_delay=child_seconds), concurrency=1)
+    task = asyncio.create_task(worker.run())
+    delegator = Delegator(settings, lambda: pool, listen=listen)
+    try:
+        started = time.monotonic()
+        answer = await delegator(_turn(10**9 + len(session), session, None), "support",
+                                 "support", "child", "c1")
+        elapsed = time.monotonic() - started
+        listened = delegator.outcomes.listening
+        listeners = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'fleet-delegation-listen'")
+    finally:
+        await delegator.close()
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await pool.close()
+    return SimpleNamespace(answer=answer, reads=[round(r - started, 2) for r in reads],
+                           elapsed=elapsed, listened=listened, listeners=listeners)
+
+
 async def test_a_child_another_worker_runs_is_read_when_its_outcome_is_notified(
         conn, settings, db_url, monkeypatch) -> None:
     """No inline run (the parent's lease has none): the child's worker writes its outcome and
     the waiting parent hears it on fleet_outcome. Polling every 50-500 ms read the child about
     nine times in its 2.5 s; the fallback poll alone would answer at 4 s, not right after."""
     child_seconds = 2.5
-    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=4)
-    reads = _count_reads(monkeypatch, pool)
-    worker = Worker(settings, NoopHandler(work_delay=child_seconds), concurrency=1)
-    task = asyncio.create_task(worker.run())
-    delegator = Delegator(settings, lambda: pool)
-    try:
-        started = time.monotonic()
-        answer = await delegator(_turn(10**9, "deleg-remote", None), "support", "support",
-                                 "child", "c1")
-        elapsed = time.monotonic() - started
-        listened = delegator.outcomes.listening
-    finally:
-        await delegator.close()
-        worker.stop()
-        await asyncio.wait_for(task, 30)
-        await pool.close()
-    assert answer == "ok"
-    assert listened
-    assert len(reads) <= 5, [round(r - started, 2) for r in reads]
-    assert elapsed < child_seconds + 1.1, elapsed  # heard, not found by the 2 s fallback poll
+    wait = await _delegate_to_a_remote_child(conn, settings, db_url, monkeypatch, listen=True,
+                                             child_seconds=child_seconds, session="deleg-remote")
+    assert wait.answer == "ok"
+    assert wait.listened and wait.listeners == 1
+    assert len(wait.reads) <= 5, wait.reads
+    assert wait.elapsed < child_seconds + 1.1, wait.elapsed  # heard, not the 2 s fallback poll
 
 
 async def test_a_poll_only_workers_delegation_polls_and_opens_no_listen_connection(
@@ -216,22 +231,8 @@ async def test_a_poll_only_workers_delegation_polls_and_opens_no_listen_connecti
 
     handler = build_handler("agent", settings, poll_only=True)
     assert not handler.delegator.outcomes.listen  # type: ignore[attr-defined]
-    pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=4)
-    reads = _count_reads(monkeypatch, pool)
-    worker = Worker(settings, NoopHandler(work_delay=1.0), concurrency=1)
-    task = asyncio.create_task(worker.run())
-    delegator = Delegator(settings, lambda: pool, listen=False)
-    try:
-        answer = await delegator(_turn(10**9 + 1, "deleg-poll", None), "support", "support",
-                                 "child", "c1")
-        listeners = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE application_name = 'fleet-delegation-listen'")
-    finally:
-        await delegator.close()
-        worker.stop()
-        await asyncio.wait_for(task, 30)
-        await pool.close()
-    assert answer == "ok"
-    assert not delegator.outcomes.listening and listeners == 0
-    assert len(reads) >= 4, reads  # polled while the child ran: 50, 100, 200, 400 ms, ...
+    wait = await _delegate_to_a_remote_child(conn, settings, db_url, monkeypatch, listen=False,
+                                             child_seconds=1.0, session="deleg-poll")
+    assert wait.answer == "ok"
+    assert not wait.listened and wait.listeners == 0
+    assert len(wait.reads) >= 4, wait.reads  # polled while the child ran: 50, 100, 200, 400 ms
