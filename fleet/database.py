@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from fleet import json_codec
 from fleet.settings import Settings
 
 #: Errors that mean "the database is away for now" (down, restarting, at its connection
@@ -53,7 +54,9 @@ def resolve_url_sync(settings: Settings) -> str:
 async def _init_json(conn: asyncpg.Connection) -> None:
     """json/jsonb in and out as Python objects, on every connection the fleet opens."""
     for name in ("json", "jsonb"):
-        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(
+            name, encoder=json_codec.dumps, decoder=json.loads, schema="pg_catalog"
+        )
     from fleet import tracing
 
     tracing.trace_queries(conn)  # db.query spans inside traced work; nothing when tracing is off

@@ -46,6 +46,8 @@ from mcp.shared.inbound import NAME_BEARING_METHODS, encode_header_value
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
+from fleet import json_codec
+
 #: A connection idle for longer is closed instead of reused: uvicorn closes idle keep-alive
 #: connections after 5 s by default, and a request on a closing socket has to be sent twice.
 IDLE_SECONDS = 4.0
@@ -179,7 +181,7 @@ class Connection:
         message: dict[str, Any] = {"jsonrpc": "2.0", "id": self._ids, "method": method}
         if params is not None:
             message["params"] = params
-        body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+        body = json_codec.dumps_bytes(message)
         lines += extra_head
         if not self.usable:
             await self.connect()
