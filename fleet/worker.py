@@ -54,7 +54,6 @@ SQL = queries("queries.sql")
 CANCEL_CHANNEL = "fleet_cancel"
 
 
-
 def retry_delay(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random, capped."""
     ceiling = min(cap, base * 2 ** max(attempt - 1, 0))

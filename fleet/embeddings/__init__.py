@@ -125,9 +125,9 @@ async def aembed_query(text: str, settings: Settings | None = None) -> np.ndarra
     """One text's vector, for a search. Queries that arrive while the model is busy with
     earlier ones wait and then go through it together, as one batch: on a CPU, through the
     traced model, a batch of 8 short texts costs ~6 ms a text against ~10 ms one at a time
-    (BENCHMARKS.md), and alone a
-    query goes straight through (no added wait). The vectors are the model's either way (a
-    padded batch gives a text the same vector to ~1e-7; ``tests/test_embeddings.py``)."""
+    (BENCHMARKS.md), and alone a query goes straight through (no added wait). The vectors
+    are the model's either way (a padded batch gives a text the same vector to ~1e-7;
+    ``tests/test_embeddings.py``)."""
     _check([text])
     settings = settings or get_settings()
     loop = asyncio.get_running_loop()
