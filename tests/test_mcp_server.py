@@ -43,10 +43,14 @@ def server(seeded_db: str) -> Iterator[RunningServer]:
 
 
 @asynccontextmanager
-async def mcp_client(server: RunningServer, token: str | None = None) -> AsyncIterator[Client]:
+async def mcp_client(server: RunningServer, token: str | None = None,
+                     mode: str = "auto") -> AsyncIterator[Client]:
+    """The MCP SDK's own client (``mode="auto"``: the 2026 revision against this server;
+    ``"legacy"``: the ``initialize`` handshake, as older clients do)."""
     headers = {"Authorization": f"Bearer {token or server.token}"}
     async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
-        async with Client(streamable_http_client(server.url, http_client=http)) as client:
+        async with Client(streamable_http_client(server.url, http_client=http),
+                          mode=mode) as client:
             yield client
 
 
@@ -100,6 +104,17 @@ async def test_exactly_five_tools_no_sql(server: RunningServer) -> None:
         assert "Call it" in (tool.description or ""), tool.name
     kinds = {t.name: t.annotations.read_only_hint for t in tools}
     assert kinds == {name: name != "issue_refund" for name in TOOLS}
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_both_protocol_eras_are_served(server: RunningServer, mode: str) -> None:
+    """The worker speaks the 2026 revision; a client of the handshake era (an older SDK, a
+    person's coding agent) still gets the same tools and answers."""
+    async with mcp_client(server, mode=mode) as client:
+        assert client.protocol_version == ("2026-07-28" if mode == "auto" else "2025-11-25")
+        assert {t.name for t in (await client.list_tools()).tools} == set(TOOLS)
+        is_error, order = await call(client, "lookup_order", {"order_id": "4429"})
+    assert not is_error and order["order_id"] == "4429"
 
 
 # --- reads -----------------------------------------------------------------------------------
