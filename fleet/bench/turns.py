@@ -56,6 +56,8 @@ class TurnBenchConfig(BaseModel):
     model_latency: float = 1.0
     steady_rate: float = 30.0
     """Arrivals per second of the steady slow-model phase (0 skips it)."""
+    repeat: int = 1
+    """Runs of every phase, one after another; the report gives each figure's median."""
 
 
 class Phase(BaseModel):
@@ -79,6 +81,24 @@ class Phase(BaseModel):
 class TurnBenchReport(BaseModel):
     environment: dict[str, Any]
     phases: list[Phase]
+    """Each phase's figures, the median over the runs (one run: that run's)."""
+    runs: list[list[Phase]]
+    """Every run's phases, in order: the spread behind the medians."""
+
+
+def median_phase(runs: list[Phase]) -> Phase:
+    """One phase's runs as one: every figure the median of its runs (so the figures of the
+    result may come from different runs), ``all_done`` only when every run finished."""
+    first = runs[0]
+    figures: dict[str, Any] = {}
+    for field, value in first.model_dump().items():
+        values = [getattr(run, field) for run in runs]
+        if isinstance(value, bool) or field == "name":
+            continue
+        if isinstance(value, int | float) and None not in values:
+            middle = statistics.median(values)
+            figures[field] = round(middle) if isinstance(value, int) else round(middle, 3)
+    return first.model_copy(update={**figures, "all_done": all(r.all_done for r in runs)})
 
 
 def _free_port() -> int:
@@ -274,17 +294,23 @@ async def run_turn_bench(
                              url=url)
         try:
             await bench.setup()
-            phases = [
-                await bench.phase(conn, "sequential", config.sequential, 1, 0.0),
-                await bench.phase(conn, "throughput", config.turns, config.concurrency, 0.0),
-                await bench.phase(conn, "slow model", config.slow_turns,
-                                  config.slow_concurrency, config.model_latency),
-            ]
-            if config.steady_rate:
-                phases.append(await bench.phase(
-                    conn, "slow model, steady", config.slow_turns, config.slow_concurrency,
-                    config.model_latency, rate=config.steady_rate,
-                ))
+            runs: list[list[Phase]] = []
+            for run in range(config.repeat):
+                if config.repeat > 1:
+                    progress(f"run {run + 1} of {config.repeat}")
+                phases = [
+                    await bench.phase(conn, "sequential", config.sequential, 1, 0.0),
+                    await bench.phase(conn, "throughput", config.turns, config.concurrency,
+                                      0.0),
+                    await bench.phase(conn, "slow model", config.slow_turns,
+                                      config.slow_concurrency, config.model_latency),
+                ]
+                if config.steady_rate:
+                    phases.append(await bench.phase(
+                        conn, "slow model, steady", config.slow_turns,
+                        config.slow_concurrency, config.model_latency, rate=config.steady_rate,
+                    ))
+                runs.append(phases)
             environment = {
                 "server_version": await conn.fetchval("SHOW server_version"),
                 "cpus": os.cpu_count(),
@@ -293,7 +319,8 @@ async def run_turn_bench(
         finally:
             await conn.close()
             await bench.close()
-    return TurnBenchReport(environment=environment, phases=phases)
+    phases = [median_phase(list(same)) for same in zip(*runs, strict=True)]
+    return TurnBenchReport(environment=environment, phases=phases, runs=runs)
 
 
 # -- why skills are loaded by a function tool, not the SDK's sandbox capability ------------------

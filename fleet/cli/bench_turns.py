@@ -23,6 +23,8 @@ def bench_turns_command(
                                         help="Seconds per model call in the slow-model phase."),
     steady_rate: float = typer.Option(30.0, "--steady-rate", min=0,
                                       help="Arrivals/s of the steady slow-model phase (0: skip)."),
+    repeat: int = typer.Option(1, "--repeat", min=1,
+                               help="Runs of every phase; medians reported, every run listed."),
     sandbox_skills: bool = typer.Option(
         False, "--sandbox-skills",
         help="Instead: compare the SDK's sandbox Skills capability with fleet's load_skill tool."),
@@ -42,6 +44,7 @@ def bench_turns_command(
     config = TurnBenchConfig(
         sequential=sequential, turns=turns, concurrency=concurrency, slow_turns=slow_turns,
         slow_concurrency=slow_concurrency, model_latency=model_latency, steady_rate=steady_rate,
+        repeat=repeat,
     )
     progress = (lambda line: typer.echo(line, err=True)) if as_json else typer.echo
     report = run(lambda: run_turn_bench(settings(), config, progress))
@@ -56,3 +59,8 @@ def bench_turns_command(
          "worker_cpu_ms_per_turn", "mcp_cpu_ms_per_turn", "p50_ms", "p90_ms", "max_in_flight",
          "rss_idle_mib", "rss_peak_mib", "mib_per_in_flight_turn", "all_done"],
     )
+    if len(report.runs) > 1:
+        typer.echo(f"\nMedians of {len(report.runs)} runs; each run's turns/s and p50 ms:")
+        for i, phase in enumerate(report.phases):
+            each = " / ".join(f"{run[i].turns_per_s:g} ({run[i].p50_ms:g})" for run in report.runs)
+            typer.echo(f"  {phase.name}: {each}")
