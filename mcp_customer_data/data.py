@@ -198,9 +198,11 @@ async def find_similar_resolved_tickets(
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidInput("limit must be a positive integer")
     limit = min(limit, MAX_SIMILAR)
+    # The model first, with no connection held: under load a query waits for the batch ahead
+    # of it, and the server's small pool is for the queries, not for waiting on the CPU.
+    vector = await aembed_query(text[:MAX_DESCRIPTION_CHARS], settings)
     async with pool.acquire() as conn:
         await ensure_model(conn, spec)
-        vector = await aembed_query(text[:MAX_DESCRIPTION_CHARS], settings)
         async with conn.transaction():
             await conn.execute(SEARCH_SETTINGS, str(max(EF_SEARCH, 3 * limit)))
             rows = await conn.fetch(SQL["similar_resolved_tickets"], vector, 3 * limit, limit)

@@ -153,6 +153,39 @@ async def test_open_ticket_count_counts_open_tickets(server: RunningServer,
     assert not error and jordan["open_ticket_count"] == 2
 
 
+async def test_a_search_holds_no_connection_while_its_query_is_embedded(
+        seeded_db: str, monkeypatch) -> None:
+    """A search waits for the model (under load, for the batch ahead of it too) without a
+    pool connection: with a pool of one, a lookup goes through while a search is embedding."""
+    from fleet.database import create_pool
+    from fleet.embeddings import model_spec
+    from mcp_customer_data import data
+
+    settings = Settings(database_url=seeded_db)
+    pool = await create_pool(settings, "fleet-test", url=seeded_db, min_size=1, max_size=1,
+                             vector=True)
+    embedding, release = asyncio.Event(), asyncio.Event()
+    real = data.aembed_query
+
+    async def slow_model(text, settings=None):
+        embedding.set()
+        await release.wait()
+        return await real(text, settings)
+
+    monkeypatch.setattr(data, "aembed_query", slow_model)
+    try:
+        search = asyncio.create_task(data.find_similar_resolved_tickets(
+            pool, model_spec(settings), "my refund never arrived", 3, settings))
+        await asyncio.wait_for(embedding.wait(), 10)
+        order = await asyncio.wait_for(data.lookup_order(pool, "4429"), 5)
+        release.set()
+        found = await asyncio.wait_for(search, 30)
+    finally:
+        release.set()
+        await pool.close()
+    assert order.order_id == "4429" and found.matches
+
+
 async def test_lookup_order(server: RunningServer) -> None:
     async with mcp_client(server) as client:
         error, order = await call(client, "lookup_order", {"order_id": "#4429"})
