@@ -427,31 +427,28 @@ async def test_an_agent_handler_start_that_fails_leaves_no_connection_open(
 
 
 async def test_a_retry_write_on_a_connection_broken_by_a_restart_is_left_to_the_lease(
-        settings, conn, caplog):
+        settings, conn, caplog, monkeypatch):
     """After a PostgreSQL restart a pooled connection can fail with asyncpg's
     InternalClientError ("cannot switch to state ..."): writing a failed attempt's retry
     that way is the database being away, so the worker logs it and lets the lease expire
     (the message is taken over then), instead of the message's task dying with it unseen."""
-    real = queue.retry
-
     async def broken(*args, **kwargs):
         raise asyncpg.InternalClientError(
             "cannot switch to state 11; another operation (2) is in progress")
 
-    queue.retry = broken
+    async def handled() -> bool:
+        return worker.processed >= 1
+
+    monkeypatch.setattr(queue, "retry", broken)
     worker = Worker(settings, NoopHandler(), concurrency=1)
     task = asyncio.create_task(worker.run())
     try:
         message = await queue.enqueue(conn, "broken-retry", "please #fail")
-        async def handled() -> bool:
-            return worker.processed >= 1
-
         await wait_until(handled, timeout=15, message="the failed attempt to be handled")
         assert "could not schedule retry" in caplog.text
         assert message not in worker.held  # not released at shutdown: the lease decides
         assert await conn.fetchval(
             "SELECT state FROM fleet.messages WHERE id = $1", message) == "running"
     finally:
-        queue.retry = real
         worker.stop()
         await asyncio.wait_for(task, 30)
