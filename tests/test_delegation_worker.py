@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from types import SimpleNamespace
+from typing import Any
 
 import asyncpg
 import pytest
@@ -180,16 +181,17 @@ async def test_an_inline_child_is_read_once_it_ran_and_once_its_outcome_is_writt
 
 
 async def _delegate_to_a_remote_child(
-        conn, settings, db_url, monkeypatch, *, listen: bool, child_seconds: float,
+        conn, settings, db_url, monkeypatch, *, delegator_for: Any, child_seconds: float,
         session: str) -> SimpleNamespace:
     """A parent without a lease (so no inline run) delegates; a noop worker runs the child.
     What the wait did: the answer, when it read the child, how long it took, whether it
-    listened, and the LISTEN connections open when it returned."""
+    listened, and the LISTEN connections open when it returned. ``delegator_for(pool)`` gives
+    the Delegator under test, reading through ``pool``."""
     pool = await create_pool(settings, "fleet-test", url=db_url, min_size=1, max_size=4)
     reads = _count_reads(monkeypatch, pool)
     worker = Worker(settings, NoopHandler(work_delay=child_seconds), concurrency=1)
     task = asyncio.create_task(worker.run())
-    delegator = Delegator(settings, lambda: pool, listen=listen)
+    delegator = delegator_for(pool)
     try:
         started = time.monotonic()
         answer = await delegator(_turn(10**9 + len(session), session, None), "support",
@@ -214,8 +216,9 @@ async def test_a_child_another_worker_runs_is_read_when_its_outcome_is_notified(
     the waiting parent hears it on fleet_outcome. Polling every 50-500 ms read the child about
     nine times in its 2.5 s; the fallback poll alone would answer at 4 s, not right after."""
     child_seconds = 2.5
-    wait = await _delegate_to_a_remote_child(conn, settings, db_url, monkeypatch, listen=True,
-                                             child_seconds=child_seconds, session="deleg-remote")
+    wait = await _delegate_to_a_remote_child(
+        conn, settings, db_url, monkeypatch, delegator_for=lambda pool: Delegator(
+            settings, lambda: pool), child_seconds=child_seconds, session="deleg-remote")
     assert wait.answer == "ok"
     assert wait.listened and wait.listeners == 1
     assert len(wait.reads) <= 5, wait.reads
@@ -229,10 +232,15 @@ async def test_a_poll_only_workers_delegation_polls_and_opens_no_listen_connecti
     (backing off from 50 to 500 ms) and never open ``fleet-delegation-listen``."""
     from fleet.handlers import build_handler
 
-    handler = build_handler("agent", settings, poll_only=True)
-    assert not handler.delegator.outcomes.listen  # type: ignore[attr-defined]
-    wait = await _delegate_to_a_remote_child(conn, settings, db_url, monkeypatch, listen=False,
-                                             child_seconds=1.0, session="deleg-poll")
+    handler: Any = build_handler("agent", settings, poll_only=True)
+
+    def the_handlers_delegator(pool: asyncpg.Pool) -> Delegator:
+        handler.pool = pool  # what its start would open; the Delegator reads through it
+        return handler.delegator
+
+    wait = await _delegate_to_a_remote_child(
+        conn, settings, db_url, monkeypatch, delegator_for=the_handlers_delegator,
+        child_seconds=1.0, session="deleg-poll")
     assert wait.answer == "ok"
     assert not wait.listened and wait.listeners == 0
     assert len(wait.reads) >= 4, wait.reads  # polled while the child ran: 50, 100, 200, 400 ms
