@@ -36,7 +36,9 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import asyncpg
 
@@ -50,8 +52,13 @@ from fleet.sql import queries
 
 log = logging.getLogger("fleet.worker")
 SQL = queries("queries.sql")
+T = TypeVar("T")
 #: ``fleet cancel`` on a running message NOTIFYs this (payload: the message id).
 CANCEL_CHANNEL = "fleet_cancel"
+
+
+class _Stopped(Exception):
+    """Asked to stop while waiting for the database at start-up."""
 
 
 def retry_delay(attempt: int, base: float, cap: float) -> float:
@@ -145,13 +152,19 @@ class Worker:
 
     async def run(self) -> None:
         self.url = await resolve_url(self.settings)
-        self.pool = await self._open_pool()
-        if self.pool is None:  # asked to stop before the database ever let us in
+        started = False
+        try:
+            self.pool = await self._despite_outages("connecting to the database", self._open_pool)
+            await self._despite_outages(f"starting the {self.handler.name} handler",
+                                        self.handler.start)
+            started = True
+            await self._despite_outages("registering", self._register)
+        except _Stopped:  # asked to stop before the database let us in: nothing was claimed
+            if started:
+                await self.handler.close()
+            if self.pool is not None:
+                await self.pool.close()
             return
-        if not await self._start_handler():
-            await self.pool.close()
-            return
-        await self._register()
         metrics.WORKER_UP.inc()
         log.info(
             "worker %s started: concurrency=%d handler=%s poll_only=%s",
@@ -172,71 +185,42 @@ class Worker:
         finally:
             await self._shutdown()
 
-    async def _open_pool(self) -> asyncpg.Pool | None:
-        """The worker's pool. While the database refuses connections (down, or at its
-        connection limit) wait with backoff instead of exiting: a starved fleet slows down
-        rather than crash-looping. None when asked to stop while waiting."""
-        attempt = 0
-        while not self._stopping.is_set():
-            try:
-                # No session reset on release: the queue's statements and Lease.transaction()
-                # leave no session state, and the reset's round trip sat on every claim.
-                return await create_pool(
-                    self.settings,
-                    "fleet-worker",
-                    url=self.url,
-                    min_size=1,
-                    max_size=4,
-                    reset_sessions=False,
-                )
-            except TRANSIENT as exc:
-                attempt += 1
-                delay = retry_delay(attempt, 0.2, 5.0)
-                log.warning("cannot connect to the database (%s); retrying in %.1fs", exc, delay)
-                await self._sleep(delay)
-        return None
-
-    async def _start_handler(self) -> bool:
-        """The handler's own resources (the agent handler's pools). The database may go away
-        between opening the worker's pool and this (a replacement started while it restarts):
-        wait with backoff, as for the pool, instead of exiting. A failed start leaves nothing
-        open (the Handler protocol). False when asked to stop while waiting."""
+    async def _despite_outages(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """``step()``, tried again with backoff while the database is away (down, restarting,
+        at its connection limit) instead of exiting: a starved fleet slows down rather than
+        crash-looping, and a replacement started while PostgreSQL restarts waits for it. A
+        failed handler start leaves nothing open (the Handler protocol), so it can be retried.
+        Raises :class:`_Stopped` when asked to stop while waiting."""
         attempt = 0
         while True:
             try:
-                await self.handler.start()
-                return True
+                return await step()
             except TRANSIENT as exc:
-                attempt += 1
                 if self._stopping.is_set():
-                    return False
+                    raise _Stopped from exc
+                attempt += 1
                 delay = retry_delay(attempt, 0.2, 5.0)
-                log.warning("starting the %s handler failed (%s); retrying in %.1fs",
-                            self.handler.name, exc, delay)
+                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
                 await self._sleep(delay)
+
+    async def _open_pool(self) -> asyncpg.Pool:
+        # No session reset on release: the queue's statements and Lease.transaction() leave
+        # no session state, and the reset's round trip sat on every claim.
+        return await create_pool(
+            self.settings, "fleet-worker", url=self.url, min_size=1, max_size=4,
+            reset_sessions=False,
+        )
 
     async def _register(self) -> None:
-        """This worker's row in ``fleet.workers``. The database may go away between opening
-        the pool and this statement (the chaos suite restarts it): retry instead of exiting."""
-        attempt = 0
-        while True:
-            try:
-                await self.pool.execute(
-                    SQL["worker_register"],
-                    self.worker_id,
-                    socket.gethostname(),
-                    os.getpid(),
-                    self.concurrency,
-                    self.handler.name,
-                )
-                return
-            except TRANSIENT as exc:
-                attempt += 1
-                if self._stopping.is_set():
-                    raise
-                delay = retry_delay(attempt, 0.2, 5.0)
-                log.warning("registering failed (%s); retrying in %.1fs", exc, delay)
-                await self._sleep(delay)
+        """This worker's row in ``fleet.workers``."""
+        await self.pool.execute(
+            SQL["worker_register"],
+            self.worker_id,
+            socket.gethostname(),
+            os.getpid(),
+            self.concurrency,
+            self.handler.name,
+        )
 
     async def _shutdown(self) -> None:
         grace = self.settings.fleet_shutdown_grace
