@@ -4,6 +4,8 @@ The numbers themselves are BENCHMARKS.md's."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.processes import fleet_json
@@ -29,6 +31,9 @@ def test_bench_turns_smoke(fleet_env: dict[str, str]) -> None:
     for phase in phases.values():
         assert phase["all_done"] is True, phase
         assert phase["turns_per_s"] > 0 and phase["worker_cpu_ms_per_turn"] > 0
+        assert phase["mcp_cpu_ms_per_turn"] > 0
+        if not os.environ.get("DATABASE_URL"):  # the embedded server's processes are ours to read
+            assert phase["postgres_cpu_ms_per_turn"] > 0
         assert 0 < phase["p50_ms"] <= phase["p90_ms"]
     # Three model calls of 0.2 s each: a turn cannot be faster than the model.
     assert phases["slow model"]["p50_ms"] >= 600

@@ -11,8 +11,10 @@ Phases, each with a fresh worker process:
 
 1. ``sequential``: one turn at a time; latency claim -> reply is the turn's overhead without a
    model (the query embedding in the MCP server included).
-2. ``throughput``: all turns queued, ``--concurrency`` in flight; turns/s, and the worker
-   process's CPU (user + system from ``/proc``) per turn.
+2. ``throughput``: all turns queued, ``--concurrency`` in flight; turns/s, and the CPU (user +
+   system from ``/proc``) per turn of the worker process, of the MCP server and of PostgreSQL
+   (the server processes whose title names the scratch database: the worker's and the MCP
+   server's connections, the bench's own enqueue and progress queries, autovacuum there).
 3. ``slow model``: each model call takes ``--model-latency`` seconds; how many turns one process
    holds in flight, their latency against the model's own time (3 x latency), and the worker's
    resident memory per in-flight turn. All turns are queued at once: a burst, the worst case
@@ -34,12 +36,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import asyncpg
+import psutil
 from pydantic import BaseModel
 
 from fleet import queue
-from fleet.bench.queue import _Process, scratch_database
+from fleet.bench.queue import _CpuMeter, _find_postmaster, _Process, scratch_database
 from fleet.database import connect
 from fleet.settings import Settings
 
@@ -69,6 +73,8 @@ class Phase(BaseModel):
     turns_per_s: float
     worker_cpu_ms_per_turn: float
     mcp_cpu_ms_per_turn: float
+    postgres_cpu_ms_per_turn: float | None = None
+    """None when the server is not on this machine (its processes cannot be read)."""
     p50_ms: float
     p90_ms: float
     max_in_flight: int
@@ -154,8 +160,13 @@ class TurnBench:
         self.env.pop("OPENAI_API_KEY", None)
         self.mcp: _Process | None = None
         self.order = 0
+        self.database = urlparse(url).path.lstrip("/")
+        self.postmaster: psutil.Process | None = None
 
-    async def setup(self) -> None:
+    async def setup(self, conn: asyncpg.Connection) -> None:
+        self.postmaster = _find_postmaster(
+            await conn.fetchval("SELECT pg_backend_pid()"), self.database
+        )
         self.progress("seeding the scratch database ...")
         seed = _Process(["fleet", "seed"], self.env)
         if await seed.wait(600) != 0:
@@ -206,29 +217,30 @@ class TurnBench:
             pid, mcp_pid = worker.popen.pid, self.mcp.popen.pid
             rss_idle = _rss_mib(pid)
             cpu0, mcp0 = _cpu_seconds(pid), _cpu_seconds(mcp_pid)
-            first_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM fleet.messages")
-            if rate:
-                arrivals = asyncio.create_task(self._arrive(name, turns, rate))
-            else:
-                async with conn.transaction():
-                    for _ in range(turns):
-                        await self._enqueue(conn, name)
-            max_in_flight, rss_peak = 0, rss_idle
-            deadline = time.monotonic() + 600 + turns * (3 * latency + 1)
-            while True:
-                row = await conn.fetchrow(
-                    "SELECT count(*) FILTER (WHERE state = 'running') AS running, "
-                    "count(*) FILTER (WHERE state IN ('done', 'dead')) AS finished "
-                    "FROM fleet.messages WHERE id > $1", first_id)
-                max_in_flight = max(max_in_flight, row["running"])
-                rss_peak = max(rss_peak, _rss_mib(pid))
-                if row["finished"] >= turns or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
-            if arrivals is not None:
-                await arrivals
-            cpu = _cpu_seconds(pid) - cpu0
-            mcp_cpu = _cpu_seconds(mcp_pid) - mcp0
+            async with _CpuMeter(self.postmaster, self.database) as postgres:
+                first_id = await conn.fetchval("SELECT coalesce(max(id), 0) FROM fleet.messages")
+                if rate:
+                    arrivals = asyncio.create_task(self._arrive(name, turns, rate))
+                else:
+                    async with conn.transaction():
+                        for _ in range(turns):
+                            await self._enqueue(conn, name)
+                max_in_flight, rss_peak = 0, rss_idle
+                deadline = time.monotonic() + 600 + turns * (3 * latency + 1)
+                while True:
+                    row = await conn.fetchrow(
+                        "SELECT count(*) FILTER (WHERE state = 'running') AS running, "
+                        "count(*) FILTER (WHERE state IN ('done', 'dead')) AS finished "
+                        "FROM fleet.messages WHERE id > $1", first_id)
+                    max_in_flight = max(max_in_flight, row["running"])
+                    rss_peak = max(rss_peak, _rss_mib(pid))
+                    if row["finished"] >= turns or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
+                if arrivals is not None:
+                    await arrivals
+                cpu = _cpu_seconds(pid) - cpu0
+                mcp_cpu = _cpu_seconds(mcp_pid) - mcp0
             rows = await conn.fetch(
                 "SELECT state, claimed_at, finished_at FROM fleet.messages WHERE id > $1",
                 first_id)
@@ -256,6 +268,10 @@ class TurnBench:
             turns_per_s=round(len(done) / wall, 1) if wall else 0.0,
             worker_cpu_ms_per_turn=round(cpu / max(len(done), 1) * 1000, 1),
             mcp_cpu_ms_per_turn=round(mcp_cpu / max(len(done), 1) * 1000, 1),
+            postgres_cpu_ms_per_turn=(
+                round(postgres.postgres / max(len(done), 1) * 1000, 1)
+                if self.postmaster is not None else None
+            ),
             p50_ms=round(statistics.median(latencies), 1) if latencies else 0.0,
             p90_ms=round(_percentile(latencies, 0.9), 1),
             max_in_flight=max_in_flight,
@@ -293,7 +309,7 @@ async def run_turn_bench(
         conn = await connect(settings.model_copy(update={"database_url": url}), "fleet-bench",
                              url=url)
         try:
-            await bench.setup()
+            await bench.setup(conn)
             runs: list[list[Phase]] = []
             for run in range(config.repeat):
                 if config.repeat > 1:

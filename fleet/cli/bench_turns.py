@@ -56,8 +56,9 @@ def bench_turns_command(
     emit_table(
         [p.model_dump() for p in report.phases],
         ["name", "turns", "concurrency", "model_latency_s", "turns_per_s",
-         "worker_cpu_ms_per_turn", "mcp_cpu_ms_per_turn", "p50_ms", "p90_ms", "max_in_flight",
-         "rss_idle_mib", "rss_peak_mib", "mib_per_in_flight_turn", "all_done"],
+         "worker_cpu_ms_per_turn", "mcp_cpu_ms_per_turn", "postgres_cpu_ms_per_turn", "p50_ms",
+         "p90_ms", "max_in_flight", "rss_idle_mib", "rss_peak_mib", "mib_per_in_flight_turn",
+         "all_done"],
     )
     if len(report.runs) > 1:
         typer.echo(f"\nMedians of {len(report.runs)} runs; each run's turns/s and p50 ms:")
