@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+
 import pytest
 
-from tests.processes import fleet
+from tests.processes import ROOT, fleet, wait_until
 
 
 @pytest.mark.parametrize(
@@ -29,3 +33,35 @@ def test_unknown_ids_are_one_sentence_and_exit_3(fleet_env: dict[str, str]) -> N
     assert done.returncode == 3
     assert done.stderr.startswith("error: no approval with id")
     assert done.stderr.count("\n") == 1
+
+
+def test_enqueue_wait_without_a_reply_exits_4(fleet_env: dict[str, str]) -> None:
+    """No worker runs: the wait times out with one sentence and exit code 4 (a command's own
+    `typer.Exit(n)` used to be swallowed into 0 by click's non-standalone mode)."""
+    done = fleet("enqueue", "s-wait", "hello", "--wait", "--timeout", "0.5",
+                 env=fleet_env, timeout=60)
+    assert done.returncode == 4, done
+    assert done.stderr.startswith("error: no reply within 0.5s; message ")
+    assert done.stderr.count("\n") == 1
+
+
+async def test_enqueue_wait_for_a_message_that_dies_exits_1(conn, fleet_env: dict[str, str]
+                                                            ) -> None:
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "fleet", "enqueue", "s-dead", "hello", "--wait", "--timeout", "60"],
+        env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) = 1 FROM fleet.messages WHERE session_id = 's-dead'"), timeout=30,
+            message="the enqueue")
+        await asyncio.sleep(0.5)  # the waiter listens before it first looks
+        assert await conn.fetchval(
+            "SELECT fleet.finish_unleased(id, 'dead', NULL, 'handler failed', ARRAY['queued'])"
+            " FROM fleet.messages WHERE session_id = 's-dead'")
+        _, err = waiter.communicate(timeout=30)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+    assert waiter.returncode == 1, err
+    assert err.startswith("error: message ") and err.rstrip().endswith("is dead: handler failed")

@@ -38,7 +38,9 @@ def _exit_code(exc: BaseException) -> int:
 def main() -> None:
     """Console-script entry point."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click does not exit for a command's `raise typer.Exit(n)`: it
+        # returns n (commands themselves return None), so the code is passed on here.
+        code = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -62,3 +64,5 @@ def main() -> None:
             sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
+    if isinstance(code, int) and not isinstance(code, bool) and code:
+        sys.exit(code)
