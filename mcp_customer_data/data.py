@@ -112,17 +112,14 @@ def _customer_id(value: str) -> str:
     return text
 
 
-async def audit_read(
-    pool: asyncpg.Pool, tool: str, arguments: dict[str, Any], found: dict[str, Any],
-    meta: CallMeta | None,
-) -> None:
-    """``customer_data_read``: a customer's record was read for a conversation, with the run
-    variables the worker sent (tenant, user), in that conversation's trail. Calls that name no
-    conversation (an operator's own client) are not audited here. A failure to write fails the
-    call: no unaudited read of a customer's data on behalf of a turn."""
+def _read_audit(tool: str, arguments: dict[str, Any], meta: CallMeta | None
+                ) -> dict[str, Any] | None:
+    """The payload of a read's ``customer_data_read`` audit row: the tool, its arguments and the
+    run variables the worker sent (tenant, user), for that conversation's trail. None for a call
+    that names no conversation (an operator's own client): not audited here."""
     if meta is None or not meta.on_behalf_of_a_conversation:
-        return
-    payload = {
+        return None
+    return {
         "tool": tool,
         "arguments": arguments,
         "session_id": meta.session_id,
@@ -130,25 +127,36 @@ async def audit_read(
         "variables": meta.variables or {},
         "traceparent": meta.traceparent,
     }
+
+
+async def _audited_read(
+    pool: asyncpg.Pool, statement: str, args: tuple[Any, ...], tool: str,
+    arguments: dict[str, Any], meta: CallMeta | None,
+) -> asyncpg.Record | None:
+    """Run one of the reads of queries.sql: the record and its audit row in one statement (the
+    statement's last two parameters: the conversation, the audit payload). A failure to write
+    the audit row fails the read."""
+    payload = _read_audit(tool, arguments, meta)
+    conversation = meta.session_id if payload is not None and meta is not None else None
     try:
-        await pool.execute(SQL["insert_read_audit"], meta.session_id, f"mcp:{tool}", payload,
-                           found)
+        return await pool.fetchrow(SQL[statement], *args, conversation, payload)
     except asyncpg.ForeignKeyViolationError:
         # The named conversation does not exist (not a worker's call): keep the row anyway.
-        await pool.execute(SQL["insert_read_audit"], None, f"mcp:{tool}", payload, found)
+        return await pool.fetchrow(SQL[statement], *args, None, payload)
+
+
+_CUSTOMER = ("email", "name", "tier", "open_ticket_count")
 
 
 async def lookup_customer(
     pool: asyncpg.Pool, customer_id: str, meta: CallMeta | None = None
 ) -> CustomerInfo:
     customer_id = _customer_id(customer_id)
-    row = await pool.fetchrow(SQL["customer_by_id"], customer_id)
+    row = await _audited_read(pool, "customer_by_id", (customer_id,), "lookup_customer",
+                              {"customer_id": customer_id}, meta)
     if row is None:
         raise NotFound(f"no customer has id {customer_id!r}")
-    await audit_read(pool, "lookup_customer", {"customer_id": customer_id},
-                     {"customer_id": row["id"]}, meta)
-    return CustomerInfo(customer_id=row["id"], **{k: row[k] for k in
-                        ("email", "name", "tier", "open_ticket_count")})
+    return CustomerInfo(customer_id=row["id"], **{k: row[k] for k in _CUSTOMER})
 
 
 async def find_customer_by_email(
@@ -157,17 +165,15 @@ async def find_customer_by_email(
     address = email.strip().lower() if isinstance(email, str) else ""
     if not _EMAIL.match(address):
         raise InvalidInput(f"{_shown(email)} is not an email address")
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(SQL["customer_by_email"], address)
-        if row is None:
-            raise NotFound(f"no customer has the email address {address}")
-        orders = await conn.fetch(SQL["recent_orders"], row["id"], RECENT_ORDERS)
-    await audit_read(pool, "find_customer_by_email", {"email": address},
-                     {"customer_id": row["id"]}, meta)
+    row = await _audited_read(pool, "customer_by_email", (address, RECENT_ORDERS),
+                              "find_customer_by_email", {"email": address}, meta)
+    if row is None:
+        raise NotFound(f"no customer has the email address {address}")
     return CustomerWithOrders(
         customer_id=row["id"],
-        **{k: row[k] for k in ("email", "name", "tier", "open_ticket_count")},
-        recent_orders=[OrderSummary(**dict(o)) for o in orders],
+        **{k: row[k] for k in _CUSTOMER},
+        recent_orders=[OrderSummary(**dict(zip(OrderSummary.model_fields, order, strict=True)))
+                       for order in row["recent_orders"]],
     )
 
 
@@ -175,17 +181,15 @@ async def lookup_order(
     pool: asyncpg.Pool, order_id: str, meta: CallMeta | None = None
 ) -> OrderInfo:
     order_id = _order_id(order_id)
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(SQL["order_by_id"], order_id)
-        if row is None:
-            raise NotFound(f"no order has id {order_id!r}")
-        refunds = await conn.fetch(SQL["refunds_of_order"], order_id)
-    await audit_read(pool, "lookup_order", {"order_id": order_id},
-                     {"order_id": order_id, "customer_id": row["customer_id"]}, meta)
+    row = await _audited_read(pool, "order_by_id", (order_id,), "lookup_order",
+                              {"order_id": order_id}, meta)
+    if row is None:
+        raise NotFound(f"no order has id {order_id!r}")
     return OrderInfo(
-        **dict(row),
+        **{k: v for k, v in row.items() if k != "refunds"},
         refundable_cents=row["amount_cents"] - row["refunded_cents"],
-        refunds=[RefundRecord(**dict(r)) for r in refunds],
+        refunds=[RefundRecord(**dict(zip(RefundRecord.model_fields, refund, strict=True)))
+                 for refund in row["refunds"]],
     )
 
 

@@ -201,6 +201,46 @@ async def test_lookup_order(server: RunningServer) -> None:
         assert error and "no order has id '123456'" in text
 
 
+async def test_reads_for_a_conversation_are_audited_in_their_own_statement(
+    server: RunningServer, db: asyncpg.Connection
+) -> None:
+    """A read made for a turn leaves its customer_data_read row (tool, arguments, run variables,
+    what was found); a conversation that does not exist keeps the row with no link; an
+    operator's call (no _meta) and a read that finds nothing leave none."""
+    session = f"sess-{uuid.uuid4().hex[:8]}"
+    await db.execute("INSERT INTO conversations (session_id, user_id) VALUES ($1, 'cus-1001')",
+                     session)
+    before = await db.fetchval("SELECT coalesce(max(id), 0) FROM audit_log")
+    meta = {"session_id": session, "message_id": 7, "variables": {"tenant_id": "t-1"}}
+    async with mcp_client(server) as client:
+        error, order = await call(client, "lookup_order", {"order_id": "4431"}, meta=meta)
+        assert not error and [r["amount_cents"] for r in order["refunds"]] == [1500]
+        error, found = await call(client, "find_customer_by_email",
+                                  {"email": "sam.rivera@example.com"}, meta=meta)
+        assert not error and "4429" in [o["order_id"] for o in found["recent_orders"]]
+        error, _ = await call(client, "lookup_customer", {"customer_id": "cus-9999"}, meta=meta)
+        assert error
+        error, _ = await call(client, "lookup_customer", {"customer_id": "cus-1001"})
+        assert not error
+        error, _ = await call(client, "lookup_customer", {"customer_id": "cus-1001"},
+                              meta={"session_id": "no-such-session"})
+        assert not error
+    rows = await db.fetch("SELECT * FROM audit_log WHERE id > $1 AND action = 'customer_data_read'"
+                          " ORDER BY id", before)
+    assert [(r["target"], r["conversation_id"]) for r in rows] == [
+        ("mcp:lookup_order", session), ("mcp:find_customer_by_email", session),
+        ("mcp:lookup_customer", None)]
+    order_row, email_row, orphan = rows
+    assert order_row["payload"] == {
+        "tool": "lookup_order", "arguments": {"order_id": "4431"}, "session_id": session,
+        "message_id": 7, "variables": {"tenant_id": "t-1"}, "traceparent": None}
+    assert order_row["result"] == {"order_id": "4431", "customer_id": order["customer_id"]}
+    assert order_row["actor"] == "mcp:customer-data"
+    assert email_row["result"] == {"customer_id": "cus-1001"}
+    assert orphan["payload"]["session_id"] == "no-such-session"
+    assert orphan["result"] == {"customer_id": "cus-1001"}
+
+
 async def test_similar_tickets_ranked_and_capped(server: RunningServer) -> None:
     async with mcp_client(server) as client:
         error, found = await call(client, "find_similar_resolved_tickets", {
@@ -515,6 +555,10 @@ async def test_least_privilege_role_through_pgbouncer(
             async with mcp_client(pooled_server) as client:
                 for _ in range(3):  # repeated statements: no prepared-statement clash
                     error, found = await call(client, "lookup_order", {"order_id": order["id"]})
+                    assert not error, found
+                    # Audited as this role: it may append to audit_log, not read it.
+                    error, found = await call(client, "lookup_order", {"order_id": order["id"]},
+                                              meta={"session_id": "no-such-session"})
                     assert not error, found
                     error, similar = await call(client, "find_similar_resolved_tickets",
                                                 {"description": "charged twice", "limit": 2})
