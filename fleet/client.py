@@ -162,7 +162,16 @@ class Client:
     async def run_sync(
         self, session_id: str, body: str, *, timeout: float = 60.0, **enqueue_kwargs: Any
     ) -> Reply:
-        """Enqueue and wait for the reply."""
+        """Enqueue and wait for the reply. Bad arguments are refused before anything is
+        enqueued. No ``conn``: a message in the caller's open transaction cannot be processed
+        before it commits (enqueue with ``conn``, commit, then :meth:`wait_for_reply`)."""
+        if timeout < 0:
+            raise InvalidInput("timeout must not be negative")
+        if "conn" in enqueue_kwargs:
+            raise InvalidInput(
+                "run_sync takes no conn: a message in your open transaction cannot be processed "
+                "before it commits; enqueue(..., conn=conn), commit, then wait_for_reply(id)"
+            )
         message_id = await self.enqueue(session_id, body, **enqueue_kwargs)
         return await self.wait_for_reply(message_id, timeout=timeout)
 

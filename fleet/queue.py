@@ -15,6 +15,7 @@ from typing import Any, Literal
 import asyncpg
 from pydantic import BaseModel, Field
 
+from fleet import json_codec
 from fleet.errors import InvalidInput
 from fleet.sql import queries
 
@@ -125,15 +126,22 @@ async def enqueue(
             body,
             customer_id,
             dedupe_key,
-            metadata or {},
+            _json_text("metadata", metadata),
             agent,
-            variables or {},
+            _json_text("variables", variables),
             max_attempts,
         )
     except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
         raise _invalid(exc) from exc
     except asyncpg.RaiseError as exc:  # pragma: no cover - RAISE without a data errcode
         raise _invalid(exc) from exc
+
+
+def _json_text(field: str, value: dict[str, Any] | None) -> str:
+    try:
+        return json_codec.dumps(value or {})
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{field} is not JSON-serialisable: {exc}") from exc
 
 
 async def claim(

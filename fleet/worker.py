@@ -549,6 +549,8 @@ class Worker:
         try:
             await queue.retry(self.pool, message.id, message.lease_token, error, delay)
             metrics.MESSAGE_RETRIES.inc()
+            # Nobody NOTIFYs when a retry falls due: look then, not at the next poll.
+            asyncio.get_running_loop().call_later(delay + 0.01, self._retry_due)
         except TRANSIENT as exc2:
             log.warning(
                 "message %d: could not schedule retry (%s); lease will expire", message.id, exc2
@@ -694,6 +696,10 @@ class Worker:
 
     def _on_notify(self, *_: object) -> None:
         metrics.WAKEUPS.labels("notify").inc()
+        self._new_work = True
+        self._wakeup.set()
+
+    def _retry_due(self) -> None:
         self._new_work = True
         self._wakeup.set()
 

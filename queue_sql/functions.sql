@@ -87,6 +87,12 @@ BEGIN
 
     IF new_id IS NULL THEN
         SELECT m.id INTO new_id FROM fleet.messages m WHERE m.dedupe_key = enqueue.dedupe_key;
+        IF new_session THEN
+            -- A repeated dedupe key enqueues nothing, so it does not start a conversation
+            -- either: the session row this call created goes (no other transaction can have
+            -- used it yet), and the session's real first message sets its metadata.
+            DELETE FROM fleet.sessions s WHERE s.session_id = enqueue.session_id;
+        END IF;
     ELSIF new_session THEN
         PERFORM pg_notify('fleet_wakeup', '');  -- delivered at commit, like the election's
     END IF;

@@ -2,9 +2,11 @@
 -- them by name (`-- name: <name>`); each can be pasted into psql and EXPLAINed as it is.
 
 -- name: enqueue
--- Enqueue one message (validation and head election happen in the database).
+-- Enqueue one message (validation and head election happen in the database). metadata and
+-- variables come as JSON text: the caller's own connection (fleet.Client.enqueue(conn=...))
+-- has no jsonb codec of ours.
 SELECT fleet.enqueue(session_id => $1, body => $2, customer_id => $3, dedupe_key => $4,
-                     metadata => $5::jsonb, agent => $6, variables => $7::jsonb,
+                     metadata => $5::text::jsonb, agent => $6, variables => $7::text::jsonb,
                      max_attempts => $8) AS id;
 
 -- name: claim

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 
 import fleet
@@ -31,6 +32,41 @@ async def test_enqueue_inside_a_rolled_back_transaction_enqueues_nothing(setting
         with pytest.raises(NotFound):
             await client.get_message(message_id)
         assert await client.list_messages() == []
+
+
+async def test_enqueue_on_the_callers_own_plain_connection(settings, db_url, running_worker):
+    """The contract's `conn`: the caller's own asyncpg connection (no codecs of ours), in its
+    transaction: rolled back, nothing; committed, processed, metadata and variables kept."""
+    async with fleet.Client(db_url, settings=settings) as client:
+        own = await asyncpg.connect(db_url)
+        try:
+            async with own.transaction():
+                kept = await client.enqueue("own", "hello", conn=own,
+                                            metadata={"tenant": "acme"}, variables={"u": 1})
+            tr = own.transaction()
+            await tr.start()
+            dropped = await client.enqueue("own", "never", conn=own, metadata={"a": 1})
+            await tr.rollback()
+        finally:
+            await own.close()
+        reply = await client.wait_for_reply(kept, timeout=20)
+        assert reply.state == "done" and reply.reply == "ok"
+        message = await client.get_message(kept)
+        assert message.metadata == {"tenant": "acme"} and message.variables == {"u": 1}
+        with pytest.raises(NotFound):
+            await client.get_message(dropped)
+        with pytest.raises(InvalidInput, match="metadata is not JSON-serialisable"):
+            await client.enqueue("own", "bad", metadata={"when": object()})
+
+
+async def test_run_sync_refuses_bad_arguments_before_enqueueing(settings, db_url):
+    async with fleet.Client(db_url, settings=settings) as client:
+        with pytest.raises(InvalidInput, match="timeout must not be negative"):
+            await client.run_sync("rs", "never", timeout=-1)
+        async with client.pool.acquire() as conn, conn.transaction():
+            with pytest.raises(InvalidInput, match="run_sync takes no conn"):
+                await client.run_sync("rs", "never", timeout=1, conn=conn)
+        assert await client.list_messages(session_id="rs") == []
 
 
 async def test_run_sync_returns_the_reply(settings, db_url, running_worker):

@@ -26,6 +26,24 @@ async def test_enqueue_returns_id_and_dedupe_key_returns_the_same_id(conn: async
     assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 2
 
 
+async def test_a_repeated_dedupe_key_starts_no_session(conn: asyncpg.Connection):
+    """A dedupe hit enqueues nothing, in any session: the session it named is not created, so
+    that session's real first message sets its metadata."""
+    first = await queue.enqueue(conn, "orig", "x", dedupe_key="k", metadata={"tenant": "acme"})
+    again = await queue.enqueue(conn, "other", "y", dedupe_key="k", metadata={"tenant": "globex"})
+    assert again == first
+    assert await conn.fetchval(
+        "SELECT count(*) FROM fleet.sessions WHERE session_id = 'other'") == 0
+    async with conn.transaction():  # the same inside a caller's transaction
+        again = await queue.enqueue(conn, "other", "y", dedupe_key="k")
+        assert await conn.fetchval(
+            "SELECT count(*) FROM fleet.sessions WHERE session_id = 'other'") == 0
+    await queue.enqueue(conn, "other", "real first", metadata={"tenant": "initech"})
+    assert await conn.fetchval(
+        "SELECT metadata FROM fleet.sessions WHERE session_id = 'other'") == {"tenant": "initech"}
+    assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 2
+
+
 async def test_session_metadata_is_set_by_the_first_enqueue(conn: asyncpg.Connection):
     await queue.enqueue(conn, "s1", "a", metadata={"tenant": "acme"})
     await queue.enqueue(conn, "s1", "b", metadata={"tenant": "other"})
@@ -315,6 +333,24 @@ async def test_failing_handler_is_retried_with_backoff_then_dead(settings, conn)
     assert "told to fail" in row["error"]
     follower_row = await conn.fetchrow("SELECT * FROM fleet.messages WHERE id = $1", follower)
     assert follower_row["claimed_at"] > row["finished_at"]  # order held across the failure
+
+
+async def test_a_retry_is_claimed_when_due_not_at_the_next_poll(settings, conn):
+    """No NOTIFY announces a retry falling due: the worker that scheduled it looks then. With a
+    60 s poll, two attempts 0.1-0.2 s apart end within seconds (before: at the next poll)."""
+    slow_poll = settings.model_copy(update={"fleet_poll_interval": 60.0})
+    message_id = await queue.enqueue(conn, "s1", "please #fail", max_attempts=2)
+    worker = Worker(slow_poll, NoopHandler(), concurrency=2)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT state = 'dead' FROM fleet.messages WHERE id = $1", message_id),
+            timeout=10, message="the second attempt")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+    assert await conn.fetchval(
+        "SELECT attempts FROM fleet.messages WHERE id = $1", message_id) == 2
 
 
 class _CountingHandler(NoopHandler):
