@@ -145,6 +145,7 @@ class Client:
         (then the current state is returned, e.g. ``queued`` or ``running``)."""
         if timeout < 0:
             raise InvalidInput("timeout must not be negative")
+        queue.check_message_id(message_id)
         deadline = time.monotonic() + timeout
         while True:
             self._outcome.clear()
@@ -189,7 +190,8 @@ class Client:
         waiting for it to end). Every cancellation is audited in the session's trail."""
         from fleet.cancellation import cancel_message
 
-        outcome = await cancel_message(self.pool, message_id, reason, by=by)
+        outcome = await cancel_message(self.pool, queue.check_message_id(message_id), reason,
+                                       by=by)
         if outcome == "cancel_requested" and wait > 0:
             return await self.wait_for_reply(message_id, timeout=wait)
         return await self._reply(message_id)

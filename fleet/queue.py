@@ -291,8 +291,16 @@ async def request_cancel(db: Executor, message_id: int) -> bool:
     return await db.fetchval(SQL["request_cancel"], message_id) is not None
 
 
+def check_message_id(message_id: object) -> int:
+    """A message id as the caller gave it: a positive integer that fits fleet.messages.id."""
+    if isinstance(message_id, bool) or not isinstance(message_id, int) \
+            or not 0 < message_id < 2**63:
+        raise InvalidInput(f"a message id is a positive integer, not {message_id!r}")
+    return message_id
+
+
 async def get_message(db: Executor, message_id: int) -> Message | None:
-    row = await db.fetchrow(SQL["get_message"], message_id)
+    row = await db.fetchrow(SQL["get_message"], check_message_id(message_id))
     return Message(**dict(row)) if row else None
 
 

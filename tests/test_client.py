@@ -133,3 +133,14 @@ async def test_cancel_a_running_message_stops_it_at_once(settings, db_url):
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
+
+
+async def test_a_message_id_that_is_not_one_is_refused_by_name(settings, db_url):
+    async with fleet.Client(db_url, settings=settings) as client:
+        for bad in ("abc", 2**70, 0, True):
+            with pytest.raises(InvalidInput, match="a message id is a positive integer"):
+                await client.get_message(bad)
+        with pytest.raises(InvalidInput, match="a message id is a positive integer"):
+            await client.wait_for_reply("abc", timeout=1)
+        with pytest.raises(InvalidInput, match="a message id is a positive integer"):
+            await client.cancel(-5)

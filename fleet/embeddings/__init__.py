@@ -87,7 +87,9 @@ def _check(texts: list[str]) -> None:
     if isinstance(texts, str):
         raise TypeError("embed_texts takes a list of strings, not one string")
     for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise InvalidInput(f"text #{index} to embed is a {type(text).__name__}, not a string")
+        if not text.strip():
             raise InvalidInput(f"text #{index} to embed is empty")
 
 
