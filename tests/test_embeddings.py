@@ -166,7 +166,7 @@ def test_queries_take_the_traced_path_and_get_the_same_vectors() -> None:
 def test_embed_texts_refuses_bad_input() -> None:
     with pytest.raises(InvalidInput, match="text #1 to embed is empty"):
         embed_texts(["fine", "  "])
-    with pytest.raises(InvalidInput, match="text #0 to embed is a int, not a string"):
+    with pytest.raises(InvalidInput, match="text #0 to embed is of type int, not a string"):
         embed_texts([1])  # type: ignore[list-item]
     with pytest.raises(TypeError):
         embed_texts("a string, not a list")  # type: ignore[arg-type]
