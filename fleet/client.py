@@ -95,8 +95,10 @@ class Client:
         metadata: dict[str, Any] | None = None,
         dedupe_key: str | None = None,
         conn: asyncpg.Connection | None = None,
+        max_attempts: int | None = None,
     ) -> int:
-        """Enqueue a message; with ``conn``, inside that connection's current transaction."""
+        """Enqueue a message; with ``conn``, inside that connection's current transaction.
+        ``max_attempts``: handler failures before it is ``dead`` (``FLEET_MAX_ATTEMPTS``)."""
         message_id = await queue.enqueue(
             conn if conn is not None else self.pool,
             session_id,
@@ -106,6 +108,8 @@ class Client:
             metadata=metadata,
             agent=agent,
             variables=variables,
+            max_attempts=(self.settings.fleet_max_attempts if max_attempts is None
+                          else max_attempts),
         )
         metrics.MESSAGES_ENQUEUED.inc()
         return message_id

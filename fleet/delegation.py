@@ -239,6 +239,7 @@ class Delegator:
             dedupe_key=delegation_key(turn.message_id, child, request),
             agent=child,
             variables=turn.variables,
+            max_attempts=self.settings.fleet_max_attempts,
             metadata={"delegation": {
                 "depth": depth,
                 "parent_message_id": turn.message_id,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
 import pytest
 
-from tests.processes import ROOT, fleet, wait_until
+from tests.processes import ROOT, fleet, start_fleet, stop, wait_until
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,23 @@ async def test_enqueue_wait_for_a_message_that_dies_exits_1(conn, fleet_env: dic
             waiter.kill()
     assert waiter.returncode == 1, err
     assert err.startswith("error: message ") and err.rstrip().endswith("is dead: handler failed")
+
+
+async def test_enqueue_wait_json_keeps_its_exit_codes_and_fleet_max_attempts_applies(
+        conn, fleet_env: dict[str, str], tmp_path) -> None:
+    env = dict(fleet_env, FLEET_MAX_ATTEMPTS="1")
+    timed_out = fleet("enqueue", "s-json-1", "hello", "--wait", "--timeout", "0.5", "--json",
+                      env=env, timeout=60)
+    assert timed_out.returncode == 4, timed_out
+    assert json.loads(timed_out.stdout)["state"] == "queued"
+    worker = start_fleet("worker", "--handler", "noop", env=env, log=tmp_path / "worker.log")
+    try:
+        died = fleet("enqueue", "s-json-2", "please #fail", "--wait", "--timeout", "30",
+                     "--json", env=env, timeout=60)
+    finally:
+        stop(worker)
+    assert died.returncode == 1, died
+    assert json.loads(died.stdout)["state"] == "dead"
+    assert await conn.fetchval(
+        "SELECT (max_attempts, attempts) = (1, 1) FROM fleet.messages"
+        " WHERE session_id = 's-json-2'")

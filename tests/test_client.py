@@ -144,3 +144,12 @@ async def test_a_message_id_that_is_not_one_is_refused_by_name(settings, db_url)
             await client.wait_for_reply("abc", timeout=1)
         with pytest.raises(InvalidInput, match="a message id is a positive integer"):
             await client.cancel(-5)
+
+
+async def test_fleet_max_attempts_is_the_default_max_attempts(settings, db_url):
+    configured = settings.model_copy(update={"fleet_max_attempts": 2})
+    async with fleet.Client(db_url, settings=configured) as client:
+        default = await client.enqueue("ma", "one")
+        given = await client.enqueue("ma", "two", max_attempts=7)
+        assert (await client.get_message(default)).max_attempts == 2
+        assert (await client.get_message(given)).max_attempts == 7

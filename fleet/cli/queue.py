@@ -145,6 +145,10 @@ def enqueue_command(
         return
     if as_json:
         emit_json(_reply_data(reply))
+        if reply.state in ("dead", "cancelled"):
+            raise typer.Exit(1)
+        if reply.state not in ("done", "awaiting_approval"):
+            raise typer.Exit(4)
     elif reply.state == "done":
         typer.echo(reply.reply)
     elif reply.state == "awaiting_approval":

@@ -88,7 +88,9 @@ def _check(texts: list[str]) -> None:
         raise TypeError("embed_texts takes a list of strings, not one string")
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise InvalidInput(f"text #{index} to embed is of type {type(text).__name__}, not a string")
+            raise InvalidInput(
+                f"text #{index} to embed is of type {type(text).__name__}, not a string"
+            )
         if not text.strip():
             raise InvalidInput(f"text #{index} to embed is empty")
 
