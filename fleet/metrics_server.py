@@ -29,6 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from pydantic import BaseModel
 
+from fleet.errors import ConfigurationError
 from fleet.settings import Settings
 from fleet.sql import queries
 
@@ -254,11 +255,25 @@ def multiprocess_registry(path: str, settings: Settings, url: str | None) -> Col
     return registry
 
 
+def listen(port: int, host: str, registry: CollectorRegistry | None = None) -> None:
+    """Serve ``registry`` (default: this process's) at ``host:port/metrics`` in a thread. A port
+    that cannot be had is a :class:`ConfigurationError` naming it, not an error that reads as
+    if the database were away."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    try:
+        start_http_server(port, addr=host, registry=registry or REGISTRY)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot serve /metrics on {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+
+
 def serve_process_metrics(port: int, settings: Settings, url: str) -> None:
     """``fleet worker --metrics-port``: this process's metrics, plus the queue gauges unless
     ``FLEET_QUEUE_METRICS=false`` (another process exports them: ``fleet metrics serve``)."""
-    from prometheus_client import REGISTRY, start_http_server
+    from prometheus_client import REGISTRY
 
     if settings.fleet_queue_metrics:
         REGISTRY.register(QueueCollector(settings, url))
-    start_http_server(port, addr=settings.fleet_metrics_host)
+    listen(port, settings.fleet_metrics_host)

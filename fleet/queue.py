@@ -295,7 +295,7 @@ def check_message_id(message_id: object) -> int:
     """A message id as the caller gave it: a positive integer that fits fleet.messages.id."""
     if isinstance(message_id, bool) or not isinstance(message_id, int) \
             or not 0 < message_id < 2**63:
-        raise InvalidInput(f"a message id is a positive integer, not {message_id!r}")
+        raise InvalidInput(f"a message id is an integer from 1 to {2**63 - 1}, not {message_id!r}")
     return message_id
 
 

@@ -132,16 +132,12 @@ class Supervisor:
     # -- metrics -----------------------------------------------------------------------------
 
     def _serve_metrics(self) -> None:
-        from prometheus_client import start_http_server
-
-        from fleet.metrics_server import multiprocess_registry
+        from fleet.metrics_server import listen, multiprocess_registry
 
         registry = multiprocess_registry(
             self._multiproc_dir, self.settings, resolve_url_sync(self.settings)
         )
-        start_http_server(
-            self.metrics_port, addr=self.settings.fleet_metrics_host, registry=registry
-        )
+        listen(self.metrics_port, self.settings.fleet_metrics_host, registry)
         log.info("metrics on :%d/metrics", self.metrics_port)
 
     def _mark_dead(self, pid: int | None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -276,13 +277,47 @@ def listen_address(settings: Settings, host: str | None, port: int | None) -> tu
 
 
 def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
-    """Run the server until SIGINT/SIGTERM (``fleet mcp serve``)."""
+    """Run the server until SIGINT/SIGTERM (``fleet mcp serve``).
+
+    The port is bound and the database reached before uvicorn starts, so that either failing
+    is one sentence (``ConfigurationError``, or the CLI's "cannot reach the database") instead
+    of uvicorn's traceback and its exit code 3."""
     import uvicorn
 
     bind_host, bind_port = listen_address(settings, host, port)
-    app = create_app(settings, host=bind_host)
-    config = uvicorn.Config(
-        app, host=bind_host, port=bind_port, log_level=settings.fleet_log_level.lower(),
-        access_log=False, lifespan="on",
-    )
-    uvicorn.Server(config).run()
+    listener = _bind(bind_host, bind_port)
+    try:
+        asyncio.run(_reach_database(settings))
+        app = create_app(settings, host=bind_host)
+        config = uvicorn.Config(
+            app, host=bind_host, port=bind_port, log_level=settings.fleet_log_level.lower(),
+            access_log=False, lifespan="on",
+        )
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        listener.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound as uvicorn binds its own (SO_REUSEADDR)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
+        except OSError:
+            listener.close()
+            raise
+    except OSError as exc:  # socket.gaierror included: a host that is no address
+        raise ConfigurationError(
+            f"the customer-data server cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from exc
+    return listener
+
+
+async def _reach_database(settings: Settings) -> None:
+    from fleet.database import connect
+
+    conn = await connect(settings, "fleet-mcp-start")
+    await conn.close()

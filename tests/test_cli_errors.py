@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 
@@ -18,6 +19,8 @@ from tests.processes import ROOT, fleet, start_fleet, stop, wait_until
         (("enqueue",), "Missing argument 'session'"),
         (("enqueue", "s1", "hi", "--bogus"), "No such option: --bogus"),
         (("messages", "--limit", "lots"), "Invalid value for '--limit'"),
+        (("messages", "--limit", "99999999999999999999"), "Invalid value for '--limit'"),
+        (("worker", "--metrics-port", "99999"), "Invalid value for '--metrics-port'"),
     ],
 )
 def test_usage_errors_print_usage_and_exit_2(args: tuple[str, ...], expected: str,
@@ -86,3 +89,36 @@ async def test_enqueue_wait_json_keeps_its_exit_codes_and_fleet_max_attempts_app
     assert await conn.fetchval(
         "SELECT (max_attempts, attempts) = (1, 1) FROM fleet.messages"
         " WHERE session_id = 's-json-2'")
+
+
+def _one_sentence(done, code: int, start: str) -> None:
+    assert done.returncode == code, done
+    assert done.stderr.startswith(start), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_servers_that_cannot_start_say_why_in_one_sentence(fleet_env: dict[str, str]) -> None:
+    """A port taken, a host that is no address, a database away: one sentence, exit 1 (not
+    uvicorn's traceback and exit 3, nor "cannot reach the database" for a metrics port)."""
+    env = dict(fleet_env, CUSTOMER_DATA_TOKEN="t")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        _one_sentence(fleet("mcp", "serve", "--port", port, env=env), 1,
+                      f"error: the customer-data server cannot listen on 127.0.0.1:{port}: ")
+        _one_sentence(fleet("worker", "--handler", "noop", "--metrics-port", port, env=env), 1,
+                      "error: cannot serve /metrics on ")
+    _one_sentence(fleet("mcp", "serve", "--host", "256.1.1.1", "--port", "8", env=env), 1,
+                  "error: the customer-data server cannot listen on 256.1.1.1:8: ")
+    away = dict(env, DATABASE_URL="postgresql://postgres@127.0.0.1:1/fleet")
+    _one_sentence(fleet("mcp", "serve", "--port", port, env=away), 1,
+                  "error: cannot reach the database")
+
+
+def test_an_instructions_file_that_is_not_utf8_is_bad_input(fleet_env: dict[str, str],
+                                                           tmp_path) -> None:
+    binary = tmp_path / "instructions.bin"
+    binary.write_bytes(b"\xd5\xff\x00 not text")
+    _one_sentence(fleet("agents", "create", "tier9", "--instructions-file", str(binary),
+                        env=fleet_env), 2, "error: --instructions-file ")

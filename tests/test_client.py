@@ -138,11 +138,11 @@ async def test_cancel_a_running_message_stops_it_at_once(settings, db_url):
 async def test_a_message_id_that_is_not_one_is_refused_by_name(settings, db_url):
     async with fleet.Client(db_url, settings=settings) as client:
         for bad in ("abc", 2**70, 0, True):
-            with pytest.raises(InvalidInput, match="a message id is a positive integer"):
+            with pytest.raises(InvalidInput, match="a message id is an integer from 1 to"):
                 await client.get_message(bad)
-        with pytest.raises(InvalidInput, match="a message id is a positive integer"):
+        with pytest.raises(InvalidInput, match="a message id is an integer from 1 to"):
             await client.wait_for_reply("abc", timeout=1)
-        with pytest.raises(InvalidInput, match="a message id is a positive integer"):
+        with pytest.raises(InvalidInput, match="a message id is an integer from 1 to"):
             await client.cancel(-5)
 
 

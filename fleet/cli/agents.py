@@ -56,6 +56,9 @@ def _instructions(text: str | None, path: Path | None) -> str | None:
         except OSError as exc:
             raise InvalidInput(f"cannot read --instructions-file {str(path)!r}: "
                                f"{exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"--instructions-file {str(path)!r} is not UTF-8 text (byte "
+                               f"{exc.start}); save the instructions as UTF-8") from exc
     return text
 
 

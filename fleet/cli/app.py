@@ -25,6 +25,9 @@ app = typer.Typer(
 T = TypeVar("T")
 
 JsonOption = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+#: The most rows a listing prints (a bigger --limit is refused by the option parser, not
+#: passed on to PostgreSQL as a number it cannot hold).
+MAX_LIST_LIMIT = 100_000
 
 
 def settings() -> Settings:

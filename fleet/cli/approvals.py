@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import asyncpg
 import typer
 
-from fleet.cli.app import JsonOption, app, emit_json, emit_table, run, settings
+from fleet.cli.app import MAX_LIST_LIMIT, JsonOption, app, emit_json, emit_table, run, settings
 
 T = TypeVar("T")
 
@@ -64,7 +64,8 @@ def list_command(
     status: str = typer.Option(
         "awaiting", "--status", help="awaiting, approved, rejected, resumed, or all."
     ),
-    limit: int = typer.Option(50, "--limit", min=1, help="At most this many, newest first."),
+    limit: int = typer.Option(50, "--limit", min=1, max=MAX_LIST_LIMIT,
+                              help="At most this many, newest first."),
     as_json: bool = JsonOption,
 ) -> None:
     """Parked runs: id, session, tool, arguments, requested_at, expires_at, status."""

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from fleet.cli.app import JsonOption, app, emit_json, emit_table, run, settings, setup_logging
+from fleet.cli.app import (
+    MAX_LIST_LIMIT,
+    JsonOption,
+    app,
+    emit_json,
+    emit_table,
+    run,
+    settings,
+    setup_logging,
+)
 
 mcp_app = typer.Typer(help="The customer-data MCP server.", no_args_is_help=True)
 app.add_typer(mcp_app, name="mcp")
@@ -34,7 +43,8 @@ def search_command(
     source: str | None = typer.Option(
         None, "--source", help="Only this kind of document: past_case or policy_library."
     ),
-    limit: int = typer.Option(5, "--limit", min=1, help="How many results (at most 50)."),
+    limit: int = typer.Option(5, "--limit", min=1, max=MAX_LIST_LIMIT,
+                              help="How many results (at most 50)."),
     as_json: bool = JsonOption,
 ) -> None:
     """Semantic search over the library: nearest first, with cosine distances."""

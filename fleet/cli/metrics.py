@@ -34,11 +34,11 @@ def serve_command(
 ) -> None:
     """Serve /metrics: every process writing to PROMETHEUS_MULTIPROC_DIR (when set) plus the
     queue gauges; runs until SIGTERM/SIGINT."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from fleet.database import resolve_url_sync
     from fleet.errors import InvalidInput
-    from fleet.metrics_server import QueueCollector, multiprocess_registry
+    from fleet.metrics_server import QueueCollector, listen, multiprocess_registry
 
     setup_logging()
     cfg = settings()
@@ -55,7 +55,7 @@ def serve_command(
         raise InvalidInput(
             "nothing to serve: set PROMETHEUS_MULTIPROC_DIR or leave --queue-metrics on"
         )
-    start_http_server(port, addr=host or cfg.fleet_metrics_host, registry=registry)
+    listen(port, host or cfg.fleet_metrics_host, registry)
     typer.echo(f"metrics on {host or cfg.fleet_metrics_host}:{port}/metrics", err=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

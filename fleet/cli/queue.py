@@ -8,7 +8,16 @@ from typing import Any
 
 import typer
 
-from fleet.cli.app import JsonOption, app, emit_json, emit_table, run, settings, setup_logging
+from fleet.cli.app import (
+    MAX_LIST_LIMIT,
+    JsonOption,
+    app,
+    emit_json,
+    emit_table,
+    run,
+    settings,
+    setup_logging,
+)
 from fleet.errors import InvalidInput
 from fleet.handlers import HANDLER_NAMES
 
@@ -40,7 +49,8 @@ def worker_command(
         False, "--poll-only", help="No LISTEN (PgBouncer transaction pooling): poll only."
     ),
     metrics_port: int | None = typer.Option(
-        None, "--metrics-port", help="Serve this process's /metrics on this port."
+        None, "--metrics-port", min=1, max=65535,
+        help="Serve this process's /metrics on this port."
     ),
     drain: bool = typer.Option(False, "--drain", help="Exit once the queue is empty."),
 ) -> None:
@@ -86,7 +96,7 @@ def up_command(
         0.0, "--work-delay", min=0.0, help="noop handler: seconds per message."
     ),
     metrics_port: int | None = typer.Option(
-        None, "--metrics-port", help="One /metrics endpoint for all processes."
+        None, "--metrics-port", min=1, max=65535, help="One /metrics endpoint for all processes."
     ),
     poll_only: bool = typer.Option(False, "--poll-only", help="Workers poll instead of LISTEN."),
 ) -> None:
@@ -186,7 +196,8 @@ def messages_command(
     state: str | None = typer.Option(
         None, "--state", help="queued, running, awaiting_approval, done, dead or cancelled."
     ),
-    limit: int = typer.Option(50, "--limit", min=1, help="At most this many, newest first."),
+    limit: int = typer.Option(50, "--limit", min=1, max=MAX_LIST_LIMIT,
+                              help="At most this many, newest first."),
     as_json: bool = JsonOption,
 ) -> None:
     """List messages, newest first."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from fleet.cli.app import JsonOption, app, emit_json, emit_table, run, settings
+from fleet.cli.app import MAX_LIST_LIMIT, JsonOption, app, emit_json, emit_table, run, settings
 from fleet.errors import InvalidInput
 
 sessions_app = typer.Typer(help="Sessions (conversations) and their metadata.",
@@ -33,7 +33,7 @@ def parse_where(pairs: list[str]) -> dict[str, Any]:
 @sessions_app.command("list")
 def sessions_list(
     where: list[str] = typer.Option([], "--where", help="KEY=VALUE metadata filter; repeatable."),
-    limit: int = typer.Option(50, "--limit", min=1),
+    limit: int = typer.Option(50, "--limit", min=1, max=MAX_LIST_LIMIT),
     as_json: bool = JsonOption,
 ) -> None:
     """Sessions, newest first, filtered by metadata."""
