@@ -78,6 +78,8 @@ class Approval(BaseModel):
     expires_at: datetime
     decided_by: str | None = None
     decided_at: datetime | None = None
+    decision: Literal["approved", "rejected"] | None = None
+    """What was decided; kept when ``status`` moves on to ``resumed``."""
     decision_note: str | None = None
     resumed_at: datetime | None = None
     expired: bool = False

@@ -92,7 +92,7 @@ ORDER BY created_at, id;
 -- name: trace_run_states
 -- `fleet trace`: the session's parked runs (never the serialized state itself).
 SELECT id::text, message_id, tool, arguments, call_id, status, requested_at, expires_at,
-       decided_by, decided_at, decision_note, resumed_at
+       decided_by, decided_at, decision, decision_note, resumed_at
 FROM run_states
 WHERE conversation_id = $1
 ORDER BY requested_at;

@@ -44,7 +44,8 @@ SET status = $2, decision = $2, decided_by = $3, decided_at = clock_timestamp(),
     decision_note = $4
 WHERE id = $1::uuid AND status = 'awaiting' AND expires_at > clock_timestamp()
 RETURNING id::text, conversation_id, message_id, tool, arguments, call_id, interruptions,
-          status, requested_at, expires_at, decided_by, decided_at, decision_note, resumed_at;
+          status, requested_at, expires_at, decided_by, decided_at, decision, decision_note,
+          resumed_at;
 
 -- name: expire_overdue
 -- Reject undecided approvals past their expiry (at most $1 per call). With nothing overdue this
@@ -60,7 +61,8 @@ WHERE r.id IN (SELECT id FROM run_states
                LIMIT $1
                FOR UPDATE SKIP LOCKED)
 RETURNING id::text, conversation_id, message_id, tool, arguments, call_id, interruptions,
-          status, requested_at, expires_at, decided_by, decided_at, decision_note, resumed_at;
+          status, requested_at, expires_at, decided_by, decided_at, decision, decision_note,
+          resumed_at;
 
 -- name: reject_for_cancel
 -- The parked message is being cancelled: its run must never resume.
@@ -69,17 +71,18 @@ SET status = 'rejected', decision = 'rejected', decided_by = 'fleet:cancel',
     decided_at = clock_timestamp(), decision_note = $2
 WHERE message_id = $1 AND status = 'awaiting'
 RETURNING id::text, conversation_id, message_id, tool, arguments, call_id, interruptions,
-          status, requested_at, expires_at, decided_by, decided_at, decision_note, resumed_at;
+          status, requested_at, expires_at, decided_by, decided_at, decision, decision_note,
+          resumed_at;
 
 -- name: get
 SELECT id::text, conversation_id, message_id, tool, arguments, call_id, interruptions,
-       status, requested_at, expires_at, decided_by, decided_at, decision_note, resumed_at
+       status, requested_at, expires_at, decided_by, decided_at, decision, decision_note, resumed_at
 FROM run_states WHERE id = $1::uuid;
 
 -- name: list
 -- Newest first; $1 status (NULL: any), $2 limit.
 SELECT id::text, conversation_id, message_id, tool, arguments, call_id, interruptions,
-       status, requested_at, expires_at, decided_by, decided_at, decision_note, resumed_at
+       status, requested_at, expires_at, decided_by, decided_at, decision, decision_note, resumed_at
 FROM run_states
 WHERE ($1::text IS NULL OR status = $1)
 ORDER BY requested_at DESC

@@ -274,6 +274,13 @@ async def test_a_parked_refund_is_approved_in_another_process_and_resumed_by_a_n
     assert message["state"] == "done"
     assert "refund" in message["reply"].lower() and "issued" in message["reply"].lower()
 
+    # Resumed, it still says what was decided, by whom (JSON and text).
+    resumed = json.loads(_cli(stack, "approvals", "show", approval_id, "--json").stdout)
+    assert (resumed["status"], resumed["decision"], resumed["decided_by"]) == (
+        "resumed", "approved", "alice")
+    shown = _cli(stack, "approvals", "show", approval_id)
+    assert "decided     approved by alice" in shown.stdout, shown.stdout
+
     # Approving the resumed run once more changes nothing.
     third = _cli(stack, "approve", approval_id, "--by", "bob")
     assert third.returncode != 0

@@ -32,6 +32,7 @@ LIST_COLUMNS = [
     "status",
     "requested_at",
     "expires_at",
+    "decision",
     "decided_by",
 ]
 
@@ -127,7 +128,7 @@ def _print_detail(detail: Any) -> None:
         )
     if detail.decided_at is not None:
         line(
-            f"decided     {detail.status} by {detail.decided_by} at "
+            f"decided     {detail.decision} by {detail.decided_by} at "
             f"{detail.decided_at:%Y-%m-%d %H:%M:%S %Z}"
             + (f": {detail.decision_note}" if detail.decision_note else "")
         )

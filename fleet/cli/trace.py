@@ -124,7 +124,8 @@ def render(data: dict[str, Any]) -> None:
                 {
                     **r,
                     "arguments": _short(r["arguments"], 60),
-                    "decided": f"{r['decided_by'] or '-'} {_short(r['decision_note'], 40)}",
+                    "decided": (f"{r['decision']} by {r['decided_by']} "
+                                f"{_short(r['decision_note'], 40)}" if r["decision"] else "-"),
                 }
                 for r in data["run_states"]
             ],
