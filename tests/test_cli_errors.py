@@ -122,3 +122,16 @@ def test_an_instructions_file_that_is_not_utf8_is_bad_input(fleet_env: dict[str,
     binary.write_bytes(b"\xd5\xff\x00 not text")
     _one_sentence(fleet("agents", "create", "tier9", "--instructions-file", str(binary),
                         env=fleet_env), 2, "error: --instructions-file ")
+
+
+def test_status_watch_json_is_one_document_per_line(fleet_env: dict[str, str]) -> None:
+    watcher = subprocess.Popen([sys.executable, "-m", "fleet", "status", "--watch", "0.3",
+                                "--json"], env=fleet_env, stdout=subprocess.PIPE, text=True,
+                               cwd=ROOT)
+    try:
+        lines = [watcher.stdout.readline() for _ in range(2)]
+    finally:
+        watcher.kill()
+        watcher.wait(10)
+    for line in lines:
+        assert "counts" in json.loads(line)

@@ -63,8 +63,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def emit_json(data: Any) -> None:
-    typer.echo(json.dumps(_plain(data), default=str, indent=2))
+def emit_json(data: Any, *, line: bool = False) -> None:
+    """One JSON document on stdout; ``line``: compact, on one line (NDJSON, for --watch)."""
+    typer.echo(json.dumps(_plain(data), default=str, indent=None if line else 2))
 
 
 def _cell(value: Any, width: int) -> str:

@@ -280,11 +280,12 @@ def status_command(
         None, "--watch", min=0.2, help="Refresh every N seconds until Ctrl-C."
     ),
 ) -> None:
-    """Counts per state, oldest queued age, live workers, awaiting approvals."""
+    """Counts per state, oldest queued age, live workers, awaiting approvals. With --watch
+    and --json: one compact JSON document per line (NDJSON), one line per refresh."""
     while True:
         status = run(read_status)
         if as_json:
-            emit_json(status)
+            emit_json(status, line=bool(watch))
         else:
             if watch:
                 typer.echo("\x1b[2J\x1b[H", nl=False)
