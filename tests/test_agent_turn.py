@@ -573,3 +573,22 @@ def test_fleet_demo_runs_the_story_and_shuts_down_cleanly(db_url: str, fleet_hom
     assert "## Recommended Next Action" in out
     assert "parked for approval" in out and "has been issued (refund" in out
     assert "refund_issued" in out and "fleet up exited with 0" in out
+
+    # Run again where order #4429 has nothing left to refund: the story's refund step fails,
+    # and the demo says so with a non-zero exit instead of ending as if it had worked.
+    async def refund_in_full() -> None:
+        conn = await asyncpg.connect(db_url)
+        try:
+            await conn.execute(
+                "INSERT INTO refunds (order_id, amount_cents, reason, idempotency_key)"
+                " SELECT o.id, o.amount_cents - coalesce((SELECT sum(r.amount_cents)"
+                " FROM refunds r WHERE r.order_id = o.id), 0), 'test: all of it', 'test-all'"
+                " FROM orders o WHERE o.id = '4429'")
+        finally:
+            await conn.close()
+
+    asyncio.run(refund_in_full())
+    again = fleet("demo", env=env, timeout=600)
+    assert again.returncode == 1, again.stdout[-3000:]
+    assert again.stderr.splitlines()[-1].startswith("error: the story's refund was not issued")
+    assert "fleet up exited with 0" in again.stdout

@@ -156,6 +156,12 @@ async def _story(database_url: str, timeout: float, up: subprocess.Popen[bytes])
             for session in dict.fromkeys(sessions.values()):
                 _step(f"fleet trace {session}")
                 render(await load_trace(conn, session))
+            if not refunds:  # after the traces, which show why
+                raise FleetError(
+                    "the story's refund was not issued (see the refund session's trace above); "
+                    "on a FLEET_HOME where earlier runs refunded order #4429 in full, start "
+                    "from a fresh one (fleet db down, then remove $FLEET_HOME)"
+                )
         finally:
             await conn.close()
 
