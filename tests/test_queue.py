@@ -16,6 +16,7 @@ from fleet.handlers import NoopHandler
 from fleet.queue import Outcome
 from fleet.worker import Worker, retry_delay
 from tests.processes import wait_until
+from tests.workers import running
 
 
 async def test_enqueue_returns_id_and_dedupe_key_returns_the_same_id(conn: asyncpg.Connection):
@@ -318,15 +319,10 @@ async def test_a_wakeup_during_a_claim_is_not_lost(settings, conn):
 async def test_failing_handler_is_retried_with_backoff_then_dead(settings, conn):
     message_id = await queue.enqueue(conn, "s1", "please #fail", max_attempts=3)
     follower = await queue.enqueue(conn, "s1", "after the failure")
-    worker = Worker(settings, NoopHandler(), concurrency=2)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(Worker(settings, NoopHandler(), concurrency=2)):
         await wait_until(lambda: conn.fetchval(
             "SELECT state = 'done' FROM fleet.messages WHERE id = $1", follower),
             timeout=30, message="the follower to be done")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
     row = await conn.fetchrow("SELECT * FROM fleet.messages WHERE id = $1", message_id)
     assert row["state"] == "dead"
     assert row["attempts"] == 3
@@ -340,15 +336,10 @@ async def test_a_retry_is_claimed_when_due_not_at_the_next_poll(settings, conn):
     60 s poll, two attempts 0.1-0.2 s apart end within seconds (before: at the next poll)."""
     slow_poll = settings.model_copy(update={"fleet_poll_interval": 60.0})
     message_id = await queue.enqueue(conn, "s1", "please #fail", max_attempts=2)
-    worker = Worker(slow_poll, NoopHandler(), concurrency=2)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(Worker(slow_poll, NoopHandler(), concurrency=2)):
         await wait_until(lambda: conn.fetchval(
             "SELECT state = 'dead' FROM fleet.messages WHERE id = $1", message_id),
             timeout=10, message="the second attempt")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
     assert await conn.fetchval(
         "SELECT attempts FROM fleet.messages WHERE id = $1", message_id) == 2
 

@@ -37,6 +37,7 @@ from fleet.worker import Worker
 from tests.processes import fleet as fleet_cli
 from tests.processes import start_fleet, stop, wait_until
 from tests.seeded import RunningServer, mcp_server_in_thread
+from tests.workers import running
 
 COMPLAINT = "I haven't received my refund from order #{order}, it's been two weeks."
 
@@ -74,13 +75,9 @@ def _settings(seeded_db: str, server: RunningServer, **knobs: Any) -> Settings:
 
 @asynccontextmanager
 async def agent_worker(settings: Settings) -> AsyncIterator[Worker]:
-    worker = Worker(settings, build_handler("agent", settings), concurrency=4)
-    task = asyncio.create_task(worker.run())
-    try:
+    async with running(Worker(settings, build_handler("agent", settings), concurrency=4),
+                       stop_timeout=60) as worker:
         yield worker
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 60)
 
 
 @asynccontextmanager
