@@ -354,7 +354,8 @@ async def test_one_turn_calling_a_tool_is_one_trace_across_worker_and_mcp_server
     assert server_span.parent.is_remote  # extracted from the request, not inherited
     queries = [s for s in trace if s.name == "db.query" and s.parent.span_id
                == server_span.context.span_id]  # fmt: skip
-    assert queries and all("order" in q.attributes["db.statement"].lower() for q in queries[:1])
+    # (The first may be asyncpg's type introspection: the read returns an array of records.)
+    assert any("from orders" in q.attributes["db.statement"].lower() for q in queries)
     # Every span of the trace chains up to the turn: one trace, no orphans.
     for span in trace:
         node = span
