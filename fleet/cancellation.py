@@ -55,7 +55,7 @@ class _Moved(Exception):
 
 
 async def cancel_message(
-    pool: asyncpg.Pool, message_id: int, reason: str = "cancelled", *, by: str | None = None
+    pool: asyncpg.Pool, message_id: int, reason: str | None = None, *, by: str | None = None
 ) -> CancelOutcome:
     """Cancel ``message_id``; returns what happened: ``cancelled`` or ``cancel_requested``
     (running: the worker stops it at its next step). A message claimed or parked while this
@@ -74,14 +74,14 @@ async def cancel_message(
 
 
 async def _cancel(
-    pool: asyncpg.Pool, message: queue.Message, reason: str, by: str | None
+    pool: asyncpg.Pool, message: queue.Message, reason: str | None, by: str | None
 ) -> CancelOutcome:
     payload: dict[str, Any] = {
         "message_id": message.id, "was": message.state, "reason": reason, "by": by
     }
     async with pool.acquire() as conn, conn.transaction():
         if message.state == "running":
-            if not await queue.request_cancel(conn, message.id):
+            if not await queue.request_cancel(conn, message.id, reason):
                 raise _Moved
             await _audit(conn, message, "cancel_requested", by, payload, {"status": "requested"})
             await conn.execute(SQL["notify_cancel"], message.id)
@@ -89,9 +89,9 @@ async def _cancel(
         if message.state == "awaiting_approval":
             from fleet.approvals import reject_for_cancel
 
-            rejected = await reject_for_cancel(conn, message.id, reason)
+            rejected = await reject_for_cancel(conn, message.id, reason or "cancelled")
             payload["approvals_rejected"] = [a.id for a in rejected]
-        if not await queue.cancel(conn, message.id, reason):
+        if not await queue.cancel(conn, message.id, reason or "cancelled"):
             raise _Moved
         await _audit(conn, message, "message_cancelled", by, payload, {"status": "cancelled"})
     return "cancelled"

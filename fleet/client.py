@@ -184,14 +184,15 @@ class Client:
         self,
         message_id: int,
         *,
-        reason: str = "cancelled",
+        reason: str | None = None,
         by: str | None = None,
         wait: float = 0.0,
     ) -> Reply:
         """Cancel a message: at once when queued; a parked approval is rejected; a running one
         stops at its next step. Returns where it stands: ``cancelled``, or ``running`` while a
         running turn has yet to stop (with ``wait`` > 0, up to that many seconds are spent
-        waiting for it to end). Every cancellation is audited in the session's trail."""
+        waiting for it to end). Every cancellation is audited in the session's trail; ``reason``
+        is kept there and in the message's error."""
         from fleet.cancellation import cancel_message
 
         outcome = await cancel_message(self.pool, queue.check_message_id(message_id), reason,

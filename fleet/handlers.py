@@ -50,6 +50,8 @@ class Lease:
         #: ``stops_on_cancel_request`` is true stops at its next step and raises
         #: :class:`~fleet.errors.TurnCancelled`; any other handler's task is cancelled.
         self.cancel_requested = asyncio.Event()
+        #: The reason given with that request ('' when none).
+        self.cancel_reason: str | None = None
 
     @property
     def token(self) -> int:

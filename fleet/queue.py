@@ -217,13 +217,14 @@ async def claim_message(
 
 async def heartbeat(
     db: Executor, leases: Sequence[tuple[int, int]], lease_seconds: float
-) -> dict[int, bool]:
-    """Extend leases; returns ``{message id: cancel requested}`` for the leases still ours."""
+) -> dict[int, str | None]:
+    """Extend leases; returns ``{message id: cancel reason}`` for the leases still ours: None
+    when no one asked to cancel it, the reason given ('' when none) when someone did."""
     if not leases:
         return {}
     ids, tokens = zip(*leases, strict=True)
     rows = await db.fetch(SQL["heartbeat"], list(ids), list(tokens), lease_seconds)
-    return {row["id"]: row["cancel_requested"] for row in rows}
+    return {row["id"]: row["cancel_reason"] for row in rows}
 
 
 async def parked_ahead(db: Executor, session_id: str, message_id: int) -> int | None:
@@ -287,8 +288,8 @@ async def cancel(db: Executor, message_id: int, reason: str) -> bool:
     return bool(await db.fetchval(SQL["cancel"], message_id, reason))
 
 
-async def request_cancel(db: Executor, message_id: int) -> bool:
-    return await db.fetchval(SQL["request_cancel"], message_id) is not None
+async def request_cancel(db: Executor, message_id: int, reason: str | None = None) -> bool:
+    return await db.fetchval(SQL["request_cancel"], message_id, reason) is not None
 
 
 def check_message_id(message_id: object) -> int:

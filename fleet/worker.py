@@ -509,12 +509,14 @@ class Worker:
     def _finish_cancelled(self, message: ClaimedMessage, how: str) -> None:
         self._cancelling.pop(message.id, None)
         log.info("message %d cancelled while running (%s)", message.id, how)
+        flight = self.in_flight.get(message.id)
+        reason = flight.lease.cancel_reason if flight is not None else None
         self._queue_outcome(
             Outcome(
                 message_id=message.id,
                 lease_token=message.lease_token,
                 state="cancelled",
-                error="cancelled while running",
+                error="cancelled while running" + (f": {reason}" if reason else ""),
             )
         )
 
@@ -633,8 +635,9 @@ class Worker:
                 continue
             for message_id, token in leases:
                 flight = self.in_flight.get(message_id)
-                if kept.get(message_id) and flight is not None:
-                    self._stop_cancelled(flight)
+                reason = kept.get(message_id)
+                if reason is not None and flight is not None:
+                    self._stop_cancelled(flight, reason)
                     continue
                 if message_id in kept or self.held.get(message_id) != token:
                     continue
@@ -645,16 +648,17 @@ class Worker:
                     log.warning("message %d: lease lost; stopping its handler", message_id)
                     flight.task.cancel()
 
-    def _stop_cancelled(self, flight: _InFlight) -> None:
-        """Someone asked to cancel this running message (seen by a heartbeat)."""
+    def _stop_cancelled(self, flight: _InFlight, reason: str) -> None:
+        """Someone asked to cancel this running message (seen by a heartbeat), for ``reason``."""
         message_id = flight.message.id
         for child_id in list(self._children.get(message_id, ())):
             child = self.in_flight.get(child_id)
             if child is not None:  # the parent waits on it: it stops first
-                self._stop_cancelled(child)
+                self._stop_cancelled(child, reason)
         first_seen = self._cancelling.get(message_id)
         if first_seen is None:
             self._cancelling[message_id] = time.monotonic()
+            flight.lease.cancel_reason = reason
             flight.lease.cancel_requested.set()
             if not getattr(self.handler, "stops_on_cancel_request", False):
                 flight.task.cancel()

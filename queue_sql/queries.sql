@@ -52,12 +52,14 @@ RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.met
 
 -- name: heartbeat
 -- Extend the leases this worker still holds; returns the ids still held (the rest were lost)
--- and whether someone asked to cancel each.
+-- and, for each that someone asked to cancel, the reason given ('' when none).
 UPDATE fleet.messages m
 SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
 WHERE m.id = u.id AND m.lease_token = u.token AND m.state = 'running'
-RETURNING m.id, m.cancel_requested_at IS NOT NULL AS cancel_requested;
+RETURNING m.id,
+          CASE WHEN m.cancel_requested_at IS NOT NULL
+               THEN coalesce(m.cancel_reason, '') END AS cancel_reason;
 
 -- name: finish
 -- Finish messages (done/dead) under their lease tokens; returns the ids actually finished.
@@ -135,8 +137,9 @@ FOR UPDATE;
 SELECT fleet.finish_unleased($1, 'cancelled', NULL, $2, ARRAY['queued', 'awaiting_approval']) AS ok;
 
 -- name: request_cancel
--- Ask the worker running a message to stop (it sees the request with its next heartbeat).
-UPDATE fleet.messages SET cancel_requested_at = clock_timestamp()
+-- Ask the worker running a message to stop (it sees the request, and the reason $2, with its
+-- next heartbeat).
+UPDATE fleet.messages SET cancel_requested_at = clock_timestamp(), cancel_reason = $2
 WHERE id = $1 AND state = 'running'
 RETURNING id;
 

@@ -124,11 +124,11 @@ async def test_cancel_a_running_message_stops_it_at_once(settings, db_url):
                 if (await client.get_message(slow)).state == "running":
                     break
                 await asyncio.sleep(0.1)
-            reply = await client.cancel(slow)
+            reply = await client.cancel(slow, reason="customer hung up")
             assert reply.state in ("running", "cancelled")  # asked; stopped at once or soon
             finished = await client.wait_for_reply(slow, timeout=10)
             assert finished.state == "cancelled"
-            assert finished.error == "cancelled while running"
+            assert finished.error == "cancelled while running: customer hung up"
             assert (await client.get_message(after)).state in ("queued", "running")
     finally:
         worker.stop()

@@ -367,7 +367,7 @@ async def test_fleet_cancel_stops_a_turn_running_in_a_worker_process(
             assert done.returncode == 0, done.stderr
             reply = json.loads(done.stdout)
             assert (reply["message_id"], reply["state"]) == (message_id, "cancelled"), reply
-            assert reply["error"] == "cancelled while running"
+            assert reply["error"] == "cancelled while running: duplicate"
             again = fleet_cli("cancel", str(message_id), env=env, timeout=60)
             assert again.returncode != 0 and "already cancelled" in again.stderr
     finally:

@@ -221,7 +221,9 @@ def messages_command(
 @app.command("cancel")
 def cancel_command(
     message_id: int = typer.Argument(..., help="The message to cancel."),
-    reason: str = typer.Option("cancelled", "--reason", help="Kept in the audit trail."),
+    reason: str | None = typer.Option(
+        None, "--reason", help="Kept in the audit trail and the message's error."
+    ),
     by: str | None = typer.Option(None, "--by", help="Who cancels (audited)."),
     wait: float = typer.Option(
         0.0, "--wait", min=0.0, help="A running message: seconds to wait for it to stop."
