@@ -120,7 +120,7 @@ AUDIT_WRITE_FAILURES = Counter(
 
 for _outcome in OUTCOMES:
     MESSAGES_COMPLETED.labels(_outcome)
-for _source in ("notify", "poll"):
+for _source in ("notify", "poll", "retry"):
     WAKEUPS.labels(_source)
 for _tool in TOOLS:
     for _outcome in TOOL_OUTCOMES:

@@ -552,7 +552,7 @@ class Worker:
             await queue.retry(self.pool, message.id, message.lease_token, error, delay)
             metrics.MESSAGE_RETRIES.inc()
             # Nobody NOTIFYs when a retry falls due: look then, not at the next poll.
-            asyncio.get_running_loop().call_later(delay + 0.01, self._retry_due)
+            asyncio.get_running_loop().call_later(delay + 0.01, self._told_of_work, "retry")
         except TRANSIENT as exc2:
             log.warning(
                 "message %d: could not schedule retry (%s); lease will expire", message.id, exc2
@@ -699,11 +699,11 @@ class Worker:
     # -- listener ----------------------------------------------------------------------------
 
     def _on_notify(self, *_: object) -> None:
-        metrics.WAKEUPS.labels("notify").inc()
-        self._new_work = True
-        self._wakeup.set()
+        self._told_of_work("notify")
 
-    def _retry_due(self) -> None:
+    def _told_of_work(self, source: str) -> None:
+        """Work may be claimable (a NOTIFY, a retry falling due): claim again now."""
+        metrics.WAKEUPS.labels(source).inc()
         self._new_work = True
         self._wakeup.set()
 

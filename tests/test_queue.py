@@ -334,14 +334,21 @@ async def test_failing_handler_is_retried_with_backoff_then_dead(settings, conn)
 async def test_a_retry_is_claimed_when_due_not_at_the_next_poll(settings, conn):
     """No NOTIFY announces a retry falling due: the worker that scheduled it looks then. With a
     60 s poll, two attempts 0.1-0.2 s apart end within seconds (before: at the next poll)."""
+    from prometheus_client import REGISTRY
+
+    def retry_wakeups() -> float:
+        return REGISTRY.get_sample_value("fleet_wakeups_total", {"source": "retry"}) or 0.0
+
     slow_poll = settings.model_copy(update={"fleet_poll_interval": 60.0})
     message_id = await queue.enqueue(conn, "s1", "please #fail", max_attempts=2)
+    before = retry_wakeups()
     async with running(Worker(slow_poll, NoopHandler(), concurrency=2)):
         await wait_until(lambda: conn.fetchval(
             "SELECT state = 'dead' FROM fleet.messages WHERE id = $1", message_id),
             timeout=10, message="the second attempt")
     assert await conn.fetchval(
         "SELECT attempts FROM fleet.messages WHERE id = $1", message_id) == 2
+    assert retry_wakeups() == before + 1  # counted as its own source of wake-ups
 
 
 class _CountingHandler(NoopHandler):
