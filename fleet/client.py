@@ -149,7 +149,6 @@ class Client:
         (then the current state is returned, e.g. ``queued`` or ``running``)."""
         if timeout < 0:
             raise InvalidInput("timeout must not be negative")
-        queue.check_message_id(message_id)
         deadline = time.monotonic() + timeout
         while True:
             self._outcome.clear()
@@ -195,8 +194,7 @@ class Client:
         is kept there and in the message's error."""
         from fleet.cancellation import cancel_message
 
-        outcome = await cancel_message(self.pool, queue.check_message_id(message_id), reason,
-                                       by=by)
+        outcome = await cancel_message(self.pool, message_id, reason, by=by)
         if outcome == "cancel_requested" and wait > 0:
             return await self.wait_for_reply(message_id, timeout=wait)
         return await self._reply(message_id)
