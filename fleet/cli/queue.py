@@ -153,12 +153,10 @@ def enqueue_command(
         else:
             typer.echo(message_id)
         return
+    # One exit code per outcome, whatever the format: 1 dead or cancelled, 4 no reply in time.
+    code = {"done": 0, "awaiting_approval": 0, "dead": 1, "cancelled": 1}.get(reply.state, 4)
     if as_json:
         emit_json(_reply_data(reply))
-        if reply.state in ("dead", "cancelled"):
-            raise typer.Exit(1)
-        if reply.state not in ("done", "awaiting_approval"):
-            raise typer.Exit(4)
     elif reply.state == "done":
         typer.echo(reply.reply)
     elif reply.state == "awaiting_approval":
@@ -167,14 +165,14 @@ def enqueue_command(
             f"decide with 'fleet approve {reply.approval_id} --by NAME' or "
             f"'fleet reject {reply.approval_id} --by NAME --reason TEXT'"
         )
-    elif reply.state in ("dead", "cancelled"):
+    elif code == 1:
         typer.echo(f"error: message {message_id} is {reply.state}: {reply.error}", err=True)
-        raise typer.Exit(1)
     else:
         typer.echo(
             f"error: no reply within {timeout:g}s; message {message_id} is {reply.state}", err=True
         )
-        raise typer.Exit(4)
+    if code:
+        raise typer.Exit(code)
 
 
 MESSAGE_COLUMNS = [
