@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     fleet_statement_cache_size: int = Field(100, ge=0)
     """asyncpg prepared-statement cache; 0 behind PgBouncer in transaction mode."""
 
+    fleet_gc_young_threshold: int = Field(10_000, ge=0)
+    """``fleet worker`` and ``fleet mcp serve``, once ready: freeze what start-up built and
+    run the young-generation collection every this many allocations (fleet.gc_policy);
+    0 keeps Python's defaults."""
+
     fleet_max_model_calls: int = Field(12, ge=1)
     """Agent turns: model calls per turn. Past it the message is ``dead`` at once, audited
     ``turn_limit_exceeded`` (an agent's row may set its own)."""

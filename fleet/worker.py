@@ -88,6 +88,7 @@ class Worker:
         poll_only: bool = False,
         drain: bool = False,
         worker_id: str | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -102,6 +103,9 @@ class Worker:
         self.claim_batch = min(claim_batch or concurrency, concurrency)
         self.poll_only = poll_only
         self.drain = drain
+        #: Called once connected, the handler started and the worker registered, before the
+        #: first claim (``fleet worker`` settles the garbage collector there).
+        self.on_ready = on_ready
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.lease_seconds = settings.fleet_lease_seconds
         self.poll_interval = settings.fleet_poll_interval
@@ -166,6 +170,8 @@ class Worker:
                 await self.pool.close()
             return
         metrics.WORKER_UP.inc()
+        if self.on_ready is not None:
+            self.on_ready()
         log.info(
             "worker %s started: concurrency=%d handler=%s poll_only=%s",
             self.worker_id,

@@ -37,7 +37,7 @@ from mcp.types import ToolAnnotations
 from pydantic import Field, StrictInt
 from starlette.applications import Starlette
 
-from fleet import tracing
+from fleet import gc_policy, tracing
 from fleet.database import create_pool
 from fleet.embeddings import ModelSpec, aembed, model_spec, prepare_for_queries
 from fleet.errors import ConfigurationError, FleetError
@@ -129,8 +129,12 @@ def _one_thread_per_query() -> None:
     torch.set_num_threads(1)
 
 
-def build_server(settings: Settings) -> MCPServer:
-    """The MCP server with its five tools (no transport yet: see :func:`create_app`)."""
+def build_server(settings: Settings, *, own_process: bool = False) -> MCPServer:
+    """The MCP server with its five tools (no transport yet: see :func:`create_app`).
+
+    ``own_process``: the server is the process (``fleet mcp serve``), so once ready it may
+    settle the process's garbage collector (:mod:`fleet.gc_policy`); not when a test or an
+    application hosts it."""
     token = settings.customer_data_token
     if token is None or not token.get_secret_value():
         raise ConfigurationError(
@@ -150,6 +154,8 @@ def build_server(settings: Settings) -> MCPServer:
                 _one_thread_per_query()
             await aembed(["warm-up"], settings)  # load the model before the port opens
             await asyncio.to_thread(prepare_for_queries, settings)  # queries all day
+            if own_process:
+                gc_policy.settle(settings.fleet_gc_young_threshold)
             log.info("customer-data ready (embeddings: %s)", model_spec(settings).name)
             yield AppState(pool=pool, settings=settings, spec=model_spec(settings))
         finally:
@@ -254,10 +260,12 @@ def build_server(settings: Settings) -> MCPServer:
     return tracing.trace_mcp_server(server)
 
 
-def create_app(settings: Settings, *, host: str = "127.0.0.1") -> Starlette:
+def create_app(
+    settings: Settings, *, host: str = "127.0.0.1", own_process: bool = False
+) -> Starlette:
     """The ASGI app: stateless streamable HTTP with JSON responses, bearer auth on every call."""
     path = urlparse(settings.customer_data_url).path or "/mcp"
-    app = build_server(settings).streamable_http_app(
+    app = build_server(settings, own_process=own_process).streamable_http_app(
         streamable_http_path=path, stateless_http=True, json_response=True, host=host
     )
     # Outermost: per-token rate and concurrency limits (429 + Retry-After), see limits.py.
@@ -288,7 +296,7 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     listener = _bind(bind_host, bind_port)
     try:
         asyncio.run(_reach_database(settings))
-        app = create_app(settings, host=bind_host)
+        app = create_app(settings, host=bind_host, own_process=True)
         config = uvicorn.Config(
             app, host=bind_host, port=bind_port, log_level=settings.fleet_log_level.lower(),
             access_log=False, lifespan="on",

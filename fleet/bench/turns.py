@@ -152,6 +152,9 @@ class TurnBench:
             FLEET_HOME=str(settings.fleet_home),
             FLEET_LOG_LEVEL="WARNING",
             FLEET_MODEL="offline",
+            # the bench's own setting, so that `FLEET_GC_YOUNG_THRESHOLD=0 fleet bench turns`
+            # measures the worker and the server with Python's default collector
+            FLEET_GC_YOUNG_THRESHOLD=str(settings.fleet_gc_young_threshold),
             CUSTOMER_DATA_URL=f"http://127.0.0.1:{self.port}/mcp",
             CUSTOMER_DATA_TOKEN=secrets.token_urlsafe(24),
             HF_HUB_OFFLINE="1",

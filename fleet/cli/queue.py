@@ -66,6 +66,8 @@ def worker_command(
     async def go() -> None:
         import asyncio
 
+        from fleet import gc_policy
+
         worker = Worker(
             cfg,
             build_handler(handler, cfg, work_delay=work_delay, poll_only=poll_only),
@@ -73,6 +75,7 @@ def worker_command(
             claim_batch=claim_batch,
             poll_only=poll_only,
             drain=drain,
+            on_ready=lambda: gc_policy.settle(cfg.fleet_gc_young_threshold),
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
