@@ -32,6 +32,16 @@ def test_usage_errors_print_usage_and_exit_2(args: tuple[str, ...], expected: st
     assert done.stdout == ""
 
 
+def test_a_search_limit_past_the_most_one_search_returns_is_refused(
+    fleet_env: dict[str, str],
+) -> None:
+    """It used to be capped silently: asked for 60, the user got 50 and no word why."""
+    done = fleet("search", "refund", "--limit", "60", env=fleet_env, timeout=60)
+    assert done.returncode == 2, done
+    assert done.stderr == "error: limit is 60, but one search returns at most 50\n"
+    assert done.stdout == ""
+
+
 def test_unknown_ids_are_one_sentence_and_exit_3(fleet_env: dict[str, str]) -> None:
     done = fleet("approvals", "show", "no-such-approval", env=fleet_env, timeout=60)
     assert done.returncode == 3

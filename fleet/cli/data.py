@@ -44,7 +44,7 @@ def search_command(
         None, "--source", help="Only this kind of document: past_case or policy_library."
     ),
     limit: int = typer.Option(5, "--limit", min=1, max=MAX_LIST_LIMIT,
-                              help="How many results (at most 50)."),
+                              help="How many results (at most 50; more is refused)."),
     as_json: bool = JsonOption,
 ) -> None:
     """Semantic search over the library: nearest first, with cosine distances."""
