@@ -103,17 +103,29 @@ def trace_command(
     render(data)
 
 
+def _stamps(audit: list[dict[str, Any]]) -> list[str]:
+    """Each row's time to the millisecond, with the date on the first row and wherever the
+    date changes (a run parked overnight and approved the next day reads as such)."""
+    stamps, day = [], None
+    for row in audit:
+        at = row["created_at"]
+        shown = at.strftime("%H:%M:%S.%f")[:-3]
+        stamps.append(shown if at.date() == day else f"{at:%Y-%m-%d} {shown}")
+        day = at.date()
+    return stamps
+
+
 def render(data: dict[str, Any]) -> None:
     """The trace as tables (``fleet trace`` and ``fleet demo``)."""
     rows = [
         {
-            "created_at": r["created_at"].strftime("%H:%M:%S.%f")[:-3],
+            "created_at": stamp,
             "action": r["action"],
             "target": r["target"],
             "payload": _payload_summary(r),
             "result": _result_summary(r),
         }
-        for r in data["audit"]
+        for stamp, r in zip(_stamps(data["audit"]), data["audit"], strict=True)
     ]
     typer.echo(f"session {data['session_id']}: {len(rows)} audit rows")
     emit_table(rows, ["created_at", "action", "target", "payload", "result"], width=70)
