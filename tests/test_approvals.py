@@ -496,13 +496,16 @@ async def test_cli_lists_shows_and_decides_with_clear_errors(
     def cli(*args: str) -> Any:
         return asyncio.to_thread(fleet, *args, env=fleet_env, timeout=60)
 
-    listed, shown, no_by, unknown = await asyncio.gather(
+    listed, table, shown, no_by, unknown = await asyncio.gather(
         cli("approvals", "list", "--json"),
+        cli("approvals", "list"),
         cli("approvals", "show", approval_id),
         cli("approve", approval_id),
         cli("approve", "0" * 32, "--by", "alice"),
     )
     assert listed.returncode == 0, listed.stderr
+    # the contract's columns: id, session, tool, ...
+    assert table.stdout.splitlines()[0].split()[:3] == ["id", "session", "tool"], table.stdout
     [row] = json.loads(listed.stdout)
     assert (row["id"], row["tool"], row["status"]) == (approval_id, "issue_refund", "awaiting")
     assert "state" not in row

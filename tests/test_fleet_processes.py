@@ -131,6 +131,8 @@ async def test_failing_messages_end_dead_with_the_error_shown_by_fleet_messages(
     assert "told to fail" in shown["error"]
     table = fleet("messages", "--session", "bad", env=fleet_env)
     assert "dead" in table.stdout and "told to fail" in table.stdout
+    # the contract's columns: id, session, state, ...
+    assert table.stdout.splitlines()[0].split()[:3] == ["id", "session", "state"]
 
 
 async def test_four_concurrent_migrates_succeed_and_leave_one_schema(server_url, fleet_env):
