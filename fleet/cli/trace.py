@@ -10,6 +10,7 @@ replies.
 from __future__ import annotations
 
 import json
+from datetime import date
 from typing import Any
 
 import typer
@@ -106,7 +107,8 @@ def trace_command(
 def _stamps(audit: list[dict[str, Any]]) -> list[str]:
     """Each row's time to the millisecond, with the date on the first row and wherever the
     date changes (a run parked overnight and approved the next day reads as such)."""
-    stamps, day = [], None
+    stamps: list[str] = []
+    day: date | None = None
     for row in audit:
         at = row["created_at"]
         shown = at.strftime("%H:%M:%S.%f")[:-3]
