@@ -105,14 +105,12 @@ async def search(
     ``conn`` must have pgvector registered (``connect(..., vector=True)``). A ``limit`` over
     :data:`MAX_LIMIT` is refused (the MCP tool, asked by a model, caps it instead).
     """
-    requested = limit
     if not text or not text.strip():
         raise InvalidInput("the search text is empty")
     if source is not None and source not in SOURCES:
         raise InvalidInput(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
-    limit = check_limit(limit)
-    if requested > MAX_LIMIT:  # asked by a person (the CLI): say so, rather than return fewer
-        raise InvalidInput(f"limit is {requested}, but one search returns at most {MAX_LIMIT}")
+    if check_limit(limit) < limit:  # asked by a person (the CLI): say so, not return fewer
+        raise InvalidInput(f"limit is {limit}, but one search returns at most {MAX_LIMIT}")
     await ensure_model(conn, model_spec(settings))
     vector = await aembed_query(text, settings)
     rows = await search_vector(conn, vector, source=source, limit=limit)
