@@ -100,6 +100,7 @@ async def create_pool(
     url: str | None = None,
     vector: bool = False,
     reset_sessions: bool = True,
+    keep_idle: bool = False,
 ) -> asyncpg.Pool:
     """A pool; ``vector=True`` registers pgvector's codec on each connection.
 
@@ -107,7 +108,9 @@ async def create_pool(
     pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``), one round trip each time,
     for pools whose users leave no session state behind (an open transaction is still rolled
     back). The worker's claim paid it on every batch: measured, it was a third of the claim's
-    latency (BENCHMARKS.md).
+    latency (BENCHMARKS.md). ``keep_idle=True`` never closes a connection for being idle
+    (asyncpg's default closes it after 300 s), so a burst after a quiet spell does not wait
+    for new backends.
     """
     pool = await asyncpg.create_pool(
         url or await resolve_url(settings),
@@ -115,6 +118,7 @@ async def create_pool(
         max_size=max_size,
         init=_init_vector if vector else _init_json,
         reset=None if reset_sessions else _keep_session,
+        max_inactive_connection_lifetime=0 if keep_idle else 300.0,
         **connection_kwargs(settings, application_name),
     )
     assert pool is not None

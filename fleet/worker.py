@@ -55,6 +55,9 @@ SQL = queries("queries.sql")
 T = TypeVar("T")
 #: ``fleet cancel`` on a running message NOTIFYs this (payload: the message id).
 CANCEL_CHANNEL = "fleet_cancel"
+#: Connections of a worker's pool (claims, outcome writes, heartbeats, rescues; RELIABILITY.md
+#: counts them): two claims can be in flight beside the completer and the heartbeat.
+POOL_SIZE = 4
 
 
 class _Stopped(Exception):
@@ -212,9 +215,14 @@ class Worker:
     async def _open_pool(self) -> asyncpg.Pool:
         # No session reset on release: the queue's statements and Lease.transaction() leave
         # no session state, and the reset's round trip sat on every claim.
+        # All connections opened at start and kept while idle: a pool that grows under load
+        # opens its extra connection in the middle of a burst, and the claims queued behind
+        # it waited for a new backend (connect, codecs, the functions' first plans). In the
+        # queue bench's sustained phase each such moment showed as 100-300 messages claimed
+        # 15-40 ms late, enough to double the p99 (BENCHMARKS.md).
         return await create_pool(
-            self.settings, "fleet-worker", url=self.url, min_size=1, max_size=4,
-            reset_sessions=False,
+            self.settings, "fleet-worker", url=self.url, min_size=POOL_SIZE,
+            max_size=POOL_SIZE, reset_sessions=False, keep_idle=True,
         )
 
     async def _register(self) -> None:

@@ -252,6 +252,27 @@ def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
     assert retry_delay(50, 0.5, 8.0) <= 8.0
 
 
+async def test_a_worker_opens_its_whole_pool_at_start_and_keeps_it(settings, conn):
+    """A pool that grew under load opened its extra connections mid-burst, and the claims
+    queued behind them waited for new backends (the queue bench's sustained p99)."""
+    from fleet.worker import POOL_SIZE
+
+    worker = Worker(settings, NoopHandler(), concurrency=2)
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-listener'"),
+            message="the worker's LISTEN connection")
+        assert await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-worker'"
+            " AND datname = current_database()") == POOL_SIZE
+        assert worker.pool is not None
+        assert worker.pool._max_inactive_connection_lifetime == 0  # never closed for idling
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+
+
 async def test_committed_enqueue_wakes_a_worker_by_notify_not_poll(settings, conn):
     settings = settings.model_copy(update={"fleet_poll_interval": 60.0})
     worker = Worker(settings, NoopHandler(), concurrency=2)

@@ -35,7 +35,9 @@ def bench_queue_command(
     sustain_rate: float | None = typer.Option(
         None, "--sustain-rate", min=1.0, help="Sustained messages/s (default: half of the peak)."
     ),
-    repeat: int = typer.Option(1, "--repeat", min=1, help="Runs per drain (median reported)."),
+    repeat: int = typer.Option(
+        1, "--repeat", min=1, help="Runs of each drain (median reported) and sustained run."
+    ),
     explain_backlog: int = typer.Option(
         50_000, "--explain-backlog", min=0, help="Backlog of the claim's EXPLAIN ANALYZE (0: skip)."
     ),
