@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import asyncpg
@@ -21,7 +22,7 @@ from pydantic import BaseModel
 from fleet import metrics, queue
 from fleet.database import connect, create_pool, resolve_url
 from fleet.errors import InvalidInput, NotFound
-from fleet.queue import Message
+from fleet.queue import Message, NewMessage
 from fleet.settings import Settings, get_settings
 from fleet.sql import queries
 
@@ -113,6 +114,23 @@ class Client:
         )
         metrics.MESSAGES_ENQUEUED.inc()
         return message_id
+
+    async def enqueue_many(
+        self,
+        messages: Iterable[NewMessage | Mapping[str, Any]],
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> list[int]:
+        """Enqueue a batch in one statement, all or nothing; the ids in order. Each message has
+        :meth:`enqueue`'s arguments (a :class:`fleet.queue.NewMessage` or a dict); a message
+        without ``max_attempts`` gets ``FLEET_MAX_ATTEMPTS``, as with :meth:`enqueue`."""
+        ids = await queue.enqueue_many(
+            conn if conn is not None else self.pool,
+            messages,
+            default_max_attempts=self.settings.fleet_max_attempts,
+        )
+        metrics.MESSAGES_ENQUEUED.inc(len(ids))
+        return ids
 
     async def get_message(self, message_id: int) -> Message:
         message = await queue.get_message(self.pool, message_id)

@@ -8,12 +8,12 @@ new owner's result, however late its write arrives.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fleet import json_codec
 from fleet.errors import InvalidInput
@@ -32,6 +32,21 @@ OUTCOME_CHANNEL = "fleet_outcome"
 
 #: One connection or a pool: everything here works with either.
 Executor = asyncpg.Connection | asyncpg.Pool
+
+
+class NewMessage(BaseModel):
+    """One message of :func:`enqueue_many`: :func:`enqueue`'s arguments, the same rules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    body: str
+    customer_id: str | None = None
+    dedupe_key: str | None = None
+    metadata: dict[str, Any] | None = None
+    agent: str | None = None
+    variables: dict[str, Any] | None = None
+    max_attempts: int | None = None
 
 
 class ClaimedMessage(BaseModel):
@@ -89,7 +104,9 @@ class Outcome(BaseModel):
 
 def _invalid(exc: asyncpg.PostgresError) -> InvalidInput:
     message = getattr(exc, "message", None) or str(exc)
-    return InvalidInput(message.removeprefix("fleet.enqueue: "))
+    for call in ("fleet.enqueue: ", "fleet.enqueue_many: "):
+        message = message.removeprefix(call)
+    return InvalidInput(message)
 
 
 def validate_state(state: str | None) -> str | None:
@@ -134,6 +151,45 @@ async def enqueue(
     except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
         raise _invalid(exc) from exc
     except asyncpg.RaiseError as exc:  # pragma: no cover - RAISE without a data errcode
+        raise _invalid(exc) from exc
+
+
+async def enqueue_many(
+    db: Executor,
+    messages: Iterable[NewMessage | Mapping[str, Any]],
+    *,
+    default_max_attempts: int | None = None,
+) -> list[int]:
+    """Enqueue a batch in one statement, all or nothing: the same as :func:`enqueue` for each
+    message in turn (rules, dedupe keys, session metadata, wake-ups), at a fraction of the
+    database's cost per message. Returns the ids in order (the existing id where a dedupe key
+    repeats). A bad message raises :class:`InvalidInput` naming its position (from 1) and
+    field, and nothing is written. ``default_max_attempts`` goes to messages without their
+    own (else the database's ``fleet.max_attempts`` setting, else 5, as in SQL)."""
+    batch: list[dict[str, Any]] = []
+    for position, message in enumerate(messages, start=1):
+        try:
+            new = message if isinstance(message, NewMessage) else NewMessage.model_validate(message)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(part) for part in error["loc"]) or "message"
+            raise InvalidInput(f"message {position}: {field}: {error['msg']}") from exc
+        if new.max_attempts is None and default_max_attempts is not None:
+            new = new.model_copy(update={"max_attempts": default_max_attempts})
+        fields = new.model_dump(exclude_none=True)
+        for field, value in fields.items():
+            if isinstance(value, str) and "\x00" in value:
+                raise InvalidInput(f"message {position}: {field} must not contain NUL bytes")
+        batch.append(fields)
+    if not batch:
+        return []
+    try:
+        payload = json_codec.dumps(batch)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"messages are not JSON-serialisable: {exc}") from exc
+    try:
+        return list(await db.fetchval(SQL["enqueue_many"], payload))
+    except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
         raise _invalid(exc) from exc
 
 

@@ -9,6 +9,11 @@ SELECT fleet.enqueue(session_id => $1, body => $2, customer_id => $3, dedupe_key
                      metadata => $5::text::jsonb, agent => $6, variables => $7::text::jsonb,
                      max_attempts => $8) AS id;
 
+-- name: enqueue_many
+-- Enqueue a batch in one statement, all or nothing (fleet.enqueue_many): $1 a JSON array of
+-- objects with fleet.enqueue's argument names as keys, as text. Returns the ids in order.
+SELECT fleet.enqueue_many($1::text::jsonb) AS ids;
+
 -- name: claim
 -- Claim up to $2 claimable heads for worker $1 with a lease of $3 seconds. Reads only the
 -- messages_claimable partial index, so its cost follows the batch size, not the backlog.

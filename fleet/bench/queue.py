@@ -15,7 +15,8 @@ fleet's own data. The phases:
 * **scaling**: the drain with 1 and with ``P`` worker processes.
 * **sustained**: an open-loop producer enqueues at half the measured single-process peak
   while one worker process runs (each transaction carries the messages that fell due since the
-  last one: one at a time at low rates, more when commits are slow); the enqueue-to-claim
+  last one, in one ``fleet.enqueue_many``: one at a time at low rates, more when commits are
+  slow); the enqueue-to-claim
   latency (``claimed_at - enqueued_at``) percentiles come from ``fleet.messages``. PgQueuer
   gets the same treatment at half its own peak (``picked`` minus ``queued`` in its log).
   ``--repeat`` repeats these runs too; the summary's p99 is over every message of every run.
@@ -75,11 +76,6 @@ Layout = Literal["one-per-session", "many-per-session", "no sessions"]
 FLEET_BULK_ENQUEUE = """
 SELECT count(fleet.enqueue(session_id => 's' || ((g - 1) % $3)::text, body => 'bench'))
 FROM generate_series($1::int, $2::int) AS g
-"""
-
-#: The sustained-load producer: the messages that fell due, one per session, in one transaction.
-FLEET_ENQUEUE_MANY = """
-SELECT count(fleet.enqueue(session_id => s, body => 'bench')) FROM unnest($1::text[]) AS s
 """
 
 #: History without the wait: every message finished as a worker would have left it.
@@ -910,11 +906,13 @@ class QueueBench:
             await _wait_for(probe_done, "the sustained-load worker to start", 60)
             await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
             load = _load()
+            # The messages that fell due, one per session, in one statement (PgQueuer's
+            # producer enqueues its lists in one statement too).
             achieved, commits = await _produce(
                 rate,
                 seconds,
-                lambda first, end: pool.fetchval(
-                    FLEET_ENQUEUE_MANY, [f"live{i}" for i in range(first, end)]
+                lambda first, end: queue.enqueue_many(
+                    pool, [{"session_id": f"live{i}", "body": BODY} for i in range(first, end)]
                 ),
             )
 
