@@ -149,10 +149,11 @@ $$;
 -- the ids in the array's order (the existing id where a dedupe key repeats, earlier in the
 -- table or in the batch).
 --
--- Why a batch function: most of an enqueue's PostgreSQL time is per statement, not per row (the
+-- Why a batch function: much of an enqueue's PostgreSQL time is per statement, not per row (the
 -- executor's start-up, and the table's CHECK constraints parsed from the catalog for each
--- INSERT). fleet.enqueue called for 9 new sessions in one transaction cost ~160 us of backend
--- CPU a message, commit included; one set-based INSERT of the 9, ~75 us (BENCHMARKS.md).
+-- INSERT). Backend CPU per new-session message, commit included: ~110 us through fleet.enqueue
+-- and ~60 us through this in batches of 500; ~160 and ~130 us in batches of 9, where this
+-- function's own dozen statements weigh (BENCHMARKS.md).
 CREATE OR REPLACE FUNCTION fleet.enqueue_many(messages jsonb) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
