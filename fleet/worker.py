@@ -166,6 +166,7 @@ class Worker:
                                         self.handler.start)
             started = True
             await self._despite_outages("registering", self._register)
+            await self._fill_pool()
         except _Stopped:  # asked to stop before the database let us in: nothing was claimed
             if started:
                 await self.handler.close()
@@ -214,16 +215,32 @@ class Worker:
 
     async def _open_pool(self) -> asyncpg.Pool:
         # No session reset on release: the queue's statements and Lease.transaction() leave
-        # no session state, and the reset's round trip sat on every claim.
-        # All connections opened at start and kept while idle: a pool that grows under load
-        # opens its extra connection in the middle of a burst, and the claims queued behind
-        # it waited for a new backend (connect, codecs, the functions' first plans). In the
-        # queue bench's sustained phase each such moment showed as 100-300 messages claimed
-        # 15-40 ms late, enough to double the p99 (BENCHMARKS.md).
+        # no session state, and the reset's round trip sat on every claim. Connections are
+        # kept while idle and opened ahead of need (_fill_pool), not in the middle of a burst.
         return await create_pool(
-            self.settings, "fleet-worker", url=self.url, min_size=POOL_SIZE,
-            max_size=POOL_SIZE, reset_sessions=False, keep_idle=True,
+            self.settings, "fleet-worker", url=self.url, min_size=1, max_size=POOL_SIZE,
+            reset_sessions=False, keep_idle=True,
         )
+
+    async def _fill_pool(self) -> None:
+        """Open the pool's other connections before the first claim, as far as the database
+        allows. A pool that grows under load opens its next connection in the middle of a
+        burst, and the claims queued behind it waited for a new backend (connect, codecs, the
+        functions' first plans): in the queue bench's sustained phase each such moment showed
+        as 100-300 messages claimed 15-40 ms late, enough to double the p99 (BENCHMARKS.md).
+        A database at its connection limit leaves the pool smaller; it grows on demand later,
+        as before. Done after the handler has its own pools, so it cannot starve them."""
+        assert self.pool is not None
+        held: list[asyncpg.Connection] = []
+        try:
+            while len(held) < POOL_SIZE:
+                held.append(await self.pool.acquire())
+        except TRANSIENT as exc:
+            log.info("worker pool opened %d of %d connections for now (%s)",
+                     len(held), POOL_SIZE, exc)
+        finally:
+            for conn in held:
+                await self.pool.release(conn)
 
     async def _register(self) -> None:
         """This worker's row in ``fleet.workers``."""

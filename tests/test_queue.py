@@ -254,7 +254,8 @@ def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
 
 async def test_a_worker_opens_its_whole_pool_at_start_and_keeps_it(settings, conn):
     """A pool that grew under load opened its extra connections mid-burst, and the claims
-    queued behind them waited for new backends (the queue bench's sustained p99)."""
+    queued behind them waited for new backends (the queue bench's sustained p99). Under a
+    connection limit it opens fewer: tests/test_connection_budget.py."""
     from fleet.worker import POOL_SIZE
 
     worker = Worker(settings, NoopHandler(), concurrency=2)
