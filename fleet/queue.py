@@ -161,9 +161,9 @@ async def enqueue_many(
     default_max_attempts: int | None = None,
 ) -> list[int]:
     """Enqueue a batch in one statement, all or nothing: the same as :func:`enqueue` for each
-    message in turn (rules, dedupe keys, session metadata, wake-ups), at a fraction of the
-    database's cost per message. Returns the ids in order (the existing id where a dedupe key
-    repeats). A bad message raises :class:`InvalidInput` naming its position (from 1) and
+    message in turn (rules, dedupe keys, session metadata, wake-ups), for less of the
+    database's time per message (README). Returns the ids in order (the existing id where a
+    dedupe key repeats). A bad message raises :class:`InvalidInput` naming its position (from 1) and
     field, and nothing is written. ``default_max_attempts`` goes to messages without their
     own (else the database's ``fleet.max_attempts`` setting, else 5, as in SQL)."""
     batch: list[dict[str, Any]] = []
