@@ -22,6 +22,7 @@ from urllib.parse import urlparse, urlunparse
 import asyncpg
 import pytest
 
+from fleet.database import connect
 from fleet.settings import Settings
 
 TEMPLATE = "fleet_test_template"
@@ -143,6 +144,18 @@ async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to this test's database."""
     async with _connected(db_url) as connection:
         yield connection
+
+
+@pytest.fixture
+def sync_conn(db_url: str) -> Iterator[tuple[asyncio.AbstractEventLoop, asyncpg.Connection]]:
+    """A connection on a private event loop, for hypothesis tests (they run their examples
+    synchronously, outside pytest's loop)."""
+    loop = asyncio.new_event_loop()
+    connection = loop.run_until_complete(
+        connect(Settings(database_url=db_url), "fleet-test", url=db_url))
+    yield loop, connection
+    loop.run_until_complete(connection.close())
+    loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,8 @@ from hypothesis import strategies as st
 
 from fleet import queue
 from fleet.client import Client
-from fleet.database import connect
 from fleet.errors import InvalidInput
 from fleet.queue import NewMessage
-from fleet.settings import Settings
 
 messages = st.lists(
     st.fixed_dictionaries(
@@ -31,17 +29,6 @@ messages = st.lists(
     min_size=1,
     max_size=12,
 )
-
-
-@pytest.fixture
-def db(db_url):
-    """One connection on a private event loop: hypothesis runs many examples synchronously."""
-    loop = asyncio.new_event_loop()
-    conn = loop.run_until_complete(connect(Settings(database_url=db_url), "fleet-test",
-                                           url=db_url))
-    yield loop, conn
-    loop.run_until_complete(conn.close())
-    loop.close()
 
 
 def _in(namespace: str, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -86,8 +73,8 @@ async def _outcome(conn: asyncpg.Connection, namespace: str, ids: list[int]) -> 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=messages)
-def test_a_batch_is_the_same_as_enqueueing_its_messages_one_by_one(db, batch):
-    loop, conn = db
+def test_a_batch_is_the_same_as_enqueueing_its_messages_one_by_one(sync_conn, batch):
+    loop, conn = sync_conn
 
     async def compare() -> None:
         one_by_one, at_once = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]

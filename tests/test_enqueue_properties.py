@@ -3,16 +3,11 @@ nothing half-written; never another exception."""
 
 from __future__ import annotations
 
-import asyncio
-
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet import queue
-from fleet.database import connect
 from fleet.errors import InvalidInput
-from fleet.settings import Settings
 
 text = st.text(alphabet=st.characters(codec="utf-8"), max_size=300)
 bodies = st.one_of(text, st.just(""), st.just("x" * 16_385), st.text(min_size=1).map(
@@ -23,17 +18,6 @@ metadata = st.one_of(
     st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=20), max_size=5),
     st.just({"blob": "x" * 20_000}),
 )
-
-
-@pytest.fixture
-def db(db_url):
-    """One connection on a private event loop: hypothesis runs many examples synchronously."""
-    loop = asyncio.new_event_loop()
-    conn = loop.run_until_complete(connect(Settings(database_url=db_url), "fleet-test",
-                                           url=db_url))
-    yield loop, conn
-    loop.run_until_complete(conn.close())
-    loop.close()
 
 
 def _expect_valid(session_id: str, body: str, meta: dict) -> bool:
@@ -52,8 +36,8 @@ def _expect_valid(session_id: str, body: str, meta: dict) -> bool:
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(session_id=session_ids, body=bodies, meta=metadata)
-def test_enqueue_refuses_bad_input_cleanly_and_never_accepts_it(db, session_id, body, meta):
-    loop, conn = db
+def test_enqueue_refuses_bad_input_cleanly_and_never_accepts_it(sync_conn, session_id, body, meta):
+    loop, conn = sync_conn
 
     async def attempt() -> None:
         before = await conn.fetchval("SELECT count(*) FROM fleet.messages")
@@ -74,8 +58,8 @@ def test_enqueue_refuses_bad_input_cleanly_and_never_accepts_it(db, session_id, 
 @given(session_id=st.from_regex(r"[a-zA-Z0-9:._@/-]{1,128}", fullmatch=True),
        body=st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"),
                     min_size=1, max_size=2000).filter(lambda b: b.strip() != ""))
-def test_enqueue_accepts_every_valid_message(db, session_id, body):
-    loop, conn = db
+def test_enqueue_accepts_every_valid_message(sync_conn, session_id, body):
+    loop, conn = sync_conn
 
     async def attempt() -> None:
         message_id = await queue.enqueue(conn, session_id, body)

@@ -16,7 +16,7 @@ from fleet.handlers import NoopHandler
 from fleet.queue import Outcome
 from fleet.worker import Worker, retry_delay
 from tests.processes import wait_until
-from tests.workers import running
+from tests.workers import listening, running
 
 
 async def test_enqueue_returns_id_and_dedupe_key_returns_the_same_id(conn: asyncpg.Connection):
@@ -258,20 +258,13 @@ async def test_a_worker_opens_its_whole_pool_at_start_and_keeps_it(settings, con
     connection limit it opens fewer: tests/test_connection_budget.py."""
     from fleet.worker import POOL_SIZE
 
-    worker = Worker(settings, NoopHandler(), concurrency=2)
-    task = asyncio.create_task(worker.run())
-    try:
-        await wait_until(lambda: conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-listener'"),
-            message="the worker's LISTEN connection")
+    async with running(Worker(settings, NoopHandler(), concurrency=2)) as worker:
+        await listening(conn)
         assert await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-worker'"
             " AND datname = current_database()") == POOL_SIZE
         assert worker.pool is not None
         assert worker.pool._max_inactive_connection_lifetime == 0  # never closed for idling
-    finally:
-        worker.stop()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_committed_enqueue_wakes_a_worker_by_notify_not_poll(settings, conn):
@@ -279,10 +272,7 @@ async def test_committed_enqueue_wakes_a_worker_by_notify_not_poll(settings, con
     worker = Worker(settings, NoopHandler(), concurrency=2)
     task = asyncio.create_task(worker.run())
     try:
-        # Wait until the worker listens (its first claims are done).
-        await wait_until(lambda: conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-listener'"),
-            message="the worker's LISTEN connection")
+        await listening(conn)  # its first claims are done
         await asyncio.sleep(0.3)
 
         tr = conn.transaction()

@@ -6,7 +6,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
+
 from fleet.worker import Worker
+from tests.processes import wait_until
 
 
 @asynccontextmanager
@@ -18,3 +21,10 @@ async def running(worker: Worker, stop_timeout: float = 30) -> AsyncIterator[Wor
     finally:
         worker.stop()
         await asyncio.wait_for(task, stop_timeout)
+
+
+async def listening(conn: asyncpg.Connection) -> None:
+    """Until a worker's LISTEN connection is up (its start-up, pool included, is done)."""
+    await wait_until(lambda: conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-listener'"),
+        message="the worker's LISTEN connection")
