@@ -84,6 +84,16 @@ BEGIN
                                 enqueue.dedupe_key, enqueue.metadata, enqueue.agent,
                                 enqueue.variables, enqueue.max_attempts);
 
+    IF enqueue.dedupe_key IS NOT NULL THEN
+        -- A repeated key returns the first message's id and writes nothing (it used to insert
+        -- the session row and delete it again, leaving a dead tuple). A key taken by another
+        -- transaction after this look is caught by the INSERT's ON CONFLICT below.
+        SELECT m.id INTO new_id FROM fleet.messages m WHERE m.dedupe_key = enqueue.dedupe_key;
+        IF FOUND THEN
+            RETURN new_id;
+        END IF;
+    END IF;
+
     -- Session metadata is set by the first enqueue of a session and kept afterwards.
     INSERT INTO fleet.sessions AS s (session_id, metadata)
     VALUES (enqueue.session_id, coalesce(enqueue.metadata, '{}'::jsonb))

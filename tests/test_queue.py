@@ -45,6 +45,19 @@ async def test_a_repeated_dedupe_key_starts_no_session(conn: asyncpg.Connection)
     assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 2
 
 
+async def test_a_repeated_dedupe_key_writes_nothing(conn: asyncpg.Connection):
+    """A repeat is answered from the key's index: no session row inserted and deleted again
+    (each left a dead tuple in fleet.sessions)."""
+    first = await queue.enqueue(conn, "orig", "x", dedupe_key="k")
+    for i in range(20):
+        assert await queue.enqueue(conn, f"other-{i}", "y", dedupe_key="k") == first
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    written = await conn.fetchrow(
+        "SELECT n_tup_ins, n_tup_del FROM pg_stat_user_tables"
+        " WHERE relid = 'fleet.sessions'::regclass")
+    assert (written["n_tup_ins"], written["n_tup_del"]) == (1, 0)
+
+
 async def test_session_metadata_is_set_by_the_first_enqueue(conn: asyncpg.Connection):
     await queue.enqueue(conn, "s1", "a", metadata={"tenant": "acme"})
     await queue.enqueue(conn, "s1", "b", metadata={"tenant": "other"})
