@@ -148,7 +148,7 @@ LANGUAGE sql IMMUTABLE AS $$
             CASE WHEN jsonb_typeof(value) <> 'number'
                       OR value::text::numeric <> trunc(value::text::numeric)
                       OR abs(value::text::numeric) > 2147483647
-                 THEN 'max_attempts must be a whole number' END
+                 THEN 'max_attempts must be a whole number up to 2147483647' END
         WHEN jsonb_typeof(value) <> 'string' THEN field || ' must be a string'
     END
 $$;
