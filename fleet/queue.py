@@ -130,12 +130,8 @@ async def enqueue(
     max_attempts: int | None = None,
 ) -> int:
     """Enqueue one message; inside ``db``'s transaction when ``db`` is a connection in one."""
-    for field, value in (("session_id", session_id), ("body", body),
-                         ("customer_id", customer_id), ("dedupe_key", dedupe_key),
-                         ("agent", agent)):
-        if isinstance(value, str) and "\x00" in value:
-            # PostgreSQL text cannot hold NUL; say so instead of an encoding error.
-            raise InvalidInput(f"{field} must not contain NUL bytes")
+    _refuse_nul({"session_id": session_id, "body": body, "customer_id": customer_id,
+                 "dedupe_key": dedupe_key, "agent": agent})
     try:
         return await db.fetchval(
             SQL["enqueue"],
@@ -177,9 +173,7 @@ async def enqueue_many(
         if new.max_attempts is None and default_max_attempts is not None:
             new = new.model_copy(update={"max_attempts": default_max_attempts})
         fields = new.model_dump(exclude_none=True)
-        for field, value in fields.items():
-            if isinstance(value, str) and "\x00" in value:
-                raise InvalidInput(f"message {position}: {field} must not contain NUL bytes")
+        _refuse_nul(fields, f"message {position}: ")
         batch.append(fields)
     if not batch:
         return []
@@ -191,6 +185,13 @@ async def enqueue_many(
         return list(await db.fetchval(SQL["enqueue_many"], payload))
     except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
         raise _invalid(exc) from exc
+
+
+def _refuse_nul(fields: Mapping[str, object], where: str = "") -> None:
+    """PostgreSQL text cannot hold NUL: say which field, instead of an encoding error."""
+    for field, value in fields.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise InvalidInput(f"{where}{field} must not contain NUL bytes")
 
 
 def _json_text(field: str, value: dict[str, Any] | None) -> str:

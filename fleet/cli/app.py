@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -79,13 +79,20 @@ def _cell(value: Any, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def emit_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], width: int = 40) -> None:
-    """A plain aligned table; cells are cut at ``width`` characters."""
+def emit_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str],
+    width: int = 40,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """A plain aligned table; cells are cut at ``width`` characters. ``labels`` heads a column
+    otherwise than its field (``session_id`` as ``session``, the contract's word)."""
     if not rows:
         typer.echo("(none)")
         return
+    heads = [(labels or {}).get(c, c) for c in columns]
     cells = [[_cell(row.get(c), width) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    typer.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(heads)]
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)))
     for r in cells:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

@@ -26,7 +26,7 @@ app.add_typer(approvals_app, name="approvals")
 
 LIST_COLUMNS = [
     "id",
-    "session",
+    "session_id",
     "tool",
     "arguments",
     "status",
@@ -77,8 +77,8 @@ def list_command(
     if as_json:
         emit_json([a.model_dump(mode="json") for a in found])
         return
-    emit_table([{**a.model_dump(), "session": a.session_id} for a in found], LIST_COLUMNS,
-               width=48)
+    emit_table([a.model_dump() for a in found], LIST_COLUMNS, width=48,
+               labels={"session_id": "session"})
 
 
 @approvals_app.command("show")

@@ -180,7 +180,7 @@ def enqueue_command(
 
 MESSAGE_COLUMNS = [
     "id",
-    "session",
+    "session_id",
     "state",
     "attempts",
     "enqueued_at",
@@ -216,8 +216,8 @@ def messages_command(
     if as_json:
         emit_json(rows)
     else:
-        emit_table([{**m.model_dump(), "session": m.session_id} for m in messages],
-                   MESSAGE_COLUMNS)
+        emit_table([m.model_dump() for m in messages], MESSAGE_COLUMNS,
+                   labels={"session_id": "session"})
 
 
 @app.command("cancel")
