@@ -161,9 +161,9 @@ $$;
 --
 -- Why a batch function: much of an enqueue's PostgreSQL time is per statement, not per row (the
 -- executor's start-up, and the table's CHECK constraints parsed from the catalog for each
--- INSERT). Backend CPU per new-session message, commit included: ~110 us through fleet.enqueue
--- and ~60 us through this in batches of 500; ~160 and ~130 us in batches of 9, where this
--- function's own dozen statements weigh (BENCHMARKS.md).
+-- INSERT). Backend CPU per new-session message, commit included: ~93 us through fleet.enqueue
+-- and ~56 us through this in batches of 500; ~160 and 130-155 us in batches of 9, where this
+-- function's own dozen statements weigh (bench/queue_probes.py enqueue-cost).
 CREATE OR REPLACE FUNCTION fleet.enqueue_many(messages jsonb) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE

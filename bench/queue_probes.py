@@ -1,0 +1,281 @@
+"""Probes behind the 2026-12-02 morning figures of BENCHMARKS.md (`fleet bench queue`'s own
+phases report the rest). Each runs in a scratch database on the fleet's server, like the bench:
+
+    python bench/queue_probes.py enqueue-cost [--batch 9] [--messages 20000] [--rounds 2]
+    python bench/queue_probes.py session-id-check
+    python bench/queue_probes.py first-call
+    python bench/queue_probes.py heartbeat
+    python bench/queue_probes.py analyze-cost
+    python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
+                                                 [--no-autovacuum] [--analyze-after S]
+
+Backend CPU is read from /proc for the connection's own backend, so the server must be local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import time
+from typing import Any
+
+import asyncpg
+
+import fleet.bench.queue as bench
+from fleet.settings import Settings
+from fleet.sql import queries
+
+QUERIES = queries("queries.sql")
+PER_MESSAGE = (
+    "SELECT count(fleet.enqueue(session_id => s, body => 'bench')) FROM unnest($1::text[]) AS s"
+)
+MANY = (
+    "SELECT cardinality(fleet.enqueue_many((SELECT jsonb_agg(jsonb_build_object("
+    "'session_id', s, 'body', 'bench')) FROM unnest($1::text[]) AS s)))"
+)
+#: The least a batch of new-session messages can cost: two set-based INSERTs, no rules.
+FLOOR = """
+WITH new AS (INSERT INTO fleet.sessions (session_id) SELECT unnest($1::text[])
+             ON CONFLICT DO NOTHING RETURNING session_id)
+INSERT INTO fleet.messages (session_id, body, is_head)
+SELECT s, 'bench', s IN (SELECT session_id FROM new) FROM unnest($1::text[]) AS s
+"""
+#: Columns no query of ours filters, joins or groups on (analyze-cost).
+UNFILTERED = ["body", "reply", "error", "metadata", "variables", "lease_owner", "customer_id",
+              "dedupe_key", "enqueued_at", "claimed_at", "finished_at", "lease_expires_at",
+              "lease_token", "agent", "attempts", "max_attempts", "takeovers"]
+
+
+def backend_cpu(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.asynccontextmanager
+async def scratch():
+    async with bench.scratch_database(Settings()) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            yield url, conn
+        finally:
+            await conn.close()
+
+
+async def enqueue_cost(args: argparse.Namespace) -> None:
+    """Backend CPU per new-session message, commit included, ``--batch`` per transaction."""
+    for rnd in range(args.rounds):
+        for name, sql in (("fleet.enqueue per message", PER_MESSAGE),
+                          ("fleet.enqueue_many", MANY), ("bare INSERTs (floor)", FLOOR)):
+            async with scratch() as (_, conn):
+                pid = await conn.fetchval("SELECT pg_backend_pid()")
+                await conn.execute(sql, [f"warm{i}" for i in range(200)])
+                before = backend_cpu(pid)
+                for first in range(0, args.messages, args.batch):
+                    last = min(args.messages, first + args.batch)
+                    await conn.execute(sql, [f"r{rnd}-{i}" for i in range(first, last)])
+                used = backend_cpu(pid) - before
+            print(f"round {rnd + 1}, batch {args.batch}: {name}: "
+                  f"{used / args.messages * 1e6:.0f} us per message")
+
+
+async def session_id_check(_: argparse.Namespace) -> None:
+    """The old counted regex against the length test and one-character class (migration 0013)."""
+    values = "FROM generate_series(1, 200000) AS g"
+    async with scratch() as (_, conn):
+        for label, where in (
+            ("nothing (generate_series alone)", "('live' || g) IS NOT NULL"),
+            ("'^[^[:cntrl:][:space:]]{1,128}$'",
+             "('live' || g) ~ '^[^[:cntrl:][:space:]]{1,128}$'"),
+            ("length + '[[:cntrl:][:space:]]'",
+             "length('live' || g) BETWEEN 1 AND 128 AND ('live' || g) !~ '[[:cntrl:][:space:]]'"),
+        ):
+            started = time.perf_counter()
+            await conn.fetchval(f"SELECT count(*) {values} WHERE {where}")
+            print(f"200,000 values, {label}: {time.perf_counter() - started:.3f} s")
+
+
+async def _backlog(conn: asyncpg.Connection, messages: int, finished: int) -> None:
+    await conn.execute("SELECT fleet.enqueue('s' || g, 'bench') FROM generate_series(1, $1) g",
+                       messages)
+    await conn.execute("UPDATE fleet.messages SET state = 'done', reply = 'ok', is_head = false,"
+                       " claimed_at = clock_timestamp(), finished_at = clock_timestamp()"
+                       " WHERE id <= $1", finished)
+    await conn.execute("VACUUM ANALYZE")
+
+
+CLAIM_NOTHING_FINISHED = (
+    "SELECT * FROM fleet.finish_and_claim($1, 10, 30, NULL, NULL, '{}', '{}', '{}', '{}', '{}')"
+)
+
+
+async def first_call(_: argparse.Namespace) -> None:
+    """A fresh backend's first worker cycle against its next ones."""
+    async with scratch() as (url, conn):
+        await _backlog(conn, 2000, 0)
+        for backend in range(4):
+            fresh = await asyncpg.connect(url)
+            times = []
+            for _call in range(3):
+                started = time.perf_counter()
+                await fresh.fetch(CLAIM_NOTHING_FINISHED, "probe")
+                times.append((time.perf_counter() - started) * 1000)
+            await fresh.close()
+            print(f"backend {backend + 1}: finish_and_claim of 10, "
+                  + ", ".join(f"{t:.2f}" for t in times) + " ms")
+
+
+async def heartbeat(_: argparse.Namespace) -> None:
+    """The worker's heartbeat over 20 leases, 50,000 messages in the table."""
+    async with scratch() as (_, conn):
+        await _backlog(conn, 50_000, 30_000)
+        rows = await conn.fetch(CLAIM_NOTHING_FINISHED.replace("10,", "20,"), "probe")
+        ids, tokens = [r["id"] for r in rows], [r["lease_token"] for r in rows]
+        plan = await conn.fetch("EXPLAIN (ANALYZE) " + QUERIES["heartbeat"], ids, tokens, 30.0)
+        print("\n".join(r[0] for r in plan))
+
+
+async def analyze_cost(_: argparse.Namespace) -> None:
+    """ANALYZE of 50,000 messages, then with statistics off on the columns no query uses."""
+    async with scratch() as (_, conn):
+        await _backlog(conn, 50_000, 50_000)
+        for label in ("default statistics", f"statistics 0 on {len(UNFILTERED)} columns"):
+            if label != "default statistics":
+                for column in UNFILTERED:
+                    await conn.execute(
+                        f"ALTER TABLE fleet.messages ALTER COLUMN {column} SET STATISTICS 0")
+            times = []
+            for _run in range(5):
+                started = time.perf_counter()
+                await conn.execute("ANALYZE fleet.messages")
+                times.append((time.perf_counter() - started) * 1000)
+            print(f"{label}: " + ", ".join(f"{t:.0f}" for t in times) + " ms")
+
+
+def _steal() -> tuple[int, int]:
+    """(steal, all) CPU ticks so far."""
+    ticks = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    return ticks[7], sum(ticks)
+
+
+async def sustained_trace(args: argparse.Namespace) -> None:
+    """The queue bench's sustained phase (pgfleet), with each message's latency kept: where the
+    messages over the p99 fall in the run, when backends started, when autovacuum ran and how
+    much CPU the host stole."""
+    captured: dict[str, Any] = {}
+    add = bench.QueueBench._add_sustained
+
+    def keep(self: bench.QueueBench, system, rate, achieved, commits, times, *rest) -> None:
+        captured["times"] = times
+        add(self, system, rate, achieved, commits, times, *rest)
+
+    bench.QueueBench._add_sustained = keep  # type: ignore[method-assign]
+    for run in range(args.runs):
+        await _traced_run(args, run + 1, captured)
+
+
+async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, Any]) -> None:
+    config = bench.QueueBenchConfig(sustain_seconds=args.seconds, sustain_rate=args.rate,
+                                    skip_pgqueuer=True, explain_backlog=0)
+    qb = bench.QueueBench(Settings(), config)
+    started: dict[int, tuple[str, float]] = {}
+    steal: list[tuple[float, float]] = []
+    async with bench.scratch_database(qb.settings) as url:
+        qb.url, qb.database = url, url.rsplit("/", 1)[1]
+        qb.conn = await bench.connect(qb._settings(), "fleet-bench", url=url)
+        watcher = await asyncpg.connect(url, server_settings={"application_name": "probe"})
+        if args.no_autovacuum:
+            await qb.conn.execute(
+                "ALTER TABLE fleet.messages SET (autovacuum_enabled = false);"
+                " ALTER TABLE fleet.sessions SET (autovacuum_enabled = false)")
+
+        async def watch() -> None:
+            last = _steal()
+            while True:
+                for r in await watcher.fetch(
+                        "SELECT pid, application_name,"
+                        " extract(epoch FROM backend_start)::float8 AS at"
+                        " FROM pg_stat_activity WHERE datname = current_database()"):
+                    started.setdefault(r["pid"], (r["application_name"] or "(no name: autovacuum)",
+                                                  r["at"]))
+                now = _steal()
+                steal.append((time.time(), (now[0] - last[0]) / max(now[1] - last[1], 1)))
+                last = now
+                await asyncio.sleep(0.1)
+
+        async def analyze_later() -> None:
+            await asyncio.sleep(args.analyze_after)
+            analyzer = await asyncpg.connect(url, server_settings={"application_name": "probe"})
+            captured["analyze"] = time.time()
+            await analyzer.execute("ANALYZE fleet.messages")
+            await analyzer.close()
+
+        tasks = [asyncio.create_task(watch())]
+        if args.analyze_after is not None:
+            tasks.append(asyncio.create_task(analyze_later()))
+        try:
+            await qb._fleet_sustained()
+            vacuums = await qb.conn.fetch(
+                "SELECT relname, extract(epoch FROM last_autovacuum)::float8 AS vacuum,"
+                " extract(epoch FROM last_autoanalyze)::float8 AS analyze"
+                " FROM pg_stat_user_tables WHERE schemaname = 'fleet'"
+                " AND (last_autovacuum IS NOT NULL OR last_autoanalyze IS NOT NULL)")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await watcher.close()
+            await qb.conn.close()
+    times = captured["times"]
+    t0 = times[0]["enqueued"]
+    latencies = sorted((t["claimed"] - t["enqueued"]) * 1000 for t in times)
+    p99 = latencies[int(0.99 * len(latencies))]
+    late = collections.Counter(round(t["enqueued"] - t0, 1) for t in times
+                               if (t["claimed"] - t["enqueued"]) * 1000 >= p99)
+    result = qb.report.sustained[-1]
+    print(f"run {run}: {result.achieved_rate:,.0f}/s, p50 {result.p50_ms} ms,"
+          f" p90 {result.p90_ms} ms, p99 {result.p99_ms} ms, max {result.max_ms} ms")
+    print("  messages at or over the p99, by enqueue time (s after the first):",
+          sorted(late.items()))
+    for name, at in sorted(started.values(), key=lambda v: v[1]):
+        if at >= t0 - 5:
+            print(f"  backend {name} started at {at - t0:+.2f} s")
+    for r in vacuums:
+        for kind in ("vacuum", "analyze"):
+            if r[kind] is not None and r[kind] >= t0 - 5:
+                print(f"  auto{kind} of fleet.{r['relname']} at {r[kind] - t0:+.2f} s")
+    if "analyze" in captured:
+        print(f"  ANALYZE fleet.messages (by hand) at {captured.pop('analyze') - t0:+.2f} s")
+    during = [share for at, share in steal if t0 <= at <= t0 + args.seconds]
+    if during:
+        print(f"  steal: mean {100 * sum(during) / len(during):.1f}%,"
+              f" worst 0.1 s {100 * max(during):.1f}% of the CPUs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    cost = commands.add_parser("enqueue-cost")
+    cost.add_argument("--batch", type=int, default=9)
+    cost.add_argument("--messages", type=int, default=20_000)
+    cost.add_argument("--rounds", type=int, default=2)
+    for name in ("session-id-check", "first-call", "heartbeat", "analyze-cost"):
+        commands.add_parser(name)
+    trace = commands.add_parser("sustained-trace")
+    trace.add_argument("--rate", type=float, default=3000.0)
+    trace.add_argument("--seconds", type=float, default=10.0)
+    trace.add_argument("--runs", type=int, default=3)
+    trace.add_argument("--no-autovacuum", action="store_true")
+    trace.add_argument("--analyze-after", type=float, default=None,
+                       help="ANALYZE fleet.messages by hand this many seconds after setup starts")
+    args = parser.parse_args()
+    probe = {"enqueue-cost": enqueue_cost, "session-id-check": session_id_check,
+             "first-call": first_call, "heartbeat": heartbeat, "analyze-cost": analyze_cost,
+             "sustained-trace": sustained_trace}[args.command]
+    asyncio.run(probe(args))
+
+
+if __name__ == "__main__":
+    main()
