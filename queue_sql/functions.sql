@@ -176,6 +176,7 @@ DECLARE
     agent_of  text[];
     vars      jsonb[];
     tries     integer[];
+    known     bigint[];   -- the id its dedupe key already had in the table
     repeated  boolean[];  -- its dedupe key was seen before: in the table or earlier in the batch
     fresh     text[];     -- sessions this call created
     keyless   bigint[];   -- ids inserted for messages without a dedupe key, ascending
@@ -226,10 +227,11 @@ BEGIN
 
     keyed := keys <> array_fill(NULL::text, ARRAY[total]);
     IF keyed THEN
+        known := ARRAY(SELECT (SELECT m.id FROM fleet.messages m WHERE m.dedupe_key = u.k)
+                       FROM unnest(keys) WITH ORDINALITY AS u(k, n) ORDER BY u.n);
         repeated := ARRAY(
-            SELECT u.k IS NOT NULL
-                   AND (coalesce(u.k = ANY (keys[1 : u.n - 1]), false)  -- NULL: no match
-                        OR EXISTS (SELECT 1 FROM fleet.messages m WHERE m.dedupe_key = u.k))
+            SELECT known[u.n] IS NOT NULL
+                   OR coalesce(u.k = ANY (keys[1 : u.n - 1]), false)  -- NULL: no match
             FROM unnest(keys) WITH ORDINALITY AS u(k, n) ORDER BY u.n);
         expected := cardinality(array_positions(repeated, false));
     ELSE
@@ -286,9 +288,10 @@ BEGIN
     IF NOT keyed THEN
         RETURN keyless;
     END IF;
-    -- Ids in the array's order: a message with a dedupe key by its key (whoever inserted it),
-    -- the others in turn from the keyless ids.
-    ids := ARRAY(SELECT (SELECT m.id FROM fleet.messages m WHERE m.dedupe_key = u.k)
+    -- Ids in the array's order: a key's id as found before the insert, else by its key now
+    -- (inserted by this call or a concurrent one); the others in turn from the keyless ids.
+    ids := ARRAY(SELECT coalesce(known[u.n],
+                                 (SELECT m.id FROM fleet.messages m WHERE m.dedupe_key = u.k))
                  FROM unnest(keys) WITH ORDINALITY AS u(k, n) ORDER BY u.n);
     FOR i IN 1 .. total LOOP
         IF keys[i] IS NULL THEN
