@@ -6,6 +6,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py first-call
     python bench/queue_probes.py heartbeat
     python bench/queue_probes.py analyze-cost
+    python bench/queue_probes.py cycle-cost [--messages 20000] [--batch 10] [--rounds 2]
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
 
@@ -154,6 +155,55 @@ async def analyze_cost(_: argparse.Namespace) -> None:
             print(f"{label}: " + ", ".join(f"{t:.0f}" for t in times) + " ms")
 
 
+#: The index set before migration 0014 (cycle-cost's comparison).
+BEFORE_0014 = """
+CREATE INDEX messages_session ON fleet.messages (session_id, id);
+DROP INDEX fleet.messages_session_finished;
+"""
+CYCLE = ("SELECT * FROM fleet.finish_and_claim($1, $2, 30, NULL, NULL, $3::bigint[],"
+         " $4::bigint[], $5::text[], $6::text[], $7::text[])")
+
+
+async def cycle_cost(args: argparse.Namespace) -> None:
+    """The worker's cycle alone: one connection drains a backlog with fleet.finish_and_claim,
+    finishing the last batch and claiming the next in each call, as the worker does. Backend CPU
+    and WAL per message, one per session and 100 per session (interleaved), with today's indexes
+    and with those before migration 0014, in turn."""
+    for rnd in range(args.rounds):
+        for per_session in (1, 100):
+            for indexes in ("now", "before 0014"):
+                async with scratch() as (_, conn):
+                    if indexes != "now":
+                        await conn.execute(BEFORE_0014)
+                    await conn.execute(
+                        "SELECT count(fleet.enqueue('s' || (g % $2), 'bench'))"
+                        " FROM generate_series(1, $1) g", args.messages,
+                        args.messages // per_session)
+                    await conn.execute("VACUUM ANALYZE")
+                    await conn.execute("CHECKPOINT")
+                    pid = await conn.fetchval("SELECT pg_backend_pid()")
+                    wal_start = await conn.fetchval("SELECT pg_current_wal_lsn()")
+                    before = backend_cpu(pid)
+                    held: list[asyncpg.Record] = []
+                    while True:
+                        ids = [r["id"] for r in held]
+                        rows = await conn.fetch(
+                            CYCLE, "probe", args.batch, ids, [r["lease_token"] for r in held],
+                            ["done"] * len(ids), ["ok"] * len(ids), [None] * len(ids))
+                        held = [r for r in rows if r["lease_token"] is not None]
+                        if not held and not ids:
+                            break
+                    used = backend_cpu(pid) - before
+                    wal = await conn.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn",
+                                              wal_start)
+                    done = await conn.fetchval(
+                        "SELECT count(*) FROM fleet.messages WHERE state = 'done'")
+                assert done == args.messages, f"{done} of {args.messages} done"
+                print(f"round {rnd + 1}, {per_session} per session, indexes {indexes}: "
+                      f"{used / done * 1e6:.0f} us backend CPU, {float(wal) / done:,.0f} B WAL"
+                      " per message", flush=True)
+
+
 def _steal() -> tuple[int, int]:
     """(steal, all) CPU ticks so far."""
     ticks = [int(v) for v in open("/proc/stat").readline().split()[1:]]
@@ -261,6 +311,10 @@ def main() -> None:
     cost.add_argument("--batch", type=int, default=9)
     cost.add_argument("--messages", type=int, default=20_000)
     cost.add_argument("--rounds", type=int, default=2)
+    cycle = commands.add_parser("cycle-cost")
+    cycle.add_argument("--messages", type=int, default=20_000)
+    cycle.add_argument("--batch", type=int, default=10)
+    cycle.add_argument("--rounds", type=int, default=2)
     for name in ("session-id-check", "first-call", "heartbeat", "analyze-cost"):
         commands.add_parser(name)
     trace = commands.add_parser("sustained-trace")
@@ -273,7 +327,7 @@ def main() -> None:
     args = parser.parse_args()
     probe = {"enqueue-cost": enqueue_cost, "session-id-check": session_id_check,
              "first-call": first_call, "heartbeat": heartbeat, "analyze-cost": analyze_cost,
-             "sustained-trace": sustained_trace}[args.command]
+             "sustained-trace": sustained_trace, "cycle-cost": cycle_cost}[args.command]
     asyncio.run(probe(args))
 
 

@@ -368,7 +368,10 @@ async def list_messages(
     validate_state(state)
     if limit < 1:
         raise InvalidInput(f"limit must be a positive number, got {limit}")
-    rows = await db.fetch(SQL["list_messages"], session_id, state, limit)
+    if session_id is None:
+        rows = await db.fetch(SQL["list_messages"], state, limit)
+    else:
+        rows = await db.fetch(SQL["list_session_messages"], session_id, state, limit)
     return [Message(**dict(row)) for row in rows]
 
 

@@ -275,11 +275,13 @@ BEGIN
     FROM inserted;
 
     -- A key enqueued by a concurrent transaction since the check above was skipped by the
-    -- INSERT; a session created for it alone goes, as in fleet.enqueue.
+    -- INSERT; a session created for it alone goes, as in fleet.enqueue. (A session this call
+    -- created can only hold this call's messages, all queued: the live index answers.)
     IF written < expected THEN
         DELETE FROM fleet.sessions s
         WHERE s.session_id = ANY (fresh)
-          AND NOT EXISTS (SELECT 1 FROM fleet.messages m WHERE m.session_id = s.session_id);
+          AND NOT EXISTS (SELECT 1 FROM fleet.messages m
+                          WHERE m.session_id = s.session_id AND m.state = 'queued');
     END IF;
     IF heads > 0 THEN
         PERFORM pg_notify('fleet_wakeup', '');  -- delivered at commit, once

@@ -14,6 +14,7 @@ from fleet import queue
 from fleet.errors import InvalidInput
 from fleet.handlers import NoopHandler
 from fleet.queue import Outcome
+from fleet.sql import queries
 from fleet.worker import Worker, retry_delay
 from tests.processes import wait_until
 from tests.workers import listening, running
@@ -254,6 +255,48 @@ async def test_claim_cost_follows_the_batch_not_the_backlog(conn: asyncpg.Connec
     # The index scan stops after the batch: it reads about 10 rows, not 10,000.
     scanned = next(line for line in plan.splitlines() if "Index Scan" in line)
     assert re.search(r"actual time=\S+ rows=10(\.00)? ", scanned), plan
+
+
+SESSION_HISTORY_QUERIES = {
+    "list_session_messages": (queue.SQL["list_session_messages"], ("h", None, 100)),
+    "list_sessions": (queue.SQL["list_sessions"].replace(
+        "WHERE s.metadata @> $1::jsonb", "WHERE s.session_id = $1"), ("h", 100)),
+    "trace_messages": (queries("agent_runtime.sql")["trace_messages"], ("h",)),
+}
+
+
+async def test_a_sessions_history_lists_messages_in_every_state(conn: asyncpg.Connection):
+    """A session's messages are indexed in two halves by state (migration 0014): live and
+    finished. The history queries name both; a state left out of both would vanish here."""
+    ids = [await queue.enqueue(conn, "h", f"m{n}") for n in range(len(queue.MESSAGE_STATES))]
+    for message_id, state in zip(ids, queue.MESSAGE_STATES, strict=True):
+        await conn.execute(
+            "UPDATE fleet.messages SET state = $2, reply = 'r', lease_token = 1,"
+            " lease_expires_at = now() + interval '1 minute' WHERE id = $1", message_id, state)
+    listed = await queue.list_messages(conn, session_id="h")
+    expected = list(zip(ids, queue.MESSAGE_STATES, strict=True))
+    assert sorted((m.id, m.state) for m in listed) == expected
+    for name in ("list_session_messages", "trace_messages"):
+        sql, args = SESSION_HISTORY_QUERIES[name]
+        assert len(await conn.fetch(sql, *args)) == len(ids), name
+    sql, args = SESSION_HISTORY_QUERIES["list_sessions"]
+    assert (await conn.fetchrow(sql, *args))["messages"] == len(ids)
+
+
+async def test_a_sessions_history_is_read_through_its_indexes(conn: asyncpg.Connection):
+    """Without the full (session_id, id) index, a history query that named neither half would
+    read the whole table."""
+    await conn.execute(
+        "SELECT fleet.enqueue('s' || (g % 300), 'x') FROM generate_series(1, 6000) g")
+    await conn.execute("UPDATE fleet.messages SET state = 'done', reply = 'ok', is_head = false"
+                       " WHERE id % 2 = 0")
+    await conn.execute("SELECT fleet.enqueue('h', 'x') FROM generate_series(1, 4)")
+    await conn.execute("ANALYZE fleet.messages")
+    for name, (sql, args) in SESSION_HISTORY_QUERIES.items():
+        plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
+        assert "Seq Scan on messages" not in plan, (name, plan)
+        assert "messages_session_live" in plan and "messages_session_finished" in plan, (
+            name, plan)
 
 
 def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
