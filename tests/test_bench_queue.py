@@ -76,6 +76,8 @@ def test_bench_queue_without_pgqueuer_or_explain(fleet_env: dict[str, str]) -> N
     # --repeat runs the sustained phase again too; the summary's p99 is over both runs.
     assert [s["system"] for s in report["sustained"]] == ["pgfleet", "pgfleet"]
     assert {s["target_rate"] for s in report["sustained"]} == {150}
+    # Each run counts its own 75 messages, not the warm-up's 150 sent before it.
+    assert [s["messages"] for s in report["sustained"]] == [75, 75]
     summary = report["summary"]
     assert summary["sustained_p99_ms_per_run"] == [s["p99_ms"] for s in report["sustained"]]
     assert 0 < summary["sustained_p99_ms"] <= max(s["max_ms"] for s in report["sustained"])
