@@ -13,9 +13,8 @@
 -- CPU difference the noise lets through (99-105 against 101-108 us).
 --
 -- A query for a session's whole history names both halves, so the planner can OR the two
--- indexes: `session_id = $1 AND (state IN (<live>) OR state IN (<finished>))`
--- (queue_sql/queries.sql's list_session_messages, list_sessions; agent_runtime.sql's
--- trace_messages).
+-- indexes: `session_id = $1 AND (state IN (<live>) OR state IN (<finished>))`, written once in
+-- fleet.session_messages(session_id) (queue_sql/functions.sql), which the planner inlines.
 --
 -- One reader cannot name them: the foreign key's own check when a session row is deleted,
 -- which then reads fleet.messages sequentially. Sessions are deleted only in one race (a

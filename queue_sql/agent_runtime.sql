@@ -98,12 +98,9 @@ WHERE conversation_id = $1
 ORDER BY requested_at;
 
 -- name: trace_messages
--- `fleet trace`: the session's messages with their replies (both halves of the session's
--- index named, as in queries.sql's list_session_messages).
+-- `fleet trace`: the session's messages with their replies.
 SELECT id, state, attempts, body, reply, error, enqueued_at, finished_at
-FROM fleet.messages
-WHERE session_id = $1
-  AND (state IN ('queued', 'running', 'awaiting_approval') OR state IN ('done', 'dead', 'cancelled'))
+FROM fleet.session_messages($1)
 ORDER BY id;
 
 -- name: trace_conversation

@@ -308,6 +308,21 @@ $$;
 COMMENT ON FUNCTION fleet.enqueue_many(jsonb) IS
     'Enqueue a JSON array of messages (fleet.enqueue''s arguments as keys) in one statement, all or nothing; returns their ids in order.';
 
+-- a session's history ------------------------------------------------------------------------
+
+-- A session's messages, in every state. They are indexed in two halves (migration 0014): live
+-- ones in messages_session_live, finished ones in messages_session_finished. Naming both
+-- halves lets the planner OR the two indexes; a bare `session_id = $1` has no index to use
+-- and reads the whole table. A one-SELECT SQL function: the planner inlines it into the
+-- calling query, so `WHERE`, `ORDER BY` and `LIMIT` around it plan as if written out.
+CREATE OR REPLACE FUNCTION fleet.session_messages(session_id text) RETURNS SETOF fleet.messages
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM fleet.messages m
+    WHERE m.session_id = session_messages.session_id
+      AND (m.state IN ('queued', 'running', 'awaiting_approval')
+           OR m.state IN ('done', 'dead', 'cancelled'))
+$$;
+
 -- head election at commit ----------------------------------------------------------------------
 
 -- Deferred to COMMIT: the message becomes its session's head if the session has no live head.

@@ -172,16 +172,13 @@ ORDER BY id DESC
 LIMIT $2;
 
 -- name: list_session_messages
--- A session's messages, newest first; $1 session, $2 state (or NULL), $3 limit. A session's
--- messages are indexed in two halves, live (messages_session_live) and finished
--- (messages_session_finished, migration 0014); naming both lets the planner OR the two.
+-- A session's messages, newest first; $1 session, $2 state (or NULL), $3 limit. Through
+-- fleet.session_messages, which reads the session's two indexes (migration 0014).
 SELECT id, session_id, agent, body, customer_id, variables, metadata, dedupe_key, state,
        attempts, max_attempts, takeovers, enqueued_at, claimed_at, finished_at, run_after,
        lease_owner, reply, error
-FROM fleet.messages
-WHERE session_id = $1
-  AND (state IN ('queued', 'running', 'awaiting_approval') OR state IN ('done', 'dead', 'cancelled'))
-  AND ($2::text IS NULL OR state = $2)
+FROM fleet.session_messages($1)
+WHERE ($2::text IS NULL OR state = $2)
 ORDER BY id DESC
 LIMIT $3;
 
@@ -232,19 +229,15 @@ ORDER BY requested_at DESC LIMIT 1;
 
 -- name: list_sessions
 -- Sessions whose metadata contains $1 (a JSON object; '{}' matches all), newest first, with
--- their message counts. The containment test uses the sessions_metadata GIN index; a
--- session's messages are read through its two halves' indexes (see list_session_messages).
--- (The counts are select-list subqueries, so only the sessions listed are counted.)
-SELECT s.session_id, s.metadata, s.created_at,
-       (SELECT count(*) FROM fleet.messages m
-        WHERE m.session_id = s.session_id
-          AND (m.state IN ('queued', 'running', 'awaiting_approval')
-               OR m.state IN ('done', 'dead', 'cancelled'))) AS messages,
-       (SELECT max(m.enqueued_at) FROM fleet.messages m
-        WHERE m.session_id = s.session_id
-          AND (m.state IN ('queued', 'running', 'awaiting_approval')
-               OR m.state IN ('done', 'dead', 'cancelled'))) AS last_message_at
-FROM fleet.sessions s
-WHERE s.metadata @> $1::jsonb
-ORDER BY s.created_at DESC, s.session_id
-LIMIT $2;
+-- their message counts. The containment test uses the sessions_metadata GIN index; only the
+-- sessions listed are counted (the LATERAL comes after the LIMIT).
+SELECT listed.session_id, listed.metadata, listed.created_at, counted.messages,
+       counted.last_message_at
+FROM (SELECT s.session_id, s.metadata, s.created_at
+      FROM fleet.sessions s
+      WHERE s.metadata @> $1::jsonb
+      ORDER BY s.created_at DESC, s.session_id
+      LIMIT $2) AS listed
+CROSS JOIN LATERAL (SELECT count(*) AS messages, max(m.enqueued_at) AS last_message_at
+                    FROM fleet.session_messages(listed.session_id) m) AS counted
+ORDER BY listed.created_at DESC, listed.session_id;
