@@ -9,6 +9,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py cycle-cost [--messages 20000] [--batch 10] [--rounds 2]
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
+                                                 [--watch-fsync]
 
 Backend CPU is read from /proc for the connection's own backend, so the server must be local.
 """
@@ -20,6 +21,8 @@ import asyncio
 import collections
 import contextlib
 import os
+import pathlib
+import threading
 import time
 from typing import Any
 
@@ -219,6 +222,33 @@ def _steal() -> tuple[int, int]:
     return ticks[7], sum(ticks)
 
 
+class FsyncWatch(threading.Thread):
+    """Writes and fdatasyncs 8 kB of a file under FLEET_HOME (the embedded server's disk) every
+    2 ms, and keeps the flushes that took over 4 ms: (wall-clock start, ms). A stall of the
+    device shows here whatever the database does."""
+
+    def __init__(self, home: pathlib.Path) -> None:
+        super().__init__(daemon=True)
+        self.path = home / "fsync-watch.probe"
+        self.slow: list[tuple[float, float]] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while not self.stopping.is_set():
+                os.pwrite(fd, b"x" * 8192, 0)
+                started = time.perf_counter()
+                os.fdatasync(fd)
+                took = time.perf_counter() - started
+                if took > 0.004:
+                    self.slow.append((time.time() - took, took * 1000))
+                time.sleep(0.002)
+        finally:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+
+
 async def sustained_trace(args: argparse.Namespace) -> None:
     """The queue bench's sustained phase (pgfleet), with each message's latency kept: where the
     messages over the p99 fall in the run, when backends started, when autovacuum ran and how
@@ -274,6 +304,9 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
         tasks = [asyncio.create_task(watch())]
         if args.analyze_after is not None:
             tasks.append(asyncio.create_task(analyze_later()))
+        fsyncs = FsyncWatch(qb.settings.fleet_home) if args.watch_fsync else None
+        if fsyncs is not None:
+            fsyncs.start()
         try:
             await qb._fleet_sustained()
             vacuums = await qb.conn.fetch(
@@ -282,6 +315,9 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 " FROM pg_stat_user_tables WHERE schemaname = 'fleet'"
                 " AND (last_autovacuum IS NOT NULL OR last_autoanalyze IS NOT NULL)")
         finally:
+            if fsyncs is not None:
+                fsyncs.stopping.set()
+                fsyncs.join()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -307,6 +343,10 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 print(f"  auto{kind} of fleet.{r['relname']} at {r[kind] - t0:+.2f} s")
     if "analyze" in captured:
         print(f"  ANALYZE fleet.messages (by hand) at {captured.pop('analyze') - t0:+.2f} s")
+    if fsyncs is not None:
+        slow = [(at - t0, ms) for at, ms in fsyncs.slow if 0 <= at - t0 <= args.seconds + 0.1]
+        print(f"  fdatasync of a probe file beside the data over 4 ms: {len(slow)} times:",
+              ", ".join(f"{at:+.2f} s {ms:.0f} ms" for at, ms in slow))
     during = [share for at, share in steal if t0 <= at <= t0 + args.seconds]
     if during:
         print(f"  steal: mean {100 * sum(during) / len(during):.1f}%,"
@@ -331,6 +371,8 @@ def main() -> None:
     trace.add_argument("--seconds", type=float, default=10.0)
     trace.add_argument("--runs", type=int, default=3)
     trace.add_argument("--no-autovacuum", action="store_true")
+    trace.add_argument("--watch-fsync", action="store_true",
+                       help="flush a probe file under FLEET_HOME every 2 ms, list slow flushes")
     trace.add_argument("--analyze-after", type=float, default=None,
                        help="ANALYZE fleet.messages by hand this many seconds after setup starts")
     args = parser.parse_args()
