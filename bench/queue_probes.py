@@ -167,11 +167,19 @@ async def analyze_cost(_: argparse.Namespace) -> None:
             print(f"{label}: " + ", ".join(f"{t:.0f}" for t in times) + " ms")
 
 
-#: The index set before migration 0014 (cycle-cost's comparison).
-BEFORE_0014 = """
+#: The index sets before migrations 0016 and 0014 (cycle-cost's comparisons).
+BEFORE_0016 = """
+CREATE INDEX messages_session_live ON fleet.messages (session_id, id)
+    WHERE state IN ('queued', 'running', 'awaiting_approval');
+CREATE INDEX messages_leases ON fleet.messages (lease_expires_at) WHERE state = 'running';
+DROP INDEX fleet.messages_session_waiting;
+DROP INDEX fleet.messages_running;
+"""
+BEFORE_0014 = BEFORE_0016 + """
 CREATE INDEX messages_session ON fleet.messages (session_id, id);
 DROP INDEX fleet.messages_session_finished;
 """
+INDEX_SETS = {"now": "", "before 0016": BEFORE_0016, "before 0014": BEFORE_0014}
 CYCLE = ("SELECT * FROM fleet.finish_and_claim($1, $2, 30, NULL, NULL, $3::bigint[],"
          " $4::bigint[], $5::text[], $6::text[], $7::text[])")
 
@@ -180,13 +188,13 @@ async def cycle_cost(args: argparse.Namespace) -> None:
     """The worker's cycle alone: one connection drains a backlog with fleet.finish_and_claim,
     finishing the last batch and claiming the next in each call, as the worker does. Backend CPU
     and WAL per message, one per session and 100 per session (interleaved), with today's indexes
-    and with those before migration 0014, in turn."""
+    and with those before migrations 0016 and 0014, in turn."""
     for rnd in range(args.rounds):
         for per_session in (1, 100):
-            for indexes in ("now", "before 0014"):
+            for indexes, change in INDEX_SETS.items():
                 async with scratch() as (_, conn):
-                    if indexes != "now":
-                        await conn.execute(BEFORE_0014)
+                    if change:
+                        await conn.execute(change)
                     await conn.execute(
                         "SELECT count(fleet.enqueue('s' || (g % $2), 'bench'))"
                         " FROM generate_series(1, $1) g", args.messages,

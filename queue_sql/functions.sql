@@ -310,17 +310,30 @@ COMMENT ON FUNCTION fleet.enqueue_many(jsonb) IS
 
 -- a session's history ------------------------------------------------------------------------
 
--- A session's messages, in every state. They are indexed in two halves (migration 0014): live
--- ones in messages_session_live, finished ones in messages_session_finished. Naming both
--- halves lets the planner OR the two indexes; a bare `session_id = $1` has no index to use
--- and reads the whole table. A one-SELECT SQL function: the planner inlines it into the
--- calling query, so `WHERE`, `ORDER BY` and `LIMIT` around it plan as if written out.
+-- A session's messages, in every state. They are indexed in three parts by state (migrations
+-- 0014 and 0016): waiting ones in messages_session_waiting, the running one in
+-- messages_running, finished ones in messages_session_finished. Naming the three lets the
+-- planner OR their indexes; a bare `session_id = $1` has no index to use and reads the whole
+-- table. A one-SELECT SQL function: the planner inlines it into the calling query, so `WHERE`,
+-- `ORDER BY` and `LIMIT` around it plan as if written out.
 CREATE OR REPLACE FUNCTION fleet.session_messages(session_id text) RETURNS SETOF fleet.messages
 LANGUAGE sql STABLE AS $$
     SELECT * FROM fleet.messages m
     WHERE m.session_id = session_messages.session_id
-      AND (m.state IN ('queued', 'running', 'awaiting_approval')
+      AND (m.state IN ('queued', 'awaiting_approval') OR m.state = 'running'
            OR m.state IN ('done', 'dead', 'cancelled'))
+$$;
+
+-- Whether a session has a live head: a message running (only a head is ever claimed, and it
+-- stays head until it finishes) or a waiting message marked head. Two probes, one per index
+-- (messages_running, messages_session_waiting).
+CREATE OR REPLACE FUNCTION fleet.has_live_head(session_id text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM fleet.messages m
+                   WHERE m.session_id = has_live_head.session_id AND m.state = 'running')
+        OR EXISTS (SELECT 1 FROM fleet.messages m
+                   WHERE m.session_id = has_live_head.session_id
+                     AND m.state IN ('queued', 'awaiting_approval') AND m.is_head)
 $$;
 
 -- head election at commit ----------------------------------------------------------------------
@@ -335,13 +348,12 @@ DECLARE
 BEGIN
     INSERT INTO fleet.sessions (session_id) VALUES (NEW.session_id) ON CONFLICT DO NOTHING;
     PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR UPDATE;
-    IF EXISTS (SELECT 1 FROM fleet.messages m
-               WHERE m.session_id = NEW.session_id AND m.is_head
-                 AND m.state IN ('queued', 'running', 'awaiting_approval')) THEN
+    IF fleet.has_live_head(NEW.session_id) THEN
         RETURN NULL;
     END IF;
+    -- No head, so nothing of the session is running: its earliest waiting message.
     SELECT m.id INTO head_id FROM fleet.messages m
-    WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'running', 'awaiting_approval')
+    WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'awaiting_approval')
     ORDER BY m.id LIMIT 1;
     IF head_id IS NOT NULL THEN
         UPDATE fleet.messages SET is_head = true WHERE id = head_id;
@@ -361,19 +373,17 @@ CREATE CONSTRAINT TRIGGER messages_elect_head
 
 -- promotion after a head finishes ----------------------------------------------------------------
 
--- Make the earliest live message of each given session its head, for sessions that have none.
--- Callers hold the sessions' row locks.
+-- Make the earliest live message of each given session its head, for sessions that have none
+-- (so have nothing running: the earliest waiting one). Callers hold the sessions' row locks.
 CREATE OR REPLACE FUNCTION fleet.promote_heads(sessions text[]) RETURNS integer
 LANGUAGE sql AS $$
     WITH next AS (
         SELECT (SELECT m.id FROM fleet.messages m
                 WHERE m.session_id = s.session_id
-                  AND m.state IN ('queued', 'running', 'awaiting_approval')
+                  AND m.state IN ('queued', 'awaiting_approval')
                 ORDER BY m.id LIMIT 1) AS id
         FROM unnest(sessions) AS s(session_id)
-        WHERE NOT EXISTS (SELECT 1 FROM fleet.messages h
-                          WHERE h.session_id = s.session_id AND h.is_head
-                            AND h.state IN ('queued', 'running', 'awaiting_approval'))
+        WHERE NOT fleet.has_live_head(s.session_id)
     ), promoted AS (
         UPDATE fleet.messages m SET is_head = true
         FROM next WHERE m.id = next.id
@@ -430,22 +440,19 @@ BEGIN
     SELECT array_agg(id), array_agg(DISTINCT session_id) INTO finished, touched FROM done;
 
     IF finished IS NOT NULL THEN
-        -- Promote each session's earliest live message. promote_heads() would first probe
-        -- "has the session a live head?", which no index answers: the planner reads every
-        -- live message of the session, or the whole table (a hash anti-join over a sequential
-        -- scan, seen on a 20,000-message backlog in 200 sessions), so draining a many-per-session
-        -- backlog cost O(backlog) per batch. The probe is not needed here: only heads are ever
-        -- claimed and a head keeps the mark until it finishes, so every message just finished
-        -- was its session's one head, and we hold the sessions' locks.
+        -- Promote each session's earliest waiting message, without promote_heads()' probe
+        -- "has the session a live head?": only heads are ever claimed and a head keeps the
+        -- mark until it finishes, so every message just finished was its session's one head
+        -- (and its one running message), and we hold the sessions' locks.
         -- Found by a read first and updated only when there is one: a session with nothing
-        -- behind it (the common case) costs no UPDATE's executor start-up (ten CHECK
-        -- constraints, five indexes).
+        -- behind it (the common case) costs no UPDATE's executor start-up (the table's CHECK
+        -- constraints and indexes).
         successors := ARRAY(
             SELECT nx.id
             FROM unnest(touched) AS t(session_id)
             CROSS JOIN LATERAL (SELECT n.id, n.is_head FROM fleet.messages n
                                 WHERE n.session_id = t.session_id
-                                  AND n.state IN ('queued', 'running', 'awaiting_approval')
+                                  AND n.state IN ('queued', 'awaiting_approval')
                                 ORDER BY n.id LIMIT 1) AS nx
             WHERE NOT nx.is_head);
         IF cardinality(successors) > 0 THEN
@@ -562,10 +569,7 @@ DECLARE
 BEGIN
     SELECT array_agg(DISTINCT m.session_id) INTO orphans
     FROM (SELECT q.session_id FROM fleet.messages q
-          WHERE q.state = 'queued' AND NOT q.is_head
-            AND NOT EXISTS (SELECT 1 FROM fleet.messages h
-                            WHERE h.session_id = q.session_id AND h.is_head
-                              AND h.state IN ('queued', 'running', 'awaiting_approval'))
+          WHERE q.state = 'queued' AND NOT q.is_head AND NOT fleet.has_live_head(q.session_id)
           LIMIT max_sessions) m;
     IF orphans IS NULL THEN
         RETURN 0;

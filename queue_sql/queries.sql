@@ -96,7 +96,8 @@ RETURNING m.id;
 
 -- name: rescue_expired
 -- Messages whose worker stopped heartbeating go back in line at once. Losing a worker is not the
--- message's fault: the attempt is given back and the takeover counted.
+-- message's fault: the attempt is given back and the takeover counted. Reads the running
+-- messages (messages_running), a set as small as the fleet's concurrency.
 UPDATE fleet.messages m
 SET state = 'queued', attempts = greatest(m.attempts - 1, 0), takeovers = m.takeovers + 1,
     run_after = clock_timestamp(),
@@ -189,9 +190,9 @@ FROM fleet.messages GROUP BY state;
 
 -- name: has_unfinished_work
 -- Whether any message is still queued or running (drain mode's exit test). Reads the partial
--- index of live messages, never the finished history.
-SELECT EXISTS (SELECT 1 FROM fleet.messages
-               WHERE state IN ('queued', 'running')) AS busy;
+-- indexes of waiting and of running messages, never the finished history.
+SELECT EXISTS (SELECT 1 FROM fleet.messages WHERE state = 'queued')
+    OR EXISTS (SELECT 1 FROM fleet.messages WHERE state = 'running') AS busy;
 
 -- name: oldest_queued_age
 -- Age of the oldest message that is due and waiting for a worker.

@@ -266,8 +266,9 @@ SESSION_HISTORY_QUERIES = {
 
 
 async def test_a_sessions_history_lists_messages_in_every_state(conn: asyncpg.Connection):
-    """A session's messages are indexed in two halves by state (migration 0014): live and
-    finished. The history queries name both; a state left out of both would vanish here."""
+    """A session's messages are indexed in three parts by state (migrations 0014, 0016):
+    waiting, running, finished. The history queries name all three; a state left out would
+    vanish here."""
     ids = [await queue.enqueue(conn, "h", f"m{n}") for n in range(len(queue.MESSAGE_STATES))]
     for message_id, state in zip(ids, queue.MESSAGE_STATES, strict=True):
         await conn.execute(
@@ -284,19 +285,21 @@ async def test_a_sessions_history_lists_messages_in_every_state(conn: asyncpg.Co
 
 
 async def test_a_sessions_history_is_read_through_its_indexes(conn: asyncpg.Connection):
-    """Without the full (session_id, id) index, a history query that named neither half would
-    read the whole table."""
+    """Without the full (session_id, id) index, a history query that named no part would read
+    the whole table."""
     await conn.execute(
         "SELECT fleet.enqueue('s' || (g % 300), 'x') FROM generate_series(1, 6000) g")
     await conn.execute("UPDATE fleet.messages SET state = 'done', reply = 'ok', is_head = false"
                        " WHERE id % 2 = 0")
+    await queue.claim(conn, "w", 20, 60)
     await conn.execute("SELECT fleet.enqueue('h', 'x') FROM generate_series(1, 4)")
     await conn.execute("ANALYZE fleet.messages")
     for name, (sql, args) in SESSION_HISTORY_QUERIES.items():
         plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
         assert "Seq Scan on messages" not in plan, (name, plan)
-        assert "messages_session_live" in plan and "messages_session_finished" in plan, (
-            name, plan)
+        for index in ("messages_session_waiting", "messages_running",
+                      "messages_session_finished"):
+            assert index in plan, (name, index, plan)
 
 
 async def test_every_message_column_keeps_the_small_statistics_target(conn: asyncpg.Connection):
