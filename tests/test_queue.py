@@ -313,6 +313,27 @@ async def test_every_message_column_keeps_the_small_statistics_target(conn: asyn
         r["attname"]: 10 for r in rows}
 
 
+async def test_a_heartbeat_is_a_hot_update(conn: asyncpg.Connection):
+    """A heartbeat changes only lease_expires_at, which no index holds (migration 0016), so
+    PostgreSQL rewrites the row in place without new index entries. An index on it would
+    silently cost every heartbeat an entry in every index."""
+    await queue.enqueue(conn, "hb", "x")
+    [message] = await queue.claim(conn, "w", 1, 30)
+
+    async def updates() -> tuple[int, int]:
+        await conn.execute("SELECT pg_stat_force_next_flush()")
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = await conn.fetchrow("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+                                  " WHERE relid = 'fleet.messages'::regclass")
+        return row["n_tup_upd"], row["n_tup_hot_upd"]
+
+    updated, hot = await updates()
+    for _ in range(10):
+        assert await queue.heartbeat(conn, [(message.id, message.lease_token)], 30) == {
+            message.id: None}
+    assert await updates() == (updated + 10, hot + 10)
+
+
 def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
     for attempt in range(1, 8):
         ceiling = min(8.0, 0.5 * 2 ** (attempt - 1))
