@@ -276,7 +276,7 @@ BEGIN
 
     -- A key enqueued by a concurrent transaction since the check above was skipped by the
     -- INSERT; a session created for it alone goes, as in fleet.enqueue. (A session this call
-    -- created can only hold this call's messages, all queued: the live index answers.)
+    -- created can only hold this call's messages, all queued: the waiting index answers.)
     IF written < expected THEN
         DELETE FROM fleet.sessions s
         WHERE s.session_id = ANY (fresh)
