@@ -334,6 +334,20 @@ async def test_a_heartbeat_is_a_hot_update(conn: asyncpg.Connection):
     assert await updates() == (updated + 10, hot + 10)
 
 
+async def test_repair_heads_reads_a_backlog_in_passes_not_per_message(conn: asyncpg.Connection):
+    """repair_heads (every worker, every 30 s) looks at every queued message that is not a
+    head. Its live-head probe must be joins: as a SQL function with subqueries, which
+    PostgreSQL does not inline, it was called per message and read ~6 buffers each (30,859 here
+    against 143; 400 ms against 10 ms on 20,000 messages)."""
+    await conn.execute(
+        "SELECT count(fleet.enqueue('s' || (g % 50), 'x')) FROM generate_series(1, 5000) g")
+    await conn.execute("ANALYZE fleet.messages")
+    plan = "\n".join(r[0] for r in await conn.fetch(
+        "EXPLAIN (ANALYZE, BUFFERS) SELECT fleet.repair_heads(100)"))
+    hits = re.findall(r"Buffers: shared hit=(\d+)", plan)[0]  # the call's own, then planning's
+    assert int(hits) < 500, plan
+
+
 def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
     for attempt in range(1, 8):
         ceiling = min(8.0, 0.5 * 2 ** (attempt - 1))
