@@ -174,7 +174,7 @@ LIMIT $2;
 
 -- name: list_session_messages
 -- A session's messages, newest first; $1 session, $2 state (or NULL), $3 limit. Through
--- fleet.session_messages, which reads the session's two indexes (migration 0014).
+-- fleet.session_messages, which reads the session's three indexes (migrations 0014, 0016).
 SELECT id, session_id, agent, body, customer_id, variables, metadata, dedupe_key, state,
        attempts, max_attempts, takeovers, enqueued_at, claimed_at, finished_at, run_after,
        lease_owner, reply, error
