@@ -7,6 +7,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py heartbeat
     python bench/queue_probes.py analyze-cost
     python bench/queue_probes.py cycle-cost [--messages 20000] [--batch 10] [--rounds 2]
+    python bench/queue_probes.py repair-heads
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
                                                  [--watch-fsync]
@@ -224,6 +225,56 @@ async def cycle_cost(args: argparse.Namespace) -> None:
                       " per message", flush=True)
 
 
+#: repair_heads as a first version of migration 0016 had it: the live-head probe in a SQL
+#: function, which PostgreSQL does not inline (its body has subqueries), called per message.
+PER_ROW_REPAIR = """
+CREATE FUNCTION fleet.has_live_head(session_id text) RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM fleet.messages m
+                   WHERE m.session_id = has_live_head.session_id AND m.state = 'running')
+        OR EXISTS (SELECT 1 FROM fleet.messages m
+                   WHERE m.session_id = has_live_head.session_id
+                     AND m.state IN ('queued', 'awaiting_approval') AND m.is_head)
+$$;
+CREATE OR REPLACE FUNCTION fleet.repair_heads(max_sessions integer DEFAULT 100) RETURNS integer
+LANGUAGE plpgsql AS $f$
+DECLARE
+    orphans text[];
+BEGIN
+    SELECT array_agg(DISTINCT m.session_id) INTO orphans
+    FROM (SELECT q.session_id FROM fleet.messages q
+          WHERE q.state = 'queued' AND NOT q.is_head AND NOT fleet.has_live_head(q.session_id)
+          LIMIT max_sessions) m;
+    IF orphans IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN fleet.promote_heads(orphans);
+END
+$f$;
+"""
+
+
+async def repair_heads(_: argparse.Namespace) -> None:
+    """fleet.repair_heads on a backlog of 5,000 and 20,000 queued messages (50 and 200
+    sessions, every one with its head): time and buffers of a warm call, as it is and with the
+    per-row function of a first version of migration 0016."""
+    for messages, sessions in ((5_000, 50), (20_000, 200)):
+        for variant in ("now", "per-row function"):
+            async with scratch() as (_, conn):
+                if variant != "now":
+                    await conn.execute(PER_ROW_REPAIR)
+                await conn.execute(
+                    "SELECT count(fleet.enqueue('s' || (g % $2), 'x'))"
+                    " FROM generate_series(1, $1) g", messages, sessions)
+                await conn.execute("VACUUM ANALYZE fleet.messages")
+                await conn.fetchval("SELECT fleet.repair_heads(100)")  # plans, catalogs
+                plan = [r[0] for r in await conn.fetch(
+                    "EXPLAIN (ANALYZE, BUFFERS) SELECT fleet.repair_heads(100)")]
+            buffers = next(line.split("=")[1] for line in plan if "Buffers: shared hit=" in line)
+            took = next(line for line in plan if line.startswith("Execution Time"))
+            print(f"{messages} queued in {sessions} sessions, {variant}: {took},"
+                  f" {buffers} buffers")
+
+
 def _steal() -> tuple[int, int]:
     """(steal, all) CPU ticks so far."""
     ticks = [int(v) for v in open("/proc/stat").readline().split()[1:]]
@@ -372,7 +423,8 @@ def main() -> None:
     cycle.add_argument("--messages", type=int, default=20_000)
     cycle.add_argument("--batch", type=int, default=10)
     cycle.add_argument("--rounds", type=int, default=2)
-    for name in ("session-id-check", "first-call", "heartbeat", "analyze-cost"):
+    for name in ("session-id-check", "first-call", "heartbeat", "analyze-cost",
+                 "repair-heads"):
         commands.add_parser(name)
     trace = commands.add_parser("sustained-trace")
     trace.add_argument("--rate", type=float, default=3000.0)
@@ -386,7 +438,8 @@ def main() -> None:
     args = parser.parse_args()
     probe = {"enqueue-cost": enqueue_cost, "session-id-check": session_id_check,
              "first-call": first_call, "heartbeat": heartbeat, "analyze-cost": analyze_cost,
-             "sustained-trace": sustained_trace, "cycle-cost": cycle_cost}[args.command]
+             "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
+             "repair-heads": repair_heads}[args.command]
     asyncio.run(probe(args))
 
 

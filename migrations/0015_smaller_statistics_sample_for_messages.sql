@@ -2,16 +2,16 @@
 --
 -- ANALYZE samples 300 rows per unit of the largest statistics target among a table's columns
 -- (100 by default). A queue's table changes fast, so autovacuum analyzes it often, mid-load:
--- on 50,000 messages an ANALYZE took 93-152 ms of one core (two runs), a burst a 2-core
--- machine under load feels in its latencies (BENCHMARKS.md, the sustained tail). With every
--- column at 10 it took 13-20 ms (`python bench/queue_probes.py analyze-cost`).
+-- on 50,000 messages an ANALYZE took 93-106 ms of one core, a burst a 2-core machine under
+-- load feels in its latencies (BENCHMARKS.md, the sustained tail). With every column at 10 it
+-- took 13-14 ms (`python bench/queue_probes.py analyze-cost`, five runs each).
 --
 -- The queue's own statements do not lean on these statistics: fleet.finish_and_claim's are
 -- generic plans over index paths by construction, the others read a partial index their
 -- predicates name. A sample of 3,000 still sees every state and is_head value, and the
 -- number of distinct sessions is estimated from it as before. An earlier try lowered only the
 -- columns no query filters on; the sample stayed 30,000 rows, because the other columns kept
--- their target, and it saved nothing.
+-- their target, and it saved little (67-91 ms, the same probe).
 ALTER TABLE fleet.messages
     ALTER COLUMN id SET STATISTICS 10,
     ALTER COLUMN session_id SET STATISTICS 10,

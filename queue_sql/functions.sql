@@ -329,7 +329,8 @@ $$;
 -- (migration 0016): a message running (only a head is ever claimed, and it stays head until it
 -- finishes), or a waiting message marked head. Not a function: PostgreSQL never inlines a SQL
 -- function whose body has a subquery, and called once per row, in repair_heads' scan of every
--- queued message, it cost 400 ms on a 20,000-message backlog against 5-10 ms as joins.
+-- queued message, it cost 436 ms on a 20,000-message backlog against 9 ms as joins
+-- (bench/queue_probes.py repair-heads).
 
 -- head election at commit ----------------------------------------------------------------------
 

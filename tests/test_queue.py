@@ -305,7 +305,8 @@ async def test_a_sessions_history_is_read_through_its_indexes(conn: asyncpg.Conn
 async def test_every_message_column_keeps_the_small_statistics_target(conn: asyncpg.Connection):
     """ANALYZE samples 300 rows per unit of the largest target among the table's columns, so a
     column added at the default (100) would bring back the 30,000-row sample that migration
-    0015 cut to 3,000 (an autoanalyze mid-load: 93-152 ms of CPU against 13-20)."""
+    0015 cut to 3,000 (an ANALYZE of 50,000 messages: 93-106 ms against 13-14,
+    bench/queue_probes.py analyze-cost)."""
     rows = await conn.fetch(
         "SELECT attname, attstattarget FROM pg_attribute"
         " WHERE attrelid = 'fleet.messages'::regclass AND attnum > 0 AND NOT attisdropped")
@@ -337,8 +338,9 @@ async def test_a_heartbeat_is_a_hot_update(conn: asyncpg.Connection):
 async def test_repair_heads_reads_a_backlog_in_passes_not_per_message(conn: asyncpg.Connection):
     """repair_heads (every worker, every 30 s) looks at every queued message that is not a
     head. Its live-head probe must be joins: as a SQL function with subqueries, which
-    PostgreSQL does not inline, it was called per message and read ~6 buffers each (30,859 here
-    against 143; 400 ms against 10 ms on 20,000 messages)."""
+    PostgreSQL does not inline, it was called per message and read ~6 buffers each (30,859
+    buffers here against 143; 436 ms against 9 ms on 20,000 messages: bench/queue_probes.py
+    repair-heads)."""
     await conn.execute(
         "SELECT count(fleet.enqueue('s' || (g % 50), 'x')) FROM generate_series(1, 5000) g")
     await conn.execute("ANALYZE fleet.messages")
