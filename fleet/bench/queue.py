@@ -900,38 +900,23 @@ class QueueBench:
         pool = await create_pool(
             self._settings(), "fleet-bench", url=self.url, min_size=1, max_size=1
         )
+
+        def send(prefix: str) -> Callable[[int, int], Awaitable[Any]]:
+            # The messages that fell due, one per session, in one statement (PgQueuer's
+            # producer enqueues its lists in one statement too).
+            return lambda first, end: queue.enqueue_many(
+                pool, [{"session_id": f"{prefix}{i}", "body": BODY} for i in range(first, end)]
+            )
+
         try:
             await queue.enqueue(self.conn, "probe", BODY)  # the worker is up once it is done
-
-            async def worker_idle() -> bool:
-                if proc.popen.poll() is not None:
-                    raise RuntimeError(f"fleet worker exited: {proc.tail()}")
-                return await self.conn.fetchval(FLEET_UNFINISHED) == 0
-
-            await _wait_for(worker_idle, "the sustained-load worker to start", 60)
-            await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
-
-            def send(prefix: str) -> Callable[[int, int], Awaitable[Any]]:
-                # The messages that fell due, one per session, in one statement (PgQueuer's
-                # producer enqueues its lists in one statement too).
-                return lambda first, end: queue.enqueue_many(
-                    pool, [{"session_id": f"{prefix}{i}", "body": BODY} for i in range(first, end)]
-                )
-
-            await _produce(rate, SUSTAIN_WARMUP_SECONDS, send("warm"))
-            await _wait_for(worker_idle, "the warm-up messages to finish")
-            measured_after = await self.conn.fetchval("SELECT max(id) FROM fleet.messages")
-            load = _load()
-            achieved, commits = await _produce(rate, seconds, send("live"))
-            await _wait_for(worker_idle, "the sustained-load messages to finish")
-            proc.terminate()
-            await proc.wait(60)
-            row = await self.conn.fetchrow(FLEET_LATENCY, measured_after)
-            times = await self.conn.fetch(FLEET_TIMES, measured_after)
+            await self._measure_sustained(
+                "pgfleet", proc, rate, send("warm"), send("live"), FLEET_UNFINISHED,
+                "SELECT max(id) FROM fleet.messages", FLEET_LATENCY, FLEET_TIMES,
+            )
         finally:
             await pool.close()
             proc.finish()
-        self._add_sustained("pgfleet", rate, achieved, commits, times, seconds, row, load)
 
     async def _pgq_sustained(self) -> None:
         from pgqueuer.db import AsyncpgPoolDriver
@@ -950,38 +935,62 @@ class QueueBench:
             self.url, min_size=2, max_size=2, server_settings={"application_name": "fleet-bench"}
         )
         queries = Queries(AsyncpgPoolDriver(pool))
+
+        def send(first: int, end: int) -> Awaitable[Any]:
+            return queries.enqueue(
+                [PGQ_ENTRYPOINT] * (end - first),
+                [BODY.encode()] * (end - first),
+                [0] * (end - first),
+            )
+
         try:
             await queries.enqueue(PGQ_ENTRYPOINT, BODY.encode())  # as for ours
-
-            async def worker_idle() -> bool:
-                if proc.popen.poll() is not None:
-                    raise RuntimeError(f"PgQueuer worker exited: {proc.tail()}")
-                return await self.conn.fetchval(PGQ_UNFINISHED) == 0
-
-            await _wait_for(worker_idle, "the PgQueuer worker to start", 60)
-            await asyncio.sleep(1.0)
-
-            def send(first: int, end: int) -> Awaitable[Any]:
-                return queries.enqueue(
-                    [PGQ_ENTRYPOINT] * (end - first),
-                    [BODY.encode()] * (end - first),
-                    [0] * (end - first),
-                )
-
-            await _produce(rate, SUSTAIN_WARMUP_SECONDS, send)
-            await _wait_for(worker_idle, "the PgQueuer warm-up jobs to finish")
-            measured_after = await self.conn.fetchval("SELECT max(job_id) FROM pgqueuer_log")
-            load = _load()
-            achieved, commits = await _produce(rate, seconds, send)
-            await _wait_for(worker_idle, "the PgQueuer jobs to finish")
-            proc.terminate()
-            await proc.wait(60)
-            row = await self.conn.fetchrow(PGQ_LATENCY, measured_after)
-            times = await self.conn.fetch(PGQ_TIMES, measured_after)
+            await self._measure_sustained(
+                "pgqueuer", proc, rate, send, send, PGQ_UNFINISHED,
+                "SELECT max(job_id) FROM pgqueuer_log", PGQ_LATENCY, PGQ_TIMES,
+            )
         finally:
             await pool.close()
             proc.finish()
-        self._add_sustained("pgqueuer", rate, achieved, commits, times, seconds, row, load)
+
+    async def _measure_sustained(
+        self,
+        system: Literal["pgfleet", "pgqueuer"],
+        proc: _Process,
+        rate: float,
+        warm_send: Callable[[int, int], Awaitable[Any]],
+        live_send: Callable[[int, int], Awaitable[Any]],
+        unfinished_sql: str,
+        last_id_sql: str,
+        latency_sql: str,
+        times_sql: str,
+    ) -> None:
+        """What both systems' sustained runs share, once their worker ``proc`` runs and a probe
+        message is enqueued: wait for the worker to finish the probe, one unmeasured second of
+        load (``SUSTAIN_WARMUP_SECONDS``), then the measured run; the latencies are those of
+        the messages after the warm-up's last id."""
+        assert self.conn is not None
+        conn = self.conn
+        seconds = self.config.sustain_seconds
+
+        async def worker_idle() -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"the {system} worker exited: {proc.tail()}")
+            return await conn.fetchval(unfinished_sql) == 0
+
+        await _wait_for(worker_idle, f"the {system} worker to start", 60)
+        await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
+        await _produce(rate, SUSTAIN_WARMUP_SECONDS, warm_send)
+        await _wait_for(worker_idle, f"the {system} warm-up messages to finish")
+        measured_after = await conn.fetchval(last_id_sql)
+        load = _load()
+        achieved, commits = await _produce(rate, seconds, live_send)
+        await _wait_for(worker_idle, f"the {system} sustained-load messages to finish")
+        proc.terminate()
+        await proc.wait(60)
+        row = await conn.fetchrow(latency_sql, measured_after)
+        times = await conn.fetch(times_sql, measured_after)
+        self._add_sustained(system, rate, achieved, commits, times, seconds, row, load)
 
     def _add_sustained(
         self,
