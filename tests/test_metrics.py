@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet import metrics
 from tests.processes import fleet_json, start_fleet, stop, wait_until
 from tests.scrape import Scrape, free_port, scrape
+from tests.workers import listening
 
 
 async def _done(conn: asyncpg.Connection) -> int:
@@ -151,8 +152,10 @@ async def test_lone_worker_serves_its_own_metrics_with_queue_gauges(
         env=env, log=tmp_path / "worker.log",
     )  # fmt: skip
     try:
-        await wait_until(lambda: conn.fetchval("SELECT count(*) = 1 FROM fleet.workers"))
-        await _enqueue(conn, 1, 10)  # after LISTEN: the worker is woken by NOTIFY
+        # Registered is not yet listening (the worker opens its pool in between): wait for
+        # its LISTEN connection, so the messages wake it by NOTIFY, not by the poll.
+        await listening(conn)
+        await _enqueue(conn, 1, 10)
         await wait_until(lambda: _done_is(conn, 10), timeout=60, message="10 messages done")
         result = await _scrape_when(
             port,
