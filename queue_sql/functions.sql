@@ -337,12 +337,14 @@ $$;
 -- Deferred to COMMIT: the message becomes its session's head if the session has no live head.
 -- Runs for direct INSERTs into fleet.messages too, so enqueueing by plain SQL keeps the rules;
 -- not for a row inserted as head already (fleet.enqueue's first message of a new session).
+-- The session row exists: the foreign key checked it at the INSERT, and kept it since. (A
+-- message inserted and deleted in one transaction still fires this at commit, with NEW the
+-- deleted row: its session, if gone too, is not recreated, and no head is elected for it.)
 CREATE OR REPLACE FUNCTION fleet.elect_head_at_commit() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     head_id bigint;
 BEGIN
-    INSERT INTO fleet.sessions (session_id) VALUES (NEW.session_id) ON CONFLICT DO NOTHING;
     PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR UPDATE;
     IF EXISTS (SELECT 1 FROM fleet.messages m
                WHERE m.session_id = NEW.session_id AND m.state = 'running')

@@ -215,6 +215,19 @@ async def test_rolled_back_enqueue_leaves_nothing(conn: asyncpg.Connection):
     assert await queue.claim(conn, "w", 10, 30) == []
 
 
+async def test_a_message_inserted_and_deleted_in_one_transaction_leaves_no_session(
+    conn: asyncpg.Connection,
+):
+    """The head election runs at COMMIT even for a row deleted since its INSERT (PostgreSQL
+    fires a deferred row trigger with the dead row): it must not recreate the session."""
+    async with conn.transaction():
+        await conn.execute("INSERT INTO fleet.sessions (session_id) VALUES ('s1')")
+        await conn.execute("INSERT INTO fleet.messages (session_id, body) VALUES ('s1', 'x')")
+        await conn.execute("DELETE FROM fleet.messages WHERE session_id = 's1'")
+        await conn.execute("DELETE FROM fleet.sessions WHERE session_id = 's1'")
+    assert await conn.fetchval("SELECT count(*) FROM fleet.sessions") == 0
+
+
 async def test_a_stale_worker_cannot_overwrite_the_new_owner(conn: asyncpg.Connection):
     message_id = await queue.enqueue(conn, "s1", "contested")
     [zombie] = await queue.claim(conn, "zombie", 1, 30)
