@@ -10,8 +10,53 @@
 -- enqueue --------------------------------------------------------------------------------------
 
 -- The rules a message must meet to be enqueued, in one place for fleet.enqueue and
--- fleet.enqueue_many. A failure raises naming the field, after `context` (which call, and for a
--- batch which message), and the caller's statement writes nothing.
+-- fleet.enqueue_many: what is wrong with a message, first rule first, or NULL. The answer is
+-- the SQLSTATE to raise, a space, and the words (`22023 body must not be empty`).
+-- `agent_known` is the caller's lookup of `agent` in fleet.agents: with that subquery in its
+-- body the function would not be inlined. One CASE in a SQL function: the planner inlines it
+-- into the calling statement, so fleet.enqueue_many checks a whole batch in one statement with
+-- no function call per message (a PL/pgSQL call per message cost ~25 us of a new-session
+-- enqueue's ~130 in batches of 9; bench/queue_probes.py enqueue-cost). STABLE, not IMMUTABLE:
+-- `text || integer` is STABLE, and a function declared less volatile than its body is not
+-- inlined.
+CREATE OR REPLACE FUNCTION fleet.message_problem(
+    session_id   text,
+    body         text,
+    dedupe_key   text,
+    metadata     jsonb,
+    agent        text,
+    agent_known  boolean,
+    variables    jsonb,
+    max_attempts integer
+) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN session_id IS NULL THEN '22004 session_id must not be NULL'
+        -- The same strings as '^[^[:cntrl:][:space:]]{1,128}$', ~18 times faster (0013).
+        WHEN length(session_id) NOT BETWEEN 1 AND 128 OR session_id ~ '[[:cntrl:][:space:]]'
+            THEN '22023 session_id must be 1 to 128 characters with no spaces or control characters'
+        WHEN body IS NULL OR body !~ '[^[:space:]]' THEN '22023 body must not be empty'
+        WHEN octet_length(body) > 16384
+            THEN '22001 body is ' || octet_length(body) || ' bytes; the limit is 16384'
+        WHEN metadata IS NOT NULL AND (jsonb_typeof(metadata) <> 'object'
+                                       OR octet_length(metadata::text) > 16384)
+            THEN '22023 metadata must be a JSON object of at most 16384 bytes'
+        WHEN variables IS NOT NULL AND (jsonb_typeof(variables) <> 'object'
+                                        OR octet_length(variables::text) > 16384)
+            THEN '22023 variables must be a JSON object of at most 16384 bytes'
+        WHEN dedupe_key IS NOT NULL AND octet_length(dedupe_key) NOT BETWEEN 1 AND 256
+            THEN '22023 dedupe_key must be 1 to 256 bytes'
+        WHEN max_attempts IS NOT NULL AND max_attempts < 1
+            THEN '22023 max_attempts must be at least 1'
+        -- A message for an agent nobody defined would wait forever (no worker can serve it).
+        WHEN agent IS NOT NULL AND NOT agent_known
+            THEN '22023 unknown agent ' || quote_literal(agent)
+                 || '; define it with fleet agents create'
+    END
+$$;
+
+-- fleet.message_problem raised, after `context` (which call, and for a batch which message);
+-- the caller's statement then writes nothing.
 CREATE OR REPLACE FUNCTION fleet.check_message(
     context      text,
     session_id   text,
@@ -24,42 +69,21 @@ CREATE OR REPLACE FUNCTION fleet.check_message(
 ) RETURNS void
 LANGUAGE plpgsql STABLE AS $$
 #variable_conflict use_variable
+DECLARE
+    known   boolean := true;
+    problem text;
 BEGIN
-    IF session_id IS NULL THEN
-        RAISE EXCEPTION '%: session_id must not be NULL', context USING ERRCODE = '22004';
+    -- Apart, so that the call below is a simple expression (no subquery), evaluated without
+    -- the executor. In it, the lookup would make PostgreSQL plan it afresh at every call: a
+    -- plan for the call's own values folds `agent IS NULL OR EXISTS (...)` away, and one for
+    -- any values keeps the subquery, so it never settles on the latter (+100 us an enqueue).
+    IF agent IS NOT NULL THEN
+        known := EXISTS (SELECT 1 FROM fleet.agents a WHERE a.name = agent);
     END IF;
-    -- The same strings as '^[^[:cntrl:][:space:]]{1,128}$', ~18 times faster (migration 0013).
-    IF length(session_id) NOT BETWEEN 1 AND 128 OR session_id ~ '[[:cntrl:][:space:]]' THEN
-        RAISE EXCEPTION '%: session_id must be 1 to 128 characters with no spaces or control characters',
-            context USING ERRCODE = '22023';
-    END IF;
-    IF body IS NULL OR body !~ '[^[:space:]]' THEN
-        RAISE EXCEPTION '%: body must not be empty', context USING ERRCODE = '22023';
-    END IF;
-    IF octet_length(body) > 16384 THEN
-        RAISE EXCEPTION '%: body is % bytes; the limit is 16384', context, octet_length(body)
-            USING ERRCODE = '22001';
-    END IF;
-    IF metadata IS NOT NULL AND (jsonb_typeof(metadata) <> 'object'
-            OR octet_length(metadata::text) > 16384) THEN
-        RAISE EXCEPTION '%: metadata must be a JSON object of at most 16384 bytes', context
-            USING ERRCODE = '22023';
-    END IF;
-    IF variables IS NOT NULL AND (jsonb_typeof(variables) <> 'object'
-            OR octet_length(variables::text) > 16384) THEN
-        RAISE EXCEPTION '%: variables must be a JSON object of at most 16384 bytes', context
-            USING ERRCODE = '22023';
-    END IF;
-    IF dedupe_key IS NOT NULL AND octet_length(dedupe_key) NOT BETWEEN 1 AND 256 THEN
-        RAISE EXCEPTION '%: dedupe_key must be 1 to 256 bytes', context USING ERRCODE = '22023';
-    END IF;
-    IF max_attempts IS NOT NULL AND max_attempts < 1 THEN
-        RAISE EXCEPTION '%: max_attempts must be at least 1', context USING ERRCODE = '22023';
-    END IF;
-    -- A message for an agent nobody defined would wait forever (no worker can serve it).
-    IF agent IS NOT NULL AND NOT EXISTS (SELECT 1 FROM fleet.agents a WHERE a.name = agent) THEN
-        RAISE EXCEPTION '%: unknown agent %; define it with fleet agents create',
-            context, quote_literal(agent) USING ERRCODE = '22023';
+    problem := fleet.message_problem(session_id, body, dedupe_key, metadata, agent, known,
+                                     variables, max_attempts);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION '%: %', context, substr(problem, 7) USING ERRCODE = left(problem, 5);
     END IF;
 END
 $$;
@@ -136,7 +160,7 @@ COMMENT ON FUNCTION fleet.enqueue(text, text, text, text, jsonb, text, jsonb, in
     'Enqueue a message inside the caller''s transaction; returns its id (the existing id when dedupe_key repeats). Workers are woken at commit.';
 
 -- What is wrong with one field of a fleet.enqueue_many element, if anything its JSON type can
--- tell: unknown names, and values of the wrong JSON type. Values are judged by check_message.
+-- tell: unknown names, and values of the wrong JSON type. Values are judged by message_problem.
 CREATE OR REPLACE FUNCTION fleet.enqueue_field_problem(field text, value jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
@@ -161,9 +185,10 @@ $$;
 --
 -- Why a batch function: much of an enqueue's PostgreSQL time is per statement, not per row (the
 -- executor's start-up, and the table's CHECK constraints parsed from the catalog for each
--- INSERT). Backend CPU per new-session message, commit included: ~93 us through fleet.enqueue
--- and ~56 us through this in batches of 500; ~160 and 130-155 us in batches of 9, where this
--- function's own dozen statements weigh (bench/queue_probes.py enqueue-cost).
+-- INSERT). Backend CPU per new-session message, commit included (bench/queue_probes.py
+-- enqueue-cost, 2026-12-02): ~80 us through fleet.enqueue and 42 us through this in batches of
+-- 500 (50-52 us while the rules were a PL/pgSQL call per message); ~132 and 106-111 us in
+-- batches of 9 (114-132 us before), where this function's own statements weigh.
 CREATE OR REPLACE FUNCTION fleet.enqueue_many(messages jsonb) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -219,11 +244,22 @@ BEGIN
     IF total = 0 THEN
         RETURN '{}';
     END IF;
-    -- One statement for all of them (the first failure, in order, raises): a PERFORM per
-    -- message would start an executor per message.
-    PERFORM fleet.check_message('fleet.enqueue_many: message ' || i, sids[i], bodies[i],
-                                keys[i], metas[i], agent_of[i], vars[i], tries[i])
-    FROM generate_series(1, total) AS i;
+    -- One statement for all of them, the rules inlined (fleet.message_problem); the first
+    -- message in order that breaks one raises.
+    SELECT u.n, u.problem INTO bad
+    FROM (SELECT u.n,
+                 fleet.message_problem(
+                     u.sid, u.body, u.k, u.meta, u.agent,
+                     u.agent IS NULL OR EXISTS (SELECT 1 FROM fleet.agents a WHERE a.name = u.agent),
+                     u.vars, u.tries) AS problem
+          FROM unnest(sids, bodies, keys, metas, agent_of, vars, tries)
+               WITH ORDINALITY AS u(sid, body, k, meta, agent, vars, tries, n)) AS u
+    WHERE u.problem IS NOT NULL
+    ORDER BY u.n LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'fleet.enqueue_many: message %: %', bad.n, substr(bad.problem, 7)
+            USING ERRCODE = left(bad.problem, 5);
+    END IF;
 
     keyed := keys <> array_fill(NULL::text, ARRAY[total]);
     IF keyed THEN

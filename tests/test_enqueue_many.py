@@ -4,6 +4,7 @@ time (ids, dedupe keys, session metadata, heads), all or nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
@@ -146,6 +147,40 @@ async def test_sql_callers_get_the_same_clear_errors(conn: asyncpg.Connection, p
         await conn.fetchval("SELECT fleet.enqueue_many($1::text::jsonb)", payload)
     assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
     assert await conn.fetchval("SELECT fleet.enqueue_many('[]')") == []
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ({"session_id": None, "body": "x"}, asyncpg.NullValueNotAllowedError),  # 22004
+        ({"session_id": "s1", "body": "x" * 16_385}, asyncpg.StringDataRightTruncationError),
+        ({"session_id": "s1", "body": "x", "agent": "nobody"}, asyncpg.InvalidParameterValueError),
+    ],
+)
+async def test_each_rule_raises_its_own_sqlstate_one_at_a_time_or_in_a_batch(
+    conn: asyncpg.Connection, message: dict[str, Any], error: type[Exception]
+):
+    """fleet.message_problem carries the SQLSTATE with its words; both callers raise it."""
+    with pytest.raises(error, match=r"^fleet.enqueue_many: message 2: "):
+        await conn.fetchval(
+            "SELECT fleet.enqueue_many($1::text::jsonb)",
+            json.dumps([{"session_id": "ok", "body": "x"}, message]),
+        )
+    with pytest.raises(error, match=r"^fleet.enqueue: "):
+        await conn.fetchval(
+            "SELECT fleet.enqueue(session_id => $1, body => $2, agent => $3)",
+            message["session_id"], message["body"], message.get("agent"),
+        )
+    assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
+
+
+async def test_the_rules_are_inlined_into_the_batch_check(conn: asyncpg.Connection):
+    """No function call per message: the planner replaces fleet.message_problem by its CASE.
+    It stops doing so if the function gets a subquery or is declared IMMUTABLE (AGENTS.md)."""
+    plan = "\n".join(r[0] for r in await conn.fetch(
+        "EXPLAIN VERBOSE SELECT fleet.message_problem(s, 'b', NULL, NULL, NULL, true, NULL, 3)"
+        " FROM unnest(ARRAY['a', 'b']) AS s"))
+    assert "CASE WHEN" in plan and "message_problem" not in plan, plan
 
 
 async def test_a_batch_wakes_the_workers_once_at_commit(conn: asyncpg.Connection, db_url):
