@@ -39,6 +39,8 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
         assert drain["messages"] == 300
         assert drain["messages_per_second"] > 0
         assert drain["steady_messages_per_second"] > 0
+        # The host's steal, per run, as a share of the machine's CPU time.
+        assert len(drain["steal_percent"]) == 1 and 0 <= drain["steal_percent"][0] <= 100
     assert drains[("pgfleet", "in-process", "many-per-session")]["sessions"] == 15
 
     sustained = {s["system"]: s for s in report["sustained"]}
@@ -47,6 +49,7 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
         assert run["all_done"] is True, run
         assert run["messages"] >= int(run["target_rate"] * 1)
         assert 0 <= run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
+        assert 0 <= run["steal_percent"] <= 100
 
     plans = report["claim_plans"]
     assert len(plans) == 4

@@ -226,6 +226,9 @@ class DrainResult(BaseModel):
     """Every message of every run ended done with reply ``ok`` (PgQueuer: logged successful)."""
     load_before: float
     """1-minute load average before the first run (2 cores: 2.0 means both busy)."""
+    steal_percent: list[float]
+    """Per run, the machine's CPU time the hypervisor stole, in % (a slow run on a shared
+    host is usually a run with steal)."""
 
 
 class SustainedResult(BaseModel):
@@ -249,6 +252,8 @@ class SustainedResult(BaseModel):
     pickup_p99_ms: float
     all_done: bool
     load_before: float
+    steal_percent: float
+    """The machine's CPU time the hypervisor stole during the measured run, in %."""
 
 
 class ClaimPlan(BaseModel):
@@ -286,6 +291,25 @@ def _with_database(url: str, database: str) -> str:
 
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+def _host_ticks() -> tuple[int, int]:
+    """(stolen, all) CPU ticks of the whole machine since boot, from ``/proc/stat``; (0, 0)
+    without it. On a shared virtual machine the hypervisor's steal, more than anything of ours,
+    decides whether a run is slow, so every run reports its share (BENCHMARKS.md)."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0, 0
+    # user nice system idle iowait irq softirq steal (guest time is inside user already)
+    ticks = [int(field) for field in first[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def _steal_percent(before: tuple[int, int]) -> float:
+    """The share of the machine's CPU time stolen since ``before`` (``_host_ticks()``)."""
+    stolen, total = _host_ticks()
+    return round(100 * (stolen - before[0]) / max(total - before[1], 1), 1)
 
 
 def _ms(ordered: list[float], q: float) -> float:
@@ -347,11 +371,14 @@ class _DrainRun:
     """CPU seconds per message, worker side."""
     postgres_cpu: float
     """CPU seconds per message, PostgreSQL backends of the scratch database."""
+    steal_percent: float
+    """The machine's CPU time stolen by the hypervisor during the run, in %."""
 
     def describe(self) -> str:
         return (
             f"{self.rate:,.0f}/s (steady {self.steady:,.0f}/s), CPU per message: worker "
-            f"{self.worker_cpu * 1e6:.0f} us, postgres {self.postgres_cpu * 1e6:.0f} us"
+            f"{self.worker_cpu * 1e6:.0f} us, postgres {self.postgres_cpu * 1e6:.0f} us, "
+            f"host steal {self.steal_percent:.1f}%"
         )
 
 
@@ -380,6 +407,8 @@ class _CpuMeter:
         self.database = database
         self.workers = 0.0
         self.postgres = 0.0
+        self.steal_percent = 0.0
+        self._host_before = (0, 0)
         self._seen: dict[int, tuple[float, float]] = {}
         self._others: set[int] = set()
         self._procs: dict[int, psutil.Process] = {}
@@ -438,6 +467,7 @@ class _CpuMeter:
     async def __aenter__(self) -> _CpuMeter:
         self._started = time.time()
         self._own_before = self._own()
+        self._host_before = _host_ticks()
         self._sample()
         self._task = asyncio.create_task(self._sampler())
         return self
@@ -449,6 +479,7 @@ class _CpuMeter:
         self._sample()
         self.workers = self._own() - self._own_before
         self.postgres = sum(last - first for first, last in self._seen.values())
+        self.steal_percent = _steal_percent(self._host_before)
 
 
 class _Process:
@@ -688,7 +719,10 @@ class QueueBench:
         worker_cpu = cpu.workers
         if processes is not None:
             worker_cpu = max(worker_cpu - processes * await self._worker_startup_cpu(), 0.0)
-        return _DrainRun(rate, steady, wall, ok, worker_cpu / messages, cpu.postgres / messages)
+        return _DrainRun(
+            rate, steady, wall, ok, worker_cpu / messages, cpu.postgres / messages,
+            cpu.steal_percent,
+        )
 
     async def _run_worker_processes(self, processes: int, work_delay: float = 0.0) -> None:
         args = ["fleet", "worker", "--handler", "noop", "--drain", *self._worker_limits]
@@ -808,6 +842,7 @@ class QueueBench:
             ),
             all_done=all(r.ok for r in runs),
             load_before=load,
+            steal_percent=[r.steal_percent for r in runs],
         )
         self.report.drains.append(result)
         return result
@@ -848,7 +883,10 @@ class QueueBench:
         ok = row["left_in_queue"] == 0 and row["done"] == messages
         rate = messages / max(row["window_seconds"] or 0.0, 1e-6)
         steady = 0.8 * messages / max(row["steady_seconds"] or 0.0, 1e-6)
-        return _DrainRun(rate, steady, wall, ok, cpu.workers / messages, cpu.postgres / messages)
+        return _DrainRun(
+            rate, steady, wall, ok, cpu.workers / messages, cpu.postgres / messages,
+            cpu.steal_percent,
+        )
 
     # -- sustained load --
 
@@ -984,13 +1022,15 @@ class QueueBench:
         await _wait_for(worker_idle, f"the {system} warm-up messages to finish")
         measured_after = await conn.fetchval(last_id_sql)
         load = _load()
+        host = _host_ticks()
         achieved, commits = await _produce(rate, seconds, live_send)
         await _wait_for(worker_idle, f"the {system} sustained-load messages to finish")
+        steal = _steal_percent(host)
         proc.terminate()
         await proc.wait(60)
         row = await conn.fetchrow(latency_sql, measured_after)
         times = await conn.fetch(times_sql, measured_after)
-        self._add_sustained(system, rate, achieved, commits, times, seconds, row, load)
+        self._add_sustained(system, rate, achieved, commits, times, seconds, row, load, steal)
 
     def _add_sustained(
         self,
@@ -1002,6 +1042,7 @@ class QueueBench:
         seconds: float,
         row: asyncpg.Record,
         load: float,
+        steal: float,
     ) -> None:
         quantiles = row["quantiles"] or [0.0, 0.0, 0.0]
         self._latencies[system].extend(t["claimed"] - t["enqueued"] for t in times)
@@ -1030,10 +1071,11 @@ class QueueBench:
             pickup_p99_ms=_ms(pickup, 0.99),
             all_done=row["total"] == row["done"] and row["total"] >= int(rate * seconds),
             load_before=load,
+            steal_percent=steal,
         )
         self.progress(
             f"  p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, max {result.max_ms} ms "
-            f"at {result.achieved_rate:,.0f}/s"
+            f"at {result.achieved_rate:,.0f}/s, host steal {steal:.1f}%"
         )
         self.report.sustained.append(result)
 

@@ -95,6 +95,7 @@ def _print(report: Any) -> None:
             "wall_seconds",
             "worker_cpu_us",
             "postgres_cpu_us",
+            "steal_percent",
             "all_done",
         ],
     )
@@ -118,6 +119,7 @@ def _print(report: Any) -> None:
             "commit_p99_ms",
             "pickup_p50_ms",
             "pickup_p99_ms",
+            "steal_percent",
             "all_done",
         ],
     )
