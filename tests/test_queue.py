@@ -352,8 +352,10 @@ async def test_repair_heads_reads_a_backlog_in_passes_not_per_message(conn: asyn
     """repair_heads (every worker, every 30 s) looks at every queued message that is not a
     head. Its live-head probe must be joins: as a SQL function with subqueries, which
     PostgreSQL does not inline, it was called per message and read ~6 buffers each (30,859
-    buffers here against 143; 436 ms against 9 ms on 20,000 messages: bench/queue_probes.py
-    repair-heads)."""
+    buffers here; 436 ms against 9 ms on 20,000 messages: bench/queue_probes.py repair-heads).
+    Written as joins, the planner picks a hash anti join (~143 buffers) or, after some
+    ANALYZE samples, a merge anti join over the session-ordered index (~6,700: a heap fetch
+    per message, 4-5 ms); both read the backlog in passes, so the bound is two per message."""
     await conn.execute(
         "SELECT count(fleet.enqueue('s' || (g % 50), 'x')) FROM generate_series(1, 5000) g")
     await conn.execute("ANALYZE fleet.messages")
@@ -362,7 +364,7 @@ async def test_repair_heads_reads_a_backlog_in_passes_not_per_message(conn: asyn
     plan = "\n".join(r[0] for r in await conn.fetch(
         "EXPLAIN (ANALYZE, BUFFERS) SELECT fleet.repair_heads(100)"))
     hits = re.findall(r"Buffers: shared hit=(\d+)", plan)[0]  # the call's own, then planning's
-    assert int(hits) < 500, plan
+    assert int(hits) < 2 * 5000, plan
 
 
 def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
