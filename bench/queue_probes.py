@@ -275,12 +275,6 @@ async def repair_heads(_: argparse.Namespace) -> None:
                   f" {buffers} buffers")
 
 
-def _steal() -> tuple[int, int]:
-    """(steal, all) CPU ticks so far."""
-    ticks = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    return ticks[7], sum(ticks)
-
-
 class FsyncWatch(threading.Thread):
     """Writes and fdatasyncs 8 kB of a file under FLEET_HOME (the embedded server's disk) every
     2 ms, and keeps the flushes that took over 4 ms: (wall-clock start, ms). A stall of the
@@ -340,7 +334,7 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 " ALTER TABLE fleet.sessions SET (autovacuum_enabled = false)")
 
         async def watch() -> None:
-            last = _steal()
+            last = bench.host_cpu_ticks()
             while True:
                 for r in await watcher.fetch(
                         "SELECT pid, application_name,"
@@ -348,7 +342,7 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                         " FROM pg_stat_activity WHERE datname = current_database()"):
                     started.setdefault(r["pid"], (r["application_name"] or "(no name: autovacuum)",
                                                   r["at"]))
-                now = _steal()
+                now = bench.host_cpu_ticks()
                 steal.append((time.time(), (now[0] - last[0]) / max(now[1] - last[1], 1)))
                 last = now
                 await asyncio.sleep(0.1)

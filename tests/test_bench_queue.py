@@ -4,10 +4,12 @@ message of every phase ended done (the benchmark measures a queue that works, no
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 
+from fleet.bench.queue import host_cpu_ticks, steal_percent_since
 from tests.processes import fleet_json
 
 
@@ -88,3 +90,16 @@ def test_bench_queue_without_pgqueuer_or_explain(fleet_env: dict[str, str]) -> N
     assert not any("handlers" in d["runner"] for d in report["drains"])
     assert report["claim_plans"] == []
     assert "ratio_vs_pgqueuer_one_per_session" not in report["summary"]
+
+
+
+def test_host_steal_is_read_from_the_machine_counters() -> None:
+    """The steal column comes from /proc/stat's aggregate line: the counters are read (not
+    the (0, 0) of a machine without /proc), steal is one of them, and time moves them (idle
+    time counts: 50 ms is five 10 ms ticks on every CPU)."""
+    before = host_cpu_ticks()
+    stolen, total = before
+    assert total > 0 and 0 <= stolen <= total
+    time.sleep(0.05)
+    assert host_cpu_ticks()[1] > total
+    assert 0 <= steal_percent_since(before) <= 100

@@ -293,7 +293,7 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _host_ticks() -> tuple[int, int]:
+def host_cpu_ticks() -> tuple[int, int]:
     """(stolen, all) CPU ticks of the whole machine since boot, from ``/proc/stat``; (0, 0)
     without it. On a shared virtual machine the hypervisor's steal, more than anything of ours,
     decides whether a run is slow, so every run reports its share (BENCHMARKS.md)."""
@@ -306,9 +306,9 @@ def _host_ticks() -> tuple[int, int]:
     return ticks[7], sum(ticks)
 
 
-def _steal_percent(before: tuple[int, int]) -> float:
-    """The share of the machine's CPU time stolen since ``before`` (``_host_ticks()``)."""
-    stolen, total = _host_ticks()
+def steal_percent_since(before: tuple[int, int]) -> float:
+    """The share of the machine's CPU time stolen since ``before`` (``host_cpu_ticks()``)."""
+    stolen, total = host_cpu_ticks()
     return round(100 * (stolen - before[0]) / max(total - before[1], 1), 1)
 
 
@@ -467,7 +467,7 @@ class _CpuMeter:
     async def __aenter__(self) -> _CpuMeter:
         self._started = time.time()
         self._own_before = self._own()
-        self._host_before = _host_ticks()
+        self._host_before = host_cpu_ticks()
         self._sample()
         self._task = asyncio.create_task(self._sampler())
         return self
@@ -479,7 +479,7 @@ class _CpuMeter:
         self._sample()
         self.workers = self._own() - self._own_before
         self.postgres = sum(last - first for first, last in self._seen.values())
-        self.steal_percent = _steal_percent(self._host_before)
+        self.steal_percent = steal_percent_since(self._host_before)
 
 
 class _Process:
@@ -1022,10 +1022,10 @@ class QueueBench:
         await _wait_for(worker_idle, f"the {system} warm-up messages to finish")
         measured_after = await conn.fetchval(last_id_sql)
         load = _load()
-        host = _host_ticks()
+        host = host_cpu_ticks()
         achieved, commits = await _produce(rate, seconds, live_send)
         await _wait_for(worker_idle, f"the {system} sustained-load messages to finish")
-        steal = _steal_percent(host)
+        steal = steal_percent_since(host)
         proc.terminate()
         await proc.wait(60)
         row = await conn.fetchrow(latency_sql, measured_after)
