@@ -15,10 +15,10 @@
 -- `agent_known` is the caller's lookup of `agent` in fleet.agents: with that subquery in its
 -- body the function would not be inlined. One CASE in a SQL function: the planner inlines it
 -- into the calling statement, so fleet.enqueue_many checks a whole batch in one statement with
--- no function call per message (a PL/pgSQL call per message cost ~25 us of a new-session
--- enqueue's ~130 in batches of 9; bench/queue_probes.py enqueue-cost). STABLE, not IMMUTABLE:
--- `text || integer` is STABLE, and a function declared less volatile than its body is not
--- inlined.
+-- no function call per message (with a PL/pgSQL call per message, a new-session message cost
+-- 50-52 against 42 us in batches of 500; bench/queue_probes.py enqueue-cost). STABLE, not
+-- IMMUTABLE: `text || integer` is STABLE, and a function declared less volatile than its body
+-- is not inlined.
 CREATE OR REPLACE FUNCTION fleet.message_problem(
     session_id   text,
     body         text,
@@ -76,7 +76,8 @@ BEGIN
     -- Apart, so that the call below is a simple expression (no subquery), evaluated without
     -- the executor. In it, the lookup would make PostgreSQL plan it afresh at every call: a
     -- plan for the call's own values folds `agent IS NULL OR EXISTS (...)` away, and one for
-    -- any values keeps the subquery, so it never settles on the latter (+100 us an enqueue).
+    -- any values keeps the subquery, so it never settles on the latter (enqueue-cost, batches
+    -- of 9: 270-330 against 132 us an enqueue).
     IF agent IS NOT NULL THEN
         known := EXISTS (SELECT 1 FROM fleet.agents a WHERE a.name = agent);
     END IF;
@@ -250,7 +251,8 @@ BEGIN
     FROM (SELECT u.n,
                  fleet.message_problem(
                      u.sid, u.body, u.k, u.meta, u.agent,
-                     u.agent IS NULL OR EXISTS (SELECT 1 FROM fleet.agents a WHERE a.name = u.agent),
+                     u.agent IS NULL
+                         OR EXISTS (SELECT 1 FROM fleet.agents a WHERE a.name = u.agent),
                      u.vars, u.tries) AS problem
           FROM unnest(sids, bodies, keys, metas, agent_of, vars, tries)
                WITH ORDINALITY AS u(sid, body, k, meta, agent, vars, tries, n)) AS u
@@ -626,7 +628,3 @@ BEGIN
     RETURN fleet.promote_heads(orphans);
 END
 $$;
-
--- fleet.has_live_head, defined here for a few commits on 2026-12-02, is gone (see "Has the
--- session a live head?" above).
-DROP FUNCTION IF EXISTS fleet.has_live_head(text);
