@@ -7,6 +7,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py heartbeat
     python bench/queue_probes.py analyze-cost
     python bench/queue_probes.py cycle-cost [--messages 20000] [--batch 10] [--rounds 2]
+    python bench/queue_probes.py cycle-split [--rounds 2]
     python bench/queue_probes.py repair-heads
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
@@ -30,6 +31,7 @@ from typing import Any
 import asyncpg
 
 import fleet.bench.queue as bench
+import fleet.queue as fleet_queue
 from fleet.settings import Settings
 from fleet.sql import queries
 
@@ -225,6 +227,52 @@ async def cycle_cost(args: argparse.Namespace) -> None:
                       " per message", flush=True)
 
 
+async def cycle_split(args: argparse.Namespace) -> None:
+    """Where a drain cycle's time goes: the bench's in-process drains (both layouts, in turn)
+    with the server timing its functions (track_functions), and the worker timing each
+    ``finish_and_claim`` call from its side. Per call: the finish (fleet.finish_messages), the
+    claim (the rest of fleet.finish_and_claim), and the worker's wait, which adds the commit,
+    the round trip and the time the call's answer waited for the worker's event loop."""
+    waits: list[float] = []
+    timed_call = fleet_queue.finish_and_claim
+
+    async def timed(*call_args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await timed_call(*call_args, **kwargs)
+        finally:
+            waits.append(time.perf_counter() - started)
+
+    qb = bench.QueueBench(Settings(), bench.QueueBenchConfig(skip_pgqueuer=True))
+    async with bench.scratch_database(qb.settings) as url:
+        qb.url, qb.database = url, url.rsplit("/", 1)[1]
+        qb.conn = await bench.connect(qb._settings(), "fleet-bench", url=url)
+        qb.postmaster = bench._find_postmaster(
+            await qb.conn.fetchval("SELECT pg_backend_pid()"), qb.database)
+        await qb.conn.execute(f'ALTER DATABASE "{qb.database}" SET track_functions = \'all\'')
+        fleet_queue.finish_and_claim = timed  # the worker looks it up at each call
+        try:
+            for rnd in range(args.rounds):
+                for layout in ("one-per-session", "many-per-session"):
+                    waits.clear()
+                    await qb.conn.execute("SELECT pg_stat_reset()")
+                    run = await qb._fleet_drain_once(layout, None)
+                    await asyncio.sleep(1.0)  # backends report their function times when idle
+                    spent = {r["funcname"]: r["total_time"] / max(r["calls"], 1)
+                             for r in await qb.conn.fetch(
+                                 "SELECT funcname, calls, total_time FROM pg_stat_user_functions")}
+                    cycle, finish = spent["finish_and_claim"], spent["finish_messages"]
+                    ordered = sorted(waits)
+                    print(f"round {rnd + 1}, {layout}: {run.rate:,.0f}/s, steal "
+                          f"{run.steal_percent:.1f}%; per call (10 messages): finish "
+                          f"{finish:.2f} ms, claim {cycle - finish:.2f} ms, worker's wait "
+                          f"p50 {1e3 * ordered[len(ordered) // 2]:.2f} ms "
+                          f"p90 {1e3 * ordered[int(0.9 * len(ordered))]:.2f} ms", flush=True)
+        finally:
+            fleet_queue.finish_and_claim = timed_call
+            await qb.conn.close()
+
+
 #: repair_heads as a first version of migration 0016 had it: the live-head probe in a SQL
 #: function, which PostgreSQL does not inline (its body has subqueries), called per message.
 PER_ROW_REPAIR = """
@@ -417,6 +465,8 @@ def main() -> None:
     cycle.add_argument("--messages", type=int, default=20_000)
     cycle.add_argument("--batch", type=int, default=10)
     cycle.add_argument("--rounds", type=int, default=2)
+    split = commands.add_parser("cycle-split")
+    split.add_argument("--rounds", type=int, default=2)
     for name in ("session-id-check", "first-call", "heartbeat", "analyze-cost",
                  "repair-heads"):
         commands.add_parser(name)
@@ -433,6 +483,7 @@ def main() -> None:
     probe = {"enqueue-cost": enqueue_cost, "session-id-check": session_id_check,
              "first-call": first_call, "heartbeat": heartbeat, "analyze-cost": analyze_cost,
              "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
+             "cycle-split": cycle_split,
              "repair-heads": repair_heads}[args.command]
     asyncio.run(probe(args))
 
