@@ -4,14 +4,16 @@
         reply = await client.run_sync("session-1", "Where is my order #4429?")
 
 ``enqueue(..., conn=my_conn)`` runs inside the caller's own transaction (AgentPG's ``RunTx``):
-rolled back, nothing is processed; committed, a worker is woken at commit. Waiting LISTENs on
-``fleet_outcome`` (sent once per batch of finished or parked messages) and re-reads the message,
-with a polling fallback, so a lost notification costs at most one poll interval.
+rolled back, nothing is processed; committed, a worker is woken at commit. A wait marks the
+message as awaited (``fleet.queue.await_reply``), so that finishing or parking it sends a
+``fleet_outcome`` notification naming it, and re-reads the message when one does, with a polling
+fallback: a lost notification costs at most one poll interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -27,6 +29,7 @@ from fleet.settings import Settings, get_settings
 from fleet.sql import queries
 
 SQL = queries("queries.sql")
+log = logging.getLogger("fleet.client")
 
 
 class Reply(BaseModel):
@@ -58,7 +61,10 @@ class Client:
         self.poll_interval = poll_interval
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
-        self._outcome = asyncio.Event()
+        #: message id -> the events of the waits on it (several tasks may wait on one message)
+        self._waits: dict[int, set[asyncio.Event]] = {}
+        #: False once the database refused a mark (queue.await_reply) to this client's role
+        self._can_mark = True
 
     async def __aenter__(self) -> Client:
         url = self._database_url or await resolve_url(self.settings)
@@ -76,8 +82,11 @@ class Client:
         if self._pool is not None:
             await self._pool.close()
 
-    def _on_outcome(self, *_: object) -> None:
-        self._outcome.set()
+    def _on_outcome(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        named = queue.outcome_ids(payload)
+        for message_id in self._waits.keys() if named is None else named & self._waits.keys():
+            for event in self._waits[message_id]:
+                event.set()
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -167,19 +176,39 @@ class Client:
         (then the current state is returned, e.g. ``queued`` or ``running``)."""
         if timeout < 0:
             raise InvalidInput("timeout must not be negative")
+        queue.check_message_id(message_id)
         deadline = time.monotonic() + timeout
-        while True:
-            self._outcome.clear()
-            reply = await self._reply(message_id)
-            if reply.finished or reply.state == "awaiting_approval":
-                return reply
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return reply
-            try:
-                await asyncio.wait_for(self._outcome.wait(), timeout=min(left, self.poll_interval))
-            except TimeoutError:
-                pass
+        told = asyncio.Event()
+        waits = self._waits.setdefault(message_id, set())
+        waits.add(told)
+        try:
+            if self._listener is not None and self._can_mark:  # before the first read
+                await self._mark_awaited(message_id)
+            while True:
+                told.clear()
+                reply = await self._reply(message_id)
+                if reply.finished or reply.state == "awaiting_approval":
+                    return reply
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return reply
+                try:
+                    await asyncio.wait_for(told.wait(), timeout=min(left, self.poll_interval))
+                except TimeoutError:
+                    pass
+        finally:
+            waits.discard(told)
+            if not waits:
+                self._waits.pop(message_id, None)
+
+    async def _mark_awaited(self, message_id: int) -> None:
+        """Have the message's finish notify this client. A role that may not UPDATE
+        fleet.messages cannot mark it; this client's waits then poll, and stop trying."""
+        try:
+            await queue.await_reply(self.pool, message_id)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            log.warning("waits for replies poll every %.1fs: %s", self.poll_interval, exc)
+            self._can_mark = False
 
     async def run_sync(
         self, session_id: str, body: str, *, timeout: float = 60.0, **enqueue_kwargs: Any

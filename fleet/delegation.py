@@ -31,8 +31,9 @@ How one delegation runs (:class:`Delegator`):
 
    Waiting for the child's outcome (once run inline, until the completer has written it; or
    while another worker runs it) LISTENs on ``fleet_outcome`` (:class:`OutcomeListener`, one
-   connection per worker, opened at the first wait) and re-reads the message when told,
-   at most every 50 ms and at least every 2 s (what no outcome announces, e.g. a child
+   connection per worker, opened at the first wait), marks the child as awaited
+   (``queue.await_reply``: its finish then notifies, naming it) and re-reads the message when
+   told, at most every 50 ms and at least every 2 s (what no outcome announces, e.g. a child
    released by a worker shutting down, and a lost notification): polling fast instead cost a
    primary-key read every 50-500 ms per waiting parent for the whole child turn. Without
    LISTEN (a ``fleet worker --poll-only``, i.e. behind PgBouncer in transaction mode, or the
@@ -113,7 +114,8 @@ class OutcomeListener:
 
     Opened at the first wait that needs it (a worker whose agents never delegate holds no
     extra connection), reopened at a later wait after it was lost; a wait that cannot have it
-    polls. Each waiter subscribes an event that every notification sets."""
+    polls. Each waiter subscribes an event for its message: set by a notification that names
+    it (or names none), and by the loss of the connection."""
 
     def __init__(self, settings: Settings, *, listen: bool = True) -> None:
         self.settings = settings
@@ -123,7 +125,7 @@ class OutcomeListener:
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._retry_at = 0.0
-        self._waiters: set[asyncio.Event] = set()
+        self._waiters: dict[int, set[asyncio.Event]] = {}
         self._closed = False
 
     @property
@@ -161,25 +163,32 @@ class OutcomeListener:
             raise
         return conn
 
-    def _notify(self, *_: object) -> None:
-        for event in self._waiters:
-            event.set()
+    def _notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._wake(queue.outcome_ids(payload))
+
+    def _wake(self, named: frozenset[int] | None) -> None:
+        for message_id in self._waiters.keys() if named is None else named & self._waiters.keys():
+            for event in self._waiters[message_id]:
+                event.set()
 
     def _lost(self, *_: object) -> None:
         # Outcomes notified while the connection was down are not heard: wake every waiter to
         # read once (and, at its next wait, reopen the connection).
         self._conn = None
-        self._notify()
+        self._wake(None)
 
     @contextlib.contextmanager
-    def subscribe(self) -> Iterator[asyncio.Event]:
-        """An event set by every notification while the block runs."""
+    def subscribe(self, message_id: int) -> Iterator[asyncio.Event]:
+        """An event set, while the block runs, by each notification naming ``message_id``."""
         event = asyncio.Event()
-        self._waiters.add(event)
+        waiters = self._waiters.setdefault(message_id, set())
+        waiters.add(event)
         try:
             yield event
         finally:
-            self._waiters.discard(event)
+            waiters.discard(event)
+            if not waiters:
+                self._waiters.pop(message_id, None)
 
     async def close(self) -> None:
         async with self._lock:
@@ -284,13 +293,15 @@ class Delegator:
     ) -> queue.Message | None:
         """The child's final (or parked) state; runs it here whenever it is claimable.
 
-        Between reads it waits for a ``fleet_outcome`` notification (module docstring): after
-        an inline run the child's outcome is still on its way through the completer, and a
-        child another worker runs is done when that worker writes its outcome."""
+        Between reads it waits for a ``fleet_outcome`` notification naming the child (module
+        docstring): after an inline run the child's outcome is still on its way through the
+        completer, and a child another worker runs is done when that worker writes its
+        outcome."""
         deadline = time.monotonic() + WAIT_SECONDS
         listening: bool | None = None  # not asked yet: a child done at once needs no LISTEN
         pause = _POLL
-        with self.outcomes.subscribe() as notified:
+        marked = False  # the child marked as awaited (its finish will notify)
+        with self.outcomes.subscribe(message_id) as notified:
             while time.monotonic() < deadline:
                 notified.clear()  # before the read: an outcome written after it is heard
                 read_at = time.monotonic()
@@ -313,6 +324,10 @@ class Delegator:
                 if listening is None or (listening and not self.outcomes.listening):
                     heard = self.outcomes.listening
                     listening = await self.outcomes.ensure()
+                    if listening and not marked:
+                        await queue.await_reply(pool, message_id)
+                        marked = True
+                        continue  # read again: the finish before the mark did not notify
                     if listening and not heard:
                         continue  # notifications before LISTEN began are not heard: read again
                 left = max(deadline - time.monotonic(), 0)
@@ -326,7 +341,7 @@ class Delegator:
                     wait = min(wait, max(due, _POLL))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(notified.wait(), timeout=wait)
-                # Every finished batch in the fleet notifies: read at most every _POLL.
+                # Read at most every _POLL (an empty payload wakes every waiter).
                 await asyncio.sleep(max(_POLL - (time.monotonic() - read_at), 0))
         return None
 

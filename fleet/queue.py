@@ -25,10 +25,20 @@ MessageState = Literal["queued", "running", "awaiting_approval", "done", "dead",
 MESSAGE_STATES: tuple[str, ...] = MessageState.__args__  # type: ignore[attr-defined]
 FINISHED_STATES = frozenset({"done", "dead", "cancelled"})
 
-#: NOTIFY channels of queue_sql/functions.sql: a claimable head appeared (workers listen), and a
-#: batch of messages finished or parked (reply waiters listen: fleet.Client, delegations).
+#: NOTIFY channels of queue_sql/functions.sql: a claimable head appeared (workers listen), and
+#: messages someone waits on (:func:`await_reply`) finished or parked, their ids in the payload
+#: (reply waiters listen: fleet.Client, delegations; read it with :func:`outcome_ids`).
 WAKEUP_CHANNEL = "fleet_wakeup"
 OUTCOME_CHANNEL = "fleet_outcome"
+
+
+def outcome_ids(payload: str) -> frozenset[int] | None:
+    """The message ids a ``fleet_outcome`` notification names; None when it names none (an
+    empty payload, sent when the ids would not fit): every waiter should read its message."""
+    try:
+        return frozenset(int(part) for part in payload.split(",")) if payload else None
+    except ValueError:
+        return None
 
 #: One connection or a pool: everything here works with either.
 Executor = asyncpg.Connection | asyncpg.Pool
@@ -343,6 +353,12 @@ async def lease_held(conn: asyncpg.Connection, message_id: int, token: int) -> b
 async def cancel(db: Executor, message_id: int, reason: str) -> bool:
     """Cancel a queued or parked message at once; False if it is in another state."""
     return bool(await db.fetchval(SQL["cancel"], message_id, reason))
+
+
+async def await_reply(db: Executor, message_id: int) -> None:
+    """Mark a message as waited on: finishing or parking it then NOTIFYs ``fleet_outcome`` with
+    its id (migration 0017). Call before the first read of the message you wait for."""
+    await db.execute(SQL["await_reply"], message_id)
 
 
 async def request_cancel(db: Executor, message_id: int, reason: str | None = None) -> bool:

@@ -436,6 +436,19 @@ LANGUAGE sql AS $$
     SELECT count(*)::integer FROM promoted
 $$;
 
+-- Tell the waiters of these messages (reply_awaited, migration 0017) that they finished or
+-- were parked: one fleet_outcome notification naming their ids, comma-separated, which each
+-- waiter matches against its own. A payload must stay under 8,000 bytes; past that (a batch of
+-- some 400 awaited messages) it is empty, which waiters take as "re-read yours". Nothing is
+-- sent for an empty or NULL list.
+CREATE OR REPLACE FUNCTION fleet.notify_outcome(ids bigint[]) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_notify('fleet_outcome', CASE WHEN octet_length(listed.ids) < 8000
+                                           THEN listed.ids ELSE '' END)
+    FROM (SELECT array_to_string(notify_outcome.ids, ',') AS ids) AS listed
+    WHERE cardinality(notify_outcome.ids) > 0
+$$;
+
 -- Finish messages (done/dead/cancelled) and promote their sessions' next messages. Every row is
 -- guarded by its lease token (fencing): a worker that lost its lease changes nothing. Returns
 -- the ids that were actually finished.
@@ -456,6 +469,7 @@ AS $$
 DECLARE
     finished   bigint[];
     touched    text[];
+    awaited    bigint[];  -- finished messages someone waits on (reply_awaited)
     successors bigint[];
 BEGIN
     -- = ANY (ARRAY(...)) rather than IN (SELECT ...): the lock is taken through the primary
@@ -479,9 +493,11 @@ BEGIN
             is_head = false, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
         WHERE m.id = ANY (ids) AND m.state = 'running'
           AND m.lease_token = tokens[array_position(ids, m.id)]
-        RETURNING m.id, m.session_id
+        RETURNING m.id, m.session_id, m.reply_awaited
     )
-    SELECT array_agg(id), array_agg(DISTINCT session_id) INTO finished, touched FROM done;
+    SELECT array_agg(id), array_agg(DISTINCT session_id),
+           array_agg(id) FILTER (WHERE reply_awaited)
+    INTO finished, touched, awaited FROM done;
 
     IF finished IS NOT NULL THEN
         -- Promote each session's earliest waiting message, without promote_heads()' probe
@@ -502,9 +518,11 @@ BEGIN
         IF cardinality(successors) > 0 THEN
             UPDATE fleet.messages m SET is_head = true WHERE m.id = ANY (successors);
         END IF;
-        -- One notification per batch, on a channel only reply waiters (fleet.Client) listen
-        -- to; workers are never woken by completions.
-        PERFORM pg_notify('fleet_outcome', '');
+        -- Only for messages someone waits on (migration 0017), on a channel workers do not
+        -- listen to: most batches notify nobody.
+        IF awaited IS NOT NULL THEN
+            PERFORM fleet.notify_outcome(awaited);
+        END IF;
         RETURN QUERY SELECT unnest(finished);
     END IF;
 END
@@ -519,7 +537,7 @@ $$;
 -- what the finish did: a successor the finish just promoted is claimable at once, which is
 -- right (its predecessor is finished in the same commit, and the session's row lock is held
 -- until then). The claim takes no other lock and never waits (SKIP LOCKED); completions send
--- no wake-up (only fleet_outcome, once per batch, from finish_messages).
+-- no wake-up (fleet_outcome only for messages someone waits on, from finish_messages).
 --
 -- Returns the claimed messages (the claim's columns) and, for each finished id, a row with only
 -- `id` set: `lease_token IS NULL` marks those (a claimed message always has a token).
@@ -582,7 +600,8 @@ CREATE OR REPLACE FUNCTION fleet.finish_unleased(
 ) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
-    sid text;
+    sid     text;
+    awaited boolean;
 BEGIN
     SELECT m.session_id INTO sid FROM fleet.messages m WHERE m.id = message_id;
     IF sid IS NULL THEN
@@ -593,12 +612,15 @@ BEGIN
     SET state = new_state, reply = coalesce(new_reply, m.reply), error = new_error,
         finished_at = clock_timestamp(), is_head = false,
         lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
-    WHERE m.id = message_id AND m.state = ANY (from_states);
+    WHERE m.id = message_id AND m.state = ANY (from_states)
+    RETURNING m.reply_awaited INTO awaited;
     IF NOT FOUND THEN
         RETURN false;
     END IF;
     PERFORM fleet.promote_heads(ARRAY[sid]);
-    PERFORM pg_notify('fleet_outcome', '');
+    IF awaited THEN
+        PERFORM fleet.notify_outcome(ARRAY[message_id]);
+    END IF;
     PERFORM pg_notify('fleet_wakeup', '');
     RETURN true;
 END

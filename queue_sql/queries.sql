@@ -111,15 +111,15 @@ RETURNING m.id;
 
 -- name: park
 -- A turn paused for a human: the message waits, still its session's head, holding no lease.
--- Reply waiters are told (they report the approval it waits on).
+-- Its reply waiters, if any, are told (they report the approval it waits on).
 WITH parked AS (
     UPDATE fleet.messages
     SET state = 'awaiting_approval', lease_owner = NULL, lease_token = NULL,
         lease_expires_at = NULL
     WHERE id = $1 AND lease_token = $2 AND state = 'running'
-    RETURNING id
+    RETURNING id, reply_awaited
 )
-SELECT id, pg_notify('fleet_outcome', '') FROM parked;
+SELECT id, fleet.notify_outcome(CASE WHEN reply_awaited THEN ARRAY[id] END) FROM parked;
 
 -- name: unpark
 -- A decision arrived: the parked message is claimable again (its run is resumed by whichever
@@ -141,6 +141,14 @@ FOR UPDATE;
 -- name: cancel
 -- Cancel a message that no worker holds (queued, or parked for approval).
 SELECT fleet.finish_unleased($1, 'cancelled', NULL, $2, ARRAY['queued', 'awaiting_approval']) AS ok;
+
+-- name: await_reply
+-- Someone is about to wait for message $1's outcome: finishing or parking it will NOTIFY
+-- fleet_outcome with its id (migration 0017). Run before the waiter's first read. The row lock
+-- orders this write and the finish's: either the finish sees the mark and notifies, or this
+-- statement finds the message no longer queued or running and the read that follows sees why.
+UPDATE fleet.messages SET reply_awaited = true
+WHERE id = $1 AND state IN ('queued', 'running') AND NOT reply_awaited;
 
 -- name: request_cancel
 -- Ask the worker running a message to stop (it sees the request, and the reason $2, with its

@@ -94,24 +94,37 @@ async def test_the_agent_filter_applies(conn: asyncpg.Connection):
     assert [m.body for m in claimed] == ["two"]
 
 
-async def test_wakes_nobody_and_tells_reply_waiters_once(db_url: str, conn: asyncpg.Connection):
-    for i in range(3):
+async def test_wakes_nobody_and_tells_only_the_waiters_of_a_message(
+    db_url: str, conn: asyncpg.Connection
+):
+    """Completions never wake workers, and notify fleet_outcome only for messages someone
+    waits on (migration 0017), naming them: a batch nobody waits on sends nothing."""
+    for i in range(5):
         await queue.enqueue(conn, f"s{i}", "x")
     await queue.enqueue(conn, "s0", "behind")
-    claimed = await queue.claim(conn, "w", 3, 30)
-    heard: list[str] = []
+    claimed = await queue.claim(conn, "w", 5, 30)
+    awaited = claimed[3:]
+    for message in awaited:
+        await queue.await_reply(conn, message.id)
+    heard: list[tuple[str, str]] = []
     listener = await asyncpg.connect(db_url)
     try:
         for channel in ("fleet_wakeup", "fleet_outcome"):
-            await listener.add_listener(channel, lambda _c, _p, ch, _m: heard.append(ch))
+            await listener.add_listener(channel, lambda _c, _p, ch, pl: heard.append((ch, pl)))
         finished, again = await queue.finish_and_claim(
-            conn, "w", 3, 30, [_done(m) for m in claimed]
+            conn, "w", 3, 30, [_done(m) for m in claimed[:3]]
         )
         assert len(finished) == 3 and len(again) == 1
         await asyncio.sleep(0.3)
+        assert heard == []
+        finished, _ = await queue.finish_and_claim(conn, "w", 0, 30, [_done(m) for m in awaited])
+        assert len(finished) == 2
+        await asyncio.sleep(0.3)
     finally:
         await listener.close()
-    assert heard == ["fleet_outcome"]
+    [(channel, payload)] = heard
+    assert channel == "fleet_outcome"
+    assert queue.outcome_ids(payload) == {m.id for m in awaited}
 
 
 async def test_an_enqueue_does_not_wait_for_a_finishing_head_and_is_elected_after_it(
