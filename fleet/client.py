@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from fleet import metrics, queue
 from fleet.database import connect, create_pool, resolve_url
 from fleet.errors import InvalidInput, NotFound
+from fleet.outcomes import OutcomeWaits
 from fleet.queue import Message, NewMessage
 from fleet.settings import Settings, get_settings
 from fleet.sql import queries
@@ -61,8 +62,7 @@ class Client:
         self.poll_interval = poll_interval
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
-        #: message id -> the events of the waits on it (several tasks may wait on one message)
-        self._waits: dict[int, set[asyncio.Event]] = {}
+        self._waits = OutcomeWaits()
         #: False once the database refused a mark (queue.await_reply) to this client's role
         self._can_mark = True
 
@@ -83,10 +83,7 @@ class Client:
             await self._pool.close()
 
     def _on_outcome(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        named = queue.outcome_ids(payload)
-        for message_id in self._waits.keys() if named is None else named & self._waits.keys():
-            for event in self._waits[message_id]:
-                event.set()
+        self._waits.notified(payload)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -178,10 +175,7 @@ class Client:
             raise InvalidInput("timeout must not be negative")
         queue.check_message_id(message_id)
         deadline = time.monotonic() + timeout
-        told = asyncio.Event()
-        waits = self._waits.setdefault(message_id, set())
-        waits.add(told)
-        try:
+        with self._waits.waiting_on(message_id) as told:
             if self._listener is not None and self._can_mark:  # before the first read
                 await self._mark_awaited(message_id)
             while True:
@@ -196,10 +190,6 @@ class Client:
                     await asyncio.wait_for(told.wait(), timeout=min(left, self.poll_interval))
                 except TimeoutError:
                     pass
-        finally:
-            waits.discard(told)
-            if not waits:
-                self._waits.pop(message_id, None)
 
     async def _mark_awaited(self, message_id: int) -> None:
         """Have the message's finish notify this client. A role that may not UPDATE

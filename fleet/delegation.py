@@ -56,7 +56,6 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,6 +64,7 @@ import asyncpg
 from fleet import queue
 from fleet.audit import now
 from fleet.database import connect, resolve_url
+from fleet.outcomes import OutcomeWaits
 from fleet.settings import Settings
 
 log = logging.getLogger("fleet.delegation")
@@ -125,7 +125,7 @@ class OutcomeListener:
         self._conn: asyncpg.Connection | None = None
         self._lock = asyncio.Lock()
         self._retry_at = 0.0
-        self._waiters: dict[int, set[asyncio.Event]] = {}
+        self._waits = OutcomeWaits()
         self._closed = False
 
     @property
@@ -164,31 +164,17 @@ class OutcomeListener:
         return conn
 
     def _notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._wake(queue.outcome_ids(payload))
-
-    def _wake(self, named: frozenset[int] | None) -> None:
-        for message_id in self._waiters.keys() if named is None else named & self._waiters.keys():
-            for event in self._waiters[message_id]:
-                event.set()
+        self._waits.notified(payload)
 
     def _lost(self, *_: object) -> None:
         # Outcomes notified while the connection was down are not heard: wake every waiter to
         # read once (and, at its next wait, reopen the connection).
         self._conn = None
-        self._wake(None)
+        self._waits.wake(None)
 
-    @contextlib.contextmanager
-    def subscribe(self, message_id: int) -> Iterator[asyncio.Event]:
+    def subscribe(self, message_id: int) -> contextlib.AbstractContextManager[asyncio.Event]:
         """An event set, while the block runs, by each notification naming ``message_id``."""
-        event = asyncio.Event()
-        waiters = self._waiters.setdefault(message_id, set())
-        waiters.add(event)
-        try:
-            yield event
-        finally:
-            waiters.discard(event)
-            if not waiters:
-                self._waiters.pop(message_id, None)
+        return self._waits.waiting_on(message_id)
 
     async def close(self) -> None:
         async with self._lock:

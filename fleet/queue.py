@@ -27,18 +27,9 @@ FINISHED_STATES = frozenset({"done", "dead", "cancelled"})
 
 #: NOTIFY channels of queue_sql/functions.sql: a claimable head appeared (workers listen), and
 #: messages someone waits on (:func:`await_reply`) finished or parked, their ids in the payload
-#: (reply waiters listen: fleet.Client, delegations; read it with :func:`outcome_ids`).
+#: (reply waiters listen: fleet.Client, delegations; see fleet.outcomes).
 WAKEUP_CHANNEL = "fleet_wakeup"
 OUTCOME_CHANNEL = "fleet_outcome"
-
-
-def outcome_ids(payload: str) -> frozenset[int] | None:
-    """The message ids a ``fleet_outcome`` notification names; None when it names none (an
-    empty payload, sent when the ids would not fit): every waiter should read its message."""
-    try:
-        return frozenset(int(part) for part in payload.split(",")) if payload else None
-    except ValueError:
-        return None
 
 #: One connection or a pool: everything here works with either.
 Executor = asyncpg.Connection | asyncpg.Pool

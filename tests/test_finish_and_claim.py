@@ -10,6 +10,7 @@ import re
 import asyncpg
 
 from fleet import queue
+from fleet.outcomes import outcome_ids
 from fleet.queue import Outcome
 from fleet.settings import PROJECT_ROOT
 from fleet.sql import queries
@@ -124,7 +125,7 @@ async def test_wakes_nobody_and_tells_only_the_waiters_of_a_message(
         await listener.close()
     [(channel, payload)] = heard
     assert channel == "fleet_outcome"
-    assert queue.outcome_ids(payload) == {m.id for m in awaited}
+    assert outcome_ids(payload) == {m.id for m in awaited}
 
 
 async def test_an_enqueue_does_not_wait_for_a_finishing_head_and_is_elected_after_it(

@@ -17,6 +17,7 @@ import pytest
 import fleet
 from fleet import queue
 from fleet.handlers import NoopHandler
+from fleet.outcomes import OutcomeWaits, outcome_ids
 from fleet.worker import Worker
 from tests.mcp_process import _admin
 
@@ -36,10 +37,24 @@ async def _settle() -> None:
 
 
 def test_a_payload_names_ids_or_none() -> None:
-    assert queue.outcome_ids("7") == {7}
-    assert queue.outcome_ids("7,12,9000000000") == {7, 12, 9000000000}
-    assert queue.outcome_ids("") is None
-    assert queue.outcome_ids("not,ids") is None
+    assert outcome_ids("7") == {7}
+    assert outcome_ids("7,12,9000000000") == {7, 12, 9000000000}
+    assert outcome_ids("") is None
+    assert outcome_ids("not,ids") is None
+
+
+async def test_a_notification_wakes_the_waits_on_the_messages_it_names() -> None:
+    waits = OutcomeWaits()
+    with waits.waiting_on(1) as one, waits.waiting_on(1) as one_again, \
+            waits.waiting_on(2) as two:
+        waits.notified("1,3")
+        assert one.is_set() and one_again.is_set() and not two.is_set()
+        one.clear()
+        waits.notified("")  # names none: every wait reads its message
+        assert one.is_set() and two.is_set()
+    two.clear()
+    waits.notified("2")  # that wait has ended: nothing is kept for it
+    assert not two.is_set()
 
 
 async def test_parking_notifies_only_a_message_someone_waits_on(
@@ -118,7 +133,7 @@ async def test_a_client_wait_is_told_by_the_notification_not_by_polling(
     finally:
         worker.stop()
         await asyncio.wait_for(running, 30)
-    named = {i for payload in heard for i in queue.outcome_ids(payload) or ()}
+    named = {i for payload in heard for i in outcome_ids(payload) or ()}
     assert waited in named and unwaited not in named
 
 
