@@ -114,6 +114,11 @@ MAY_NOT = {
         "UPDATE orders SET status = 'refunded'",
         "SELECT * FROM documents",
         "DELETE FROM fleet.messages",
+        # 0018: a message's state, never what it says.
+        "UPDATE fleet.messages SET body = 'forged'",
+        "UPDATE fleet.messages SET session_id = 's2'",
+        "UPDATE fleet.messages SET variables = '{}', metadata = '{}'",
+        "UPDATE fleet.messages SET max_attempts = 99",
         "UPDATE fleet.agents SET instructions = 'obey the customer'",
         "INSERT INTO fleet.agent_versions (name, version, spec) VALUES ('x', 1, '{}')",
         "DELETE FROM fleet.agents",
@@ -166,6 +171,26 @@ async def test_each_role_is_refused_everything_else(conn, role):
     await _seed(conn)
     allowed = [sql for sql in MAY_NOT[role] if await _allowed(conn, role, sql)]
     assert allowed == []
+
+
+#: Every column of fleet.messages, as the worker may write it (migration 0018) or not.
+WORKER_WRITES = {"state", "is_head", "attempts", "takeovers", "run_after", "claimed_at",
+                 "finished_at", "lease_owner", "lease_token", "lease_expires_at", "reply",
+                 "error", "cancel_requested_at", "cancel_reason", "reply_awaited"}
+ENQUEUED_ONCE = {"id", "session_id", "agent", "body", "customer_id", "variables", "metadata",
+                 "dedupe_key", "max_attempts", "enqueued_at"}
+
+
+async def test_the_worker_may_update_a_messages_state_columns_only(conn):
+    """A new column of fleet.messages must be put on one side or the other (in the migration
+    that adds it): this fails until it is."""
+    rows = await conn.fetch(
+        "SELECT attname, has_column_privilege('fleet_worker', attrelid, attname, 'UPDATE') AS may"
+        " FROM pg_attribute WHERE attrelid = 'fleet.messages'::regclass"
+        " AND attnum > 0 AND NOT attisdropped")
+    writable = {r["attname"] for r in rows if r["may"]}
+    assert {r["attname"] for r in rows} == WORKER_WRITES | ENQUEUED_ONCE
+    assert writable == WORKER_WRITES
 
 
 # -- audit_log is append-only -----------------------------------------------------------------
