@@ -244,11 +244,7 @@ async def cycle_split(args: argparse.Namespace) -> None:
             waits.append(time.perf_counter() - started)
 
     qb = bench.QueueBench(Settings(), bench.QueueBenchConfig(skip_pgqueuer=True))
-    async with bench.scratch_database(qb.settings) as url:
-        qb.url, qb.database = url, url.rsplit("/", 1)[1]
-        qb.conn = await bench.connect(qb._settings(), "fleet-bench", url=url)
-        qb.postmaster = bench._find_postmaster(
-            await qb.conn.fetchval("SELECT pg_backend_pid()"), qb.database)
+    async with qb.opened():
         await qb.conn.execute(f'ALTER DATABASE "{qb.database}" SET track_functions = \'all\'')
         fleet_queue.finish_and_claim = timed  # the worker looks it up at each call
         try:
@@ -270,7 +266,6 @@ async def cycle_split(args: argparse.Namespace) -> None:
                           f"p90 {1e3 * ordered[int(0.9 * len(ordered))]:.2f} ms", flush=True)
         finally:
             fleet_queue.finish_and_claim = timed_call
-            await qb.conn.close()
 
 
 #: repair_heads as a first version of migration 0016 had it: the live-head probe in a SQL
@@ -372,9 +367,8 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
     qb = bench.QueueBench(Settings(), config)
     started: dict[int, tuple[str, float]] = {}
     steal: list[tuple[float, float]] = []
-    async with bench.scratch_database(qb.settings) as url:
-        qb.url, qb.database = url, url.rsplit("/", 1)[1]
-        qb.conn = await bench.connect(qb._settings(), "fleet-bench", url=url)
+    async with qb.opened():
+        url = qb.url
         watcher = await asyncpg.connect(url, server_settings={"application_name": "probe"})
         if args.no_autovacuum:
             await qb.conn.execute(
@@ -423,7 +417,6 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await watcher.close()
-            await qb.conn.close()
     times = captured["times"]
     t0 = times[0]["enqueued"]
     latencies = sorted((t["claimed"] - t["enqueued"]) * 1000 for t in times)

@@ -519,7 +519,8 @@ BEGIN
             UPDATE fleet.messages m SET is_head = true WHERE m.id = ANY (successors);
         END IF;
         -- Only for messages someone waits on (migration 0017), on a channel workers do not
-        -- listen to: most batches notify nobody.
+        -- listen to: most batches notify nobody, and (tested here rather than left to
+        -- notify_outcome) make no call for it in the worker's cycle.
         IF awaited IS NOT NULL THEN
             PERFORM fleet.notify_outcome(awaited);
         END IF;

@@ -598,18 +598,12 @@ class QueueBench:
     # -- top level --
 
     async def run(self) -> QueueBenchReport:
-        async with scratch_database(self.settings) as url:
-            self.url = url
-            self.conn = await connect(self._settings(), "fleet-bench", url=url)
-            self.database = urlparse(url).path.lstrip("/")
-            self.postmaster = _find_postmaster(
-                await self.conn.fetchval("SELECT pg_backend_pid()"), self.database
-            )
+        async with self.opened():
             try:
                 await self._environment()
                 if not self.config.skip_pgqueuer:
                     self.pgq_conn = await asyncpg.connect(
-                        url, server_settings={"application_name": "fleet-bench"}
+                        self.url, server_settings={"application_name": "fleet-bench"}
                     )
                     await self._pgq_install()
                 await self._drains()
@@ -618,12 +612,28 @@ class QueueBench:
                 if self.config.explain_backlog:
                     await self._claim_plans()
             finally:
-                await self.conn.close()
                 if self.pgq_conn is not None:
                     await self.pgq_conn.close()
         self.report.environment["load_after"] = _load()
         self._summarise()
         return self.report
+
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        """The bench's own scratch database, created, migrated and connected (``self.url``,
+        ``self.conn``, the server's postmaster for the CPU meter), dropped on exit. :meth:`run`
+        runs every phase in it; bench/queue_probes.py runs single phases the same way."""
+        async with scratch_database(self.settings) as url:
+            self.url = url
+            self.database = urlparse(url).path.lstrip("/")
+            self.conn = await connect(self._settings(), "fleet-bench", url=url)
+            try:
+                self.postmaster = _find_postmaster(
+                    await self.conn.fetchval("SELECT pg_backend_pid()"), self.database
+                )
+                yield
+            finally:
+                await self.conn.close()
 
     @property
     def _concurrency(self) -> int:
