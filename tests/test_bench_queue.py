@@ -92,7 +92,6 @@ def test_bench_queue_without_pgqueuer_or_explain(fleet_env: dict[str, str]) -> N
     assert "ratio_vs_pgqueuer_one_per_session" not in report["summary"]
 
 
-
 def test_host_steal_is_read_from_the_machine_counters() -> None:
     """The steal column comes from /proc/stat's aggregate line: the counters are read (not
     the (0, 0) of a machine without /proc), steal is one of them, and time moves them (idle
