@@ -543,6 +543,37 @@ async def test_a_claim_batch_below_the_concurrency_overlaps_claims_within_the_ca
         assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), session
 
 
+async def test_work_announced_during_a_call_is_claimed_beside_it(settings, conn, monkeypatch):
+    """A NOTIFY that arrives while the worker's call is under way starts a second call at
+    once: the first call's claim may have started before the new message committed, and the
+    message does not wait for that call to end before it is claimed."""
+    release = asyncio.Event()
+    real = queue.finish_and_claim
+    calls = 0
+
+    async def first_call_held(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "finish_and_claim", first_call_held)
+    worker = Worker(settings, NoopHandler(), concurrency=2, claim_batch=1)
+    async with running(worker):
+        await listening(conn)
+        message = await queue.enqueue(conn, "announced", "hello")
+        try:
+            await wait_until(lambda: conn.fetchval(
+                "SELECT state <> 'queued' FROM fleet.messages WHERE id = $1", message),
+                timeout=10, message="the message claimed while the first call is held")
+        finally:
+            release.set()
+        await wait_until(lambda: conn.fetchval(
+            "SELECT state = 'done' FROM fleet.messages WHERE id = $1", message),
+            timeout=10, message="the message done")
+
+
 class _StartsOnThirdTry(NoopHandler):
     """A handler whose start meets the database away twice (a replacement worker started
     while PostgreSQL restarts)."""
