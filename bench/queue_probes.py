@@ -1,9 +1,10 @@
-"""Probes behind the 2026-12-02 morning figures of BENCHMARKS.md (`fleet bench queue`'s own
+"""Probes behind the 2026-12-02 figures of BENCHMARKS.md (`fleet bench queue`'s own
 phases report the rest). Each runs in a scratch database on the fleet's server, like the bench:
 
     python bench/queue_probes.py enqueue-cost [--batch 9] [--messages 20000] [--rounds 2]
     python bench/queue_probes.py session-id-check
     python bench/queue_probes.py first-call
+    python bench/queue_probes.py after-vacuum
     python bench/queue_probes.py heartbeat
     python bench/queue_probes.py analyze-cost
     python bench/queue_probes.py cycle-cost [--messages 20000] [--batch 10] [--rounds 2]
@@ -11,6 +12,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py repair-heads
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
+                                                 [--vacuum-after S] [--vacuum-cost-delay MS]
                                                  [--watch-fsync]
 
 Backend CPU is read from /proc for the connection's own backend, so the server must be local.
@@ -132,6 +134,27 @@ async def first_call(_: argparse.Namespace) -> None:
             await fresh.close()
             print(f"backend {backend + 1}: finish_and_claim of 10, "
                   + ", ".join(f"{t:.2f}" for t in times) + " ms")
+
+
+async def after_vacuum(_: argparse.Namespace) -> None:
+    """A warm backend's worker cycle before and after a VACUUM or ANALYZE of fleet.messages
+    from another connection: either changes the table's pg_class row, which invalidates the
+    plans every backend has cached for statements on the table, so each plans them again."""
+    async with scratch() as (url, conn):
+        await _backlog(conn, 20_000, 10_000)
+        worker = await asyncpg.connect(url)
+        for command in ("VACUUM fleet.messages", "ANALYZE fleet.messages",
+                        "VACUUM fleet.sessions", "SELECT 1"):
+            times = []
+            for call in range(6):
+                if call == 3:
+                    await conn.execute(command)
+                started = time.perf_counter()
+                await worker.fetch(CLAIM_NOTHING_FINISHED, "probe")
+                times.append((time.perf_counter() - started) * 1000)
+            print(f"{command}: finish_and_claim of 10, three calls before, three after: "
+                  + ", ".join(f"{t:.2f}" for t in times) + " ms")
+        await worker.close()
 
 
 async def heartbeat(_: argparse.Namespace) -> None:
@@ -354,6 +377,7 @@ async def sustained_trace(args: argparse.Namespace) -> None:
 
     def keep(self: bench.QueueBench, system, rate, achieved, commits, times, *rest) -> None:
         captured["times"] = times
+        captured["commits"] = commits
         add(self, system, rate, achieved, commits, times, *rest)
 
     bench.QueueBench._add_sustained = keep  # type: ignore[method-assign]
@@ -367,9 +391,11 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
     qb = bench.QueueBench(Settings(), config)
     started: dict[int, tuple[str, float]] = {}
     steal: list[tuple[float, float]] = []
+    autovacuuming: dict[str, list[float]] = {}
     async with qb.opened():
         url = qb.url
         watcher = await asyncpg.connect(url, server_settings={"application_name": "probe"})
+        vacuum_watcher = await asyncpg.connect(url, server_settings={"application_name": "probe"})
         if args.no_autovacuum:
             await qb.conn.execute(
                 "ALTER TABLE fleet.messages SET (autovacuum_enabled = false);"
@@ -396,9 +422,35 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
             await analyzer.execute("ANALYZE fleet.messages")
             await analyzer.close()
 
-        tasks = [asyncio.create_task(watch())]
+        async def vacuum_later() -> None:
+            # What autovacuum does to the queue tables, at a chosen moment: the same VACUUM
+            # ANALYZE, throttled as autovacuum throttles it (cost limit 200, and the delay).
+            await asyncio.sleep(args.vacuum_after)
+            vacuumer = await asyncpg.connect(url, server_settings={
+                "application_name": "probe", "vacuum_cost_limit": "200",
+                "vacuum_cost_delay": str(args.vacuum_cost_delay)})
+            started = time.time()
+            await vacuumer.execute("VACUUM ANALYZE fleet.sessions, fleet.messages")
+            captured["vacuum"] = (started, time.time())
+            await vacuumer.close()
+
+        async def watch_autovacuum() -> None:
+            # What autovacuum workers do in this database, every 20 ms: `last_autovacuum`
+            # says when one ended, not when it started, nor that one was still running.
+            while True:
+                for r in await vacuum_watcher.fetch(
+                        "SELECT query FROM pg_stat_activity"
+                        " WHERE backend_type = 'autovacuum worker'"
+                        " AND datname = current_database()"):
+                    seen = autovacuuming.setdefault(r["query"], [time.time(), time.time()])
+                    seen[1] = time.time()
+                await asyncio.sleep(0.02)
+
+        tasks = [asyncio.create_task(watch()), asyncio.create_task(watch_autovacuum())]
         if args.analyze_after is not None:
             tasks.append(asyncio.create_task(analyze_later()))
+        if args.vacuum_after is not None:
+            tasks.append(asyncio.create_task(vacuum_later()))
         fsyncs = FsyncWatch(qb.settings.fleet_home) if args.watch_fsync else None
         if fsyncs is not None:
             fsyncs.start()
@@ -417,6 +469,7 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await watcher.close()
+            await vacuum_watcher.close()
     times = captured["times"]
     t0 = times[0]["enqueued"]
     latencies = sorted((t["claimed"] - t["enqueued"]) * 1000 for t in times)
@@ -428,6 +481,19 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
           f" p90 {result.p90_ms} ms, p99 {result.p99_ms} ms, max {result.max_ms} ms")
     print("  messages at or over the p99, by enqueue time (s after the first):",
           sorted(late.items()))
+    # Where the late ones lost their time: waiting for their enqueue's commit (the producer's
+    # transaction, WAL flush included) or, once committed, for a claim.
+    committed_at: list[float] = []
+    for end, at in captured["commits"]:
+        committed_at.extend([at] * (end - len(committed_at)))
+    split: dict[float, list[tuple[float, float]]] = collections.defaultdict(list)
+    for t, at in zip(times, committed_at, strict=False):
+        if (t["claimed"] - t["enqueued"]) * 1000 >= p99:
+            split[round(t["enqueued"] - t0, 1)].append(
+                ((at - t["enqueued"]) * 1000, (t["claimed"] - at) * 1000))
+    print("  their worst commit / pickup ms, by enqueue time:", ", ".join(
+        f"{at}: {max(c for c, _ in parts):.0f} / {max(p for _, p in parts):.0f}"
+        for at, parts in sorted(split.items()) if len(parts) >= 10))
     for name, at in sorted(started.values(), key=lambda v: v[1]):
         if at >= t0 - 5:
             print(f"  backend {name} started at {at - t0:+.2f} s")
@@ -435,8 +501,14 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
         for kind in ("vacuum", "analyze"):
             if r[kind] is not None and r[kind] >= t0 - 5:
                 print(f"  auto{kind} of fleet.{r['relname']} at {r[kind] - t0:+.2f} s")
+    for query, (first, last) in sorted(autovacuuming.items(), key=lambda v: v[1][0]):
+        print(f"  {query}: seen from {first - t0:+.2f} to {last - t0:+.2f} s")
     if "analyze" in captured:
         print(f"  ANALYZE fleet.messages (by hand) at {captured.pop('analyze') - t0:+.2f} s")
+    if "vacuum" in captured:
+        began, ended = captured.pop("vacuum")
+        print(f"  VACUUM ANALYZE of the queue tables (by hand, cost delay"
+              f" {args.vacuum_cost_delay} ms) from {began - t0:+.2f} to {ended - t0:+.2f} s")
     if fsyncs is not None:
         slow = [(at - t0, ms) for at, ms in fsyncs.slow if 0 <= at - t0 <= args.seconds + 0.1]
         print(f"  fdatasync of a probe file beside the data over 4 ms: {len(slow)} times:",
@@ -460,7 +532,7 @@ def main() -> None:
     cycle.add_argument("--rounds", type=int, default=2)
     split = commands.add_parser("cycle-split")
     split.add_argument("--rounds", type=int, default=2)
-    for name in ("session-id-check", "first-call", "heartbeat", "analyze-cost",
+    for name in ("session-id-check", "first-call", "after-vacuum", "heartbeat", "analyze-cost",
                  "repair-heads"):
         commands.add_parser(name)
     trace = commands.add_parser("sustained-trace")
@@ -472,9 +544,15 @@ def main() -> None:
                        help="flush a probe file under FLEET_HOME every 2 ms, list slow flushes")
     trace.add_argument("--analyze-after", type=float, default=None,
                        help="ANALYZE fleet.messages by hand this many seconds after setup starts")
+    trace.add_argument("--vacuum-after", type=float, default=None,
+                       help="VACUUM ANALYZE the queue tables by hand this many seconds after"
+                            " setup starts")
+    trace.add_argument("--vacuum-cost-delay", type=float, default=2.0,
+                       help="that VACUUM's cost delay in ms (autovacuum's default: 2)")
     args = parser.parse_args()
     probe = {"enqueue-cost": enqueue_cost, "session-id-check": session_id_check,
-             "first-call": first_call, "heartbeat": heartbeat, "analyze-cost": analyze_cost,
+             "first-call": first_call, "after-vacuum": after_vacuum, "heartbeat": heartbeat,
+             "analyze-cost": analyze_cost,
              "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
              "cycle-split": cycle_split,
              "repair-heads": repair_heads}[args.command]

@@ -10,7 +10,8 @@ The pieces, each an asyncio task started and stopped the same way:
   ``claim_batch``) in one statement and one commit (``fleet.finish_and_claim``), then starts
   one handler task per message claimed. Each call runs in its own task, so the next claim
   overlaps the handlers just started; with ``claim_batch`` at most half the concurrency a
-  second call may run beside the first while a backlog drains.
+  second call may run beside the first while a backlog drains, or when a NOTIFY comes during
+  the first.
 * **completer**: writes outcomes in batches when the producer will not: while stopping, or
   with no slot free (so nothing to claim).
 * **heartbeat**: extends the leases held; a lease found taken over cancels its handler task.
