@@ -13,6 +13,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
                                                  [--vacuum-after S] [--vacuum-cost-delay MS]
+                                                 [--vacuum-command SQL]
                                                  [--watch-fsync]
 
 Backend CPU is read from /proc for the connection's own backend, so the server must be local.
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import pathlib
 import threading
@@ -392,6 +394,8 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
     started: dict[int, tuple[str, float]] = {}
     steal: list[tuple[float, float]] = []
     autovacuuming: dict[str, list[float]] = {}
+    wal: list[tuple[float, float]] = []
+    waits: list[tuple[float, list[str]]] = []
     async with qb.opened():
         url = qb.url
         watcher = await asyncpg.connect(url, server_settings={"application_name": "probe"})
@@ -430,13 +434,14 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 "application_name": "probe", "vacuum_cost_limit": "200",
                 "vacuum_cost_delay": str(args.vacuum_cost_delay)})
             started = time.time()
-            await vacuumer.execute("VACUUM ANALYZE fleet.sessions, fleet.messages")
+            await vacuumer.execute(args.vacuum_command)
             captured["vacuum"] = (started, time.time())
             await vacuumer.close()
 
         async def watch_autovacuum() -> None:
             # What autovacuum workers do in this database, every 20 ms: `last_autovacuum`
             # says when one ended, not when it started, nor that one was still running.
+            # Beside it, the server's WAL position: how much WAL each moment wrote.
             while True:
                 for r in await vacuum_watcher.fetch(
                         "SELECT query FROM pg_stat_activity"
@@ -444,6 +449,15 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                         " AND datname = current_database()"):
                     seen = autovacuuming.setdefault(r["query"], [time.time(), time.time()])
                     seen[1] = time.time()
+                wal.append((time.time(), await vacuum_watcher.fetchval(
+                    "SELECT (pg_current_wal_insert_lsn() - '0/0')::float8")))
+                waits.append((time.time(), [
+                    f"{r['application_name']} {r['wait']}" for r in await vacuum_watcher.fetch(
+                        "SELECT application_name,"
+                        " coalesce(wait_event_type || ':' || wait_event, 'CPU') AS wait"
+                        " FROM pg_stat_activity WHERE state = 'active'"
+                        " AND application_name IN ('fleet-worker', 'fleet-bench')"
+                        " AND datname = current_database()")]))
                 await asyncio.sleep(0.02)
 
         tasks = [asyncio.create_task(watch()), asyncio.create_task(watch_autovacuum())]
@@ -507,8 +521,16 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
         print(f"  ANALYZE fleet.messages (by hand) at {captured.pop('analyze') - t0:+.2f} s")
     if "vacuum" in captured:
         began, ended = captured.pop("vacuum")
-        print(f"  VACUUM ANALYZE of the queue tables (by hand, cost delay"
-              f" {args.vacuum_cost_delay} ms) from {began - t0:+.2f} to {ended - t0:+.2f} s")
+        print(f"  {args.vacuum_command} (by hand, cost delay {args.vacuum_cost_delay} ms)"
+              f" from {began - t0:+.2f} to {ended - t0:+.2f} s")
+        for label, inside in (("during it", True), ("the rest of the run", False)):
+            samples = [seen for at, seen in waits
+                       if t0 <= at <= t0 + args.seconds and (began <= at <= ended) == inside]
+            counted = collections.Counter(w for seen in samples for w in seen)
+            print(f"  active queue backends per 20 ms sample, {label} ({len(samples)} samples):",
+                  ", ".join(f"{w} {n / max(len(samples), 1):.2f}"
+                            for w, n in counted.most_common(6)))
+    _print_wal_spikes(wal, t0, args.seconds)
     if fsyncs is not None:
         slow = [(at - t0, ms) for at, ms in fsyncs.slow if 0 <= at - t0 <= args.seconds + 0.1]
         print(f"  fdatasync of a probe file beside the data over 4 ms: {len(slow)} times:",
@@ -517,6 +539,20 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
     if during:
         print(f"  steal: mean {100 * sum(during) / len(during):.1f}%,"
               f" worst 0.1 s {100 * max(during):.1f}% of the CPUs")
+
+
+def _print_wal_spikes(wal: list[tuple[float, float]], t0: float, seconds: float) -> None:
+    """WAL written per tenth of a second of the run: the median, and the tenths over twice it."""
+    per_tenth: dict[float, float] = collections.defaultdict(float)
+    for (_, before), (at, after) in itertools.pairwise(wal):
+        if 0 <= at - t0 <= seconds:
+            per_tenth[round(at - t0, 1)] += after - before
+    if not per_tenth:
+        return
+    median = sorted(per_tenth.values())[len(per_tenth) // 2]
+    spikes = [(at, kb) for at, kb in sorted(per_tenth.items()) if kb > 2 * median]
+    print(f"  WAL per 0.1 s: median {median / 1024:.0f} kB; over twice that:",
+          ", ".join(f"{at}: {kb / 1024:.0f} kB" for at, kb in spikes) or "none")
 
 
 def main() -> None:
@@ -547,6 +583,10 @@ def main() -> None:
     trace.add_argument("--vacuum-after", type=float, default=None,
                        help="VACUUM ANALYZE the queue tables by hand this many seconds after"
                             " setup starts")
+    trace.add_argument("--vacuum-command",
+                       default="VACUUM ANALYZE fleet.sessions, fleet.messages",
+                       help="what --vacuum-after runs (default: what autovacuum does to the"
+                            " queue tables)")
     trace.add_argument("--vacuum-cost-delay", type=float, default=2.0,
                        help="that VACUUM's cost delay in ms (autovacuum's default: 2)")
     args = parser.parse_args()
