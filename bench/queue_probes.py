@@ -172,7 +172,8 @@ async def heartbeat(_: argparse.Namespace) -> None:
 async def analyze_cost(_: argparse.Namespace) -> None:
     """ANALYZE of 50,000 messages: as migrated (every column's statistics target 10, migration
     0015), with the default targets as before 0015, and the try before that (defaults, and
-    statistics off on the columns no query filters on)."""
+    statistics off on the columns no query filters on). Then of their 50,000 sessions, as
+    migrated (0019) and at the default targets."""
     async with scratch() as (_, conn):
         await _backlog(conn, 50_000, 50_000)
         columns = [r["attname"] for r in await conn.fetch(
@@ -187,12 +188,22 @@ async def analyze_cost(_: argparse.Namespace) -> None:
             for column, target in targets.items():
                 await conn.execute(
                     f"ALTER TABLE fleet.messages ALTER COLUMN {column} SET STATISTICS {target}")
-            times = []
-            for _run in range(5):
-                started = time.perf_counter()
-                await conn.execute("ANALYZE fleet.messages")
-                times.append((time.perf_counter() - started) * 1000)
-            print(f"{label}: " + ", ".join(f"{t:.0f}" for t in times) + " ms")
+            await _print_analyze_times(conn, "fleet.messages", label)
+        # Its 50,000 sessions (one per message): as migrated (0019) and at the default targets.
+        await _print_analyze_times(conn, "fleet.sessions", "statistics target 10 (migration 0019)")
+        await conn.execute("ALTER TABLE fleet.sessions ALTER COLUMN session_id SET STATISTICS -1,"
+                           " ALTER COLUMN metadata SET STATISTICS -1,"
+                           " ALTER COLUMN created_at SET STATISTICS -1")
+        await _print_analyze_times(conn, "fleet.sessions", "default targets (before 0019)")
+
+
+async def _print_analyze_times(conn: asyncpg.Connection, table: str, label: str) -> None:
+    times = []
+    for _run in range(5):
+        started = time.perf_counter()
+        await conn.execute(f"ANALYZE {table}")
+        times.append((time.perf_counter() - started) * 1000)
+    print(f"{table}, {label}: " + ", ".join(f"{t:.0f}" for t in times) + " ms")
 
 
 #: The index sets before migrations 0016 and 0014 (cycle-cost's comparisons).
