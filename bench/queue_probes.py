@@ -381,6 +381,20 @@ class FsyncWatch(threading.Thread):
             self.path.unlink(missing_ok=True)
 
 
+#: sustained-trace's server sample: autovacuum's work, the WAL position, the queue's waits.
+SERVER_SAMPLE = """
+SELECT (pg_current_wal_insert_lsn() - '0/0')::float8 AS wal,
+       coalesce(array_agg(query) FILTER (WHERE backend_type = 'autovacuum worker'), '{}')
+           AS vacuuming,
+       coalesce(array_agg(application_name || ' '
+                          || coalesce(wait_event_type || ':' || wait_event, 'CPU'))
+                FILTER (WHERE state = 'active'
+                          AND application_name IN ('fleet-worker', 'fleet-bench')), '{}')
+           AS waits
+FROM pg_stat_activity WHERE datname = current_database()
+"""
+
+
 async def sustained_trace(args: argparse.Namespace) -> None:
     """The queue bench's sustained phase (pgfleet), with each message's latency kept: where the
     messages over the p99 fall in the run, when backends started, when autovacuum ran and how
@@ -407,10 +421,11 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
     autovacuuming: dict[str, list[float]] = {}
     wal: list[tuple[float, float]] = []
     waits: list[tuple[float, list[str]]] = []
+    by_hand_runs: list[tuple[str, float, float, float]] = []
     async with qb.opened():
         url = qb.url
         watcher = await asyncpg.connect(url, server_settings={"application_name": "probe"})
-        vacuum_watcher = await asyncpg.connect(url, server_settings={"application_name": "probe"})
+        sampler = await asyncpg.connect(url, server_settings={"application_name": "probe"})
         if args.no_autovacuum:
             await qb.conn.execute(
                 "ALTER TABLE fleet.messages SET (autovacuum_enabled = false);"
@@ -430,52 +445,39 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 last = now
                 await asyncio.sleep(0.1)
 
-        async def analyze_later() -> None:
-            await asyncio.sleep(args.analyze_after)
-            analyzer = await asyncpg.connect(url, server_settings={"application_name": "probe"})
-            captured["analyze"] = time.time()
-            await analyzer.execute("ANALYZE fleet.messages")
-            await analyzer.close()
-
-        async def vacuum_later() -> None:
-            # What autovacuum does to the queue tables, at a chosen moment: the same VACUUM
-            # ANALYZE, throttled as autovacuum throttles it (cost limit 200, and the delay).
-            await asyncio.sleep(args.vacuum_after)
-            vacuumer = await asyncpg.connect(url, server_settings={
+        async def by_hand(after: float, command: str, cost_delay: float) -> None:
+            # A maintenance command at a chosen moment, throttled as given (autovacuum's cost
+            # limit, 200; a delay of 0 is a manual command's default, 2 ms autovacuum's).
+            await asyncio.sleep(after)
+            conn = await asyncpg.connect(url, server_settings={
                 "application_name": "probe", "vacuum_cost_limit": "200",
-                "vacuum_cost_delay": str(args.vacuum_cost_delay)})
-            started = time.time()
-            await vacuumer.execute(args.vacuum_command)
-            captured["vacuum"] = (started, time.time())
-            await vacuumer.close()
+                "vacuum_cost_delay": str(cost_delay)})
+            began = time.time()
+            await conn.execute(command)
+            by_hand_runs.append((command, cost_delay, began, time.time()))
+            await conn.close()
 
-        async def watch_autovacuum() -> None:
-            # What autovacuum workers do in this database, every 20 ms: `last_autovacuum`
-            # says when one ended, not when it started, nor that one was still running.
-            # Beside it, the server's WAL position: how much WAL each moment wrote.
+        async def sample_server() -> None:
+            # Every ~25 ms, in one query: what autovacuum workers do in this database
+            # (`last_autovacuum` says when one ended, not when it started, nor that one was
+            # still running), the WAL position (how much WAL each moment wrote) and what the
+            # queue's own backends wait on.
             while True:
-                for r in await vacuum_watcher.fetch(
-                        "SELECT query FROM pg_stat_activity"
-                        " WHERE backend_type = 'autovacuum worker'"
-                        " AND datname = current_database()"):
-                    seen = autovacuuming.setdefault(r["query"], [time.time(), time.time()])
-                    seen[1] = time.time()
-                wal.append((time.time(), await vacuum_watcher.fetchval(
-                    "SELECT (pg_current_wal_insert_lsn() - '0/0')::float8")))
-                waits.append((time.time(), [
-                    f"{r['application_name']} {r['wait']}" for r in await vacuum_watcher.fetch(
-                        "SELECT application_name,"
-                        " coalesce(wait_event_type || ':' || wait_event, 'CPU') AS wait"
-                        " FROM pg_stat_activity WHERE state = 'active'"
-                        " AND application_name IN ('fleet-worker', 'fleet-bench')"
-                        " AND datname = current_database()")]))
+                r = await sampler.fetchrow(SERVER_SAMPLE)
+                now = time.time()
+                for query in r["vacuuming"]:
+                    autovacuuming.setdefault(query, [now, now])[1] = now
+                wal.append((now, r["wal"]))
+                waits.append((now, r["waits"]))
                 await asyncio.sleep(0.02)
 
-        tasks = [asyncio.create_task(watch()), asyncio.create_task(watch_autovacuum())]
+        tasks = [asyncio.create_task(watch()), asyncio.create_task(sample_server())]
         if args.analyze_after is not None:
-            tasks.append(asyncio.create_task(analyze_later()))
+            tasks.append(asyncio.create_task(
+                by_hand(args.analyze_after, "ANALYZE fleet.messages", 0)))
         if args.vacuum_after is not None:
-            tasks.append(asyncio.create_task(vacuum_later()))
+            tasks.append(asyncio.create_task(
+                by_hand(args.vacuum_after, args.vacuum_command, args.vacuum_cost_delay)))
         fsyncs = FsyncWatch(qb.settings.fleet_home) if args.watch_fsync else None
         if fsyncs is not None:
             fsyncs.start()
@@ -494,7 +496,7 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await watcher.close()
-            await vacuum_watcher.close()
+            await sampler.close()
     times = captured["times"]
     t0 = times[0]["enqueued"]
     latencies = sorted((t["claimed"] - t["enqueued"]) * 1000 for t in times)
@@ -508,9 +510,7 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
           sorted(late.items()))
     # Where the late ones lost their time: waiting for their enqueue's commit (the producer's
     # transaction, WAL flush included) or, once committed, for a claim.
-    committed_at: list[float] = []
-    for end, at in captured["commits"]:
-        committed_at.extend([at] * (end - len(committed_at)))
+    committed_at = bench.commit_times(captured["commits"])
     split: dict[float, list[tuple[float, float]]] = collections.defaultdict(list)
     for t, at in zip(times, committed_at, strict=False):
         if (t["claimed"] - t["enqueued"]) * 1000 >= p99:
@@ -528,17 +528,14 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                 print(f"  auto{kind} of fleet.{r['relname']} at {r[kind] - t0:+.2f} s")
     for query, (first, last) in sorted(autovacuuming.items(), key=lambda v: v[1][0]):
         print(f"  {query}: seen from {first - t0:+.2f} to {last - t0:+.2f} s")
-    if "analyze" in captured:
-        print(f"  ANALYZE fleet.messages (by hand) at {captured.pop('analyze') - t0:+.2f} s")
-    if "vacuum" in captured:
-        began, ended = captured.pop("vacuum")
-        print(f"  {args.vacuum_command} (by hand, cost delay {args.vacuum_cost_delay} ms)"
+    for command, cost_delay, began, ended in by_hand_runs:
+        print(f"  {command} (by hand, cost delay {cost_delay:g} ms)"
               f" from {began - t0:+.2f} to {ended - t0:+.2f} s")
         for label, inside in (("during it", True), ("the rest of the run", False)):
             samples = [seen for at, seen in waits
                        if t0 <= at <= t0 + args.seconds and (began <= at <= ended) == inside]
             counted = collections.Counter(w for seen in samples for w in seen)
-            print(f"  active queue backends per 20 ms sample, {label} ({len(samples)} samples):",
+            print(f"  active queue backends per sample, {label} ({len(samples)} samples):",
                   ", ".join(f"{w} {n / max(len(samples), 1):.2f}"
                             for w, n in counted.most_common(6)))
     _print_wal_spikes(wal, t0, args.seconds)

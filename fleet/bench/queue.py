@@ -325,6 +325,15 @@ def _runner(processes: int, work_delay: float) -> str:
     return f"{runner}, {work_delay * 1000:g} ms handlers" if work_delay else runner
 
 
+def commit_times(commits: list[tuple[int, float]]) -> list[float]:
+    """When the producer saw each message's transaction commit, message by message in enqueue
+    order, from its ``(messages sent so far, commit time)`` pairs."""
+    committed_at: list[float] = []
+    for end, at in commits:
+        committed_at.extend([at] * (end - len(committed_at)))
+    return committed_at
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
@@ -1057,9 +1066,7 @@ class QueueBench:
         quantiles = row["quantiles"] or [0.0, 0.0, 0.0]
         self._latencies[system].extend(t["claimed"] - t["enqueued"] for t in times)
         # Split each message's latency at the moment the producer saw its transaction commit.
-        committed_at: list[float] = []
-        for end, at in commits:
-            committed_at.extend([at] * (end - len(committed_at)))
+        committed_at = commit_times(commits)
         pairs = list(zip(times, committed_at, strict=False))
         commit = sorted(at - t["enqueued"] for t, at in pairs)
         pickup = sorted(t["claimed"] - at for t, at in pairs)
