@@ -8,7 +8,6 @@ tagged with an ``application_name`` (``fleet-worker``, ``fleet-mcp``...) so that
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import asyncpg
@@ -55,7 +54,7 @@ async def _init_json(conn: asyncpg.Connection) -> None:
     """json/jsonb in and out as Python objects, on every connection the fleet opens."""
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
-            name, encoder=json_codec.dumps, decoder=json.loads, schema="pg_catalog"
+            name, encoder=json_codec.dumps, decoder=json_codec.loads, schema="pg_catalog"
         )
     from fleet import tracing
 

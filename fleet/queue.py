@@ -9,6 +9,7 @@ new owner's result, however late its write arrives.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -92,9 +93,11 @@ class Message(BaseModel):
     error: str | None = None
 
 
-class Outcome(BaseModel):
+@dataclass(frozen=True, slots=True)
+class Outcome:
     """How a claimed message ends: ``done`` with its reply, ``dead`` with its error, or
-    ``cancelled`` on request while it ran."""
+    ``cancelled`` on request while it ran. Made by the worker for every message, from values it
+    already holds, so a plain dataclass: a pydantic model's validation was 1.2 us of each."""
 
     message_id: int
     lease_token: int

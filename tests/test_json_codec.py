@@ -32,3 +32,16 @@ def test_dumps_bytes_is_compact_utf8_json(value) -> None:
 def test_what_neither_can_write_still_raises() -> None:
     with pytest.raises(TypeError):
         json_codec.dumps({"a set": {1, 2}})
+
+
+@pytest.mark.parametrize(
+    "text", ["{}", "{ }", '{"a": [1, 2]}', "[]", "12345678901234567890123", '"x"']
+)
+def test_loads_means_what_json_loads_means(text) -> None:
+    assert json_codec.loads(text) == json.loads(text)
+
+
+def test_an_empty_object_is_a_new_dict_each_time() -> None:
+    first = json_codec.loads("{}")
+    first["changed"] = True  # a handler may fill its message's variables in place
+    assert json_codec.loads("{}") == {}
