@@ -9,6 +9,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py analyze-cost
     python bench/queue_probes.py cycle-cost [--messages 20000] [--batch 10] [--rounds 2]
     python bench/queue_probes.py cycle-split [--rounds 2]
+    python bench/queue_probes.py cycle-ceiling [--rounds 2] [--connections 1 2 3]
     python bench/queue_probes.py repair-heads
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
@@ -304,6 +305,49 @@ async def cycle_split(args: argparse.Namespace) -> None:
             fleet_queue.finish_and_claim = timed_call
 
 
+async def cycle_ceiling(args: argparse.Namespace) -> None:
+    """What PostgreSQL alone gives the worker's cycle, against what the worker gets: the bench's
+    in-process drain (one per session, batch 10, concurrency 20), then the same backlog drained
+    by K connections each calling fleet.finish_and_claim in a loop (finish the last batch, claim
+    the next, as the worker does) with no handler, no models and no event loop work between
+    calls. msg/s from the first claim to the last finish, and each call's round trip."""
+
+    async def loop(url: str, lat: list[float], worker: str) -> None:
+        conn = await asyncpg.connect(url)
+        held: list[asyncpg.Record] = []
+        try:
+            while True:
+                ids = [r["id"] for r in held]
+                started = time.perf_counter()
+                rows = await conn.fetch(
+                    CYCLE, worker, 10, ids, [r["lease_token"] for r in held],
+                    ["done"] * len(ids), ["ok"] * len(ids), [None] * len(ids))
+                lat.append(time.perf_counter() - started)
+                held = [r for r in rows if r["lease_token"] is not None]
+                if not held and not ids:
+                    return
+        finally:
+            await conn.close()
+
+    qb = bench.QueueBench(Settings(), bench.QueueBenchConfig(skip_pgqueuer=True))
+    async with qb.opened():
+        for rnd in range(args.rounds):
+            run = await qb._fleet_drain_once("one-per-session", None)
+            print(f"round {rnd + 1}: the worker, in-process: {run.rate:,.0f}/s, steal "
+                  f"{run.steal_percent:.1f}%", flush=True)
+            for connections in args.connections:
+                await qb._fleet_fill(qb.config.messages, qb.config.messages)
+                lat: list[float] = []
+                await asyncio.gather(*(loop(qb.url, lat, f"probe-{k}")
+                                       for k in range(connections)))
+                rate, _, ok = await qb._fleet_drain_stats(qb.config.messages)
+                assert ok, "not every message ended done"
+                lat.sort()
+                print(f"round {rnd + 1}: the SQL alone on {connections} connection(s): "
+                      f"{rate:,.0f}/s, call p50 {1e3 * lat[len(lat) // 2]:.2f} ms "
+                      f"p90 {1e3 * lat[int(0.9 * len(lat))]:.2f} ms", flush=True)
+
+
 #: repair_heads as a first version of migration 0016 had it: the live-head probe in a SQL
 #: function, which PostgreSQL does not inline (its body has subqueries), called per message.
 PER_ROW_REPAIR = """
@@ -576,6 +620,9 @@ def main() -> None:
     cycle.add_argument("--rounds", type=int, default=2)
     split = commands.add_parser("cycle-split")
     split.add_argument("--rounds", type=int, default=2)
+    ceiling = commands.add_parser("cycle-ceiling")
+    ceiling.add_argument("--rounds", type=int, default=2)
+    ceiling.add_argument("--connections", type=int, nargs="+", default=[1, 2, 3])
     for name in ("session-id-check", "first-call", "after-vacuum", "heartbeat", "analyze-cost",
                  "repair-heads"):
         commands.add_parser(name)
@@ -602,7 +649,7 @@ def main() -> None:
              "first-call": first_call, "after-vacuum": after_vacuum, "heartbeat": heartbeat,
              "analyze-cost": analyze_cost,
              "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
-             "cycle-split": cycle_split,
+             "cycle-split": cycle_split, "cycle-ceiling": cycle_ceiling,
              "repair-heads": repair_heads}[args.command]
     asyncio.run(probe(args))
 
