@@ -75,6 +75,13 @@ async def test_session_metadata_is_set_by_the_first_enqueue(conn: asyncpg.Connec
         ("has space", "hi", "session_id must be 1 to 128 characters"),
         ("", "hi", "session_id must be 1 to 128 characters"),
         ("s" * 129, "hi", "session_id must be 1 to 128 characters"),
+        # Spaces and controls by code point, not by the server's locale (migration 0020): a
+        # no-break space is no space to glibc's C.UTF-8, a C1 control is none to the C locale.
+        ("no\xa0break", "hi", "session_id must be 1 to 128 characters"),
+        ("figure\u2007space", "hi", "session_id must be 1 to 128 characters"),
+        ("c1\x85control", "hi", "session_id must be 1 to 128 characters"),
+        ("s1", "\xa0\u202f\u3000", "body must not be empty"),
+        ("s1", "\x1c\u2007", "body must not be empty"),
     ],
 )
 async def test_bad_input_is_refused_with_a_clear_error_and_nothing_written(
@@ -83,6 +90,13 @@ async def test_bad_input_is_refused_with_a_clear_error_and_nothing_written(
     with pytest.raises(InvalidInput, match=expected):
         await queue.enqueue(conn, session_id, body)
     assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
+
+
+async def test_letters_of_any_script_are_a_session_id_and_a_body(conn: asyncpg.Connection):
+    """Only spaces and control characters are refused: other characters past ASCII are not."""
+    message_id = await queue.enqueue(conn, "café:Ωμέγα-会話", "naïve\u200b ¿qué?")
+    assert await conn.fetchval(
+        "SELECT session_id FROM fleet.messages WHERE id = $1", message_id) == "café:Ωμέγα-会話"
 
 
 async def test_null_session_id_via_sql_is_refused(conn: asyncpg.Connection):
@@ -95,7 +109,9 @@ async def test_null_session_id_via_sql_is_refused(conn: asyncpg.Connection):
     ("column", "value", "constraint"),
     [
         ("session_id", "has space", "messages_session_id_valid"),
+        ("session_id", "no\xa0break", "messages_session_id_valid"),
         ("body", " \t", "messages_body_not_empty"),
+        ("body", "\xa0\u2007", "messages_body_not_empty"),
         ("body", "x" * 16_385, "messages_body_size"),
         ("metadata", "[1]", "messages_metadata_size"),
         ("variables", '{"blob": "' + "x" * 16_400 + '"}', "messages_variables_size"),
@@ -107,7 +123,8 @@ async def test_a_direct_insert_meets_the_same_named_checks(
 ):
     """Plain SQL bypasses fleet.enqueue's worded errors but not the rules: the columns' domains
     (migration 0011) refuse what the table constraints used to, under the same names."""
-    await conn.execute("INSERT INTO fleet.sessions (session_id) VALUES ('s1'), ('has space')")
+    await conn.execute("INSERT INTO fleet.sessions (session_id) SELECT unnest($1::text[])",
+                       ["s1", "has space", "no\xa0break"])
     row = {"session_id": "s1", "body": "hi", "metadata": "{}", "variables": "{}",
            "dedupe_key": None}
     row[column] = value
