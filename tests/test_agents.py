@@ -87,6 +87,20 @@ def test_bad_names_and_empty_instructions_are_refused() -> None:
         spec_from(name="ok", instructions="   ")
 
 
+@pytest.mark.parametrize("instructions", ["   ", "\xa0\u2007\u202f", "\u3000\x1c"])
+async def test_blank_instructions_are_refused_by_the_table_too(
+    conn: asyncpg.Connection, instructions: str
+) -> None:
+    """A direct INSERT meets the same rule as the spec (migration 0021), no-break spaces
+    included, whatever the server's locale."""
+    with pytest.raises(asyncpg.CheckViolationError) as refused:
+        await conn.execute(
+            "INSERT INTO fleet.agents (name, instructions) VALUES ('blank', $1)", instructions)
+    assert refused.value.constraint_name == "agents_instructions_size"
+    with pytest.raises(InvalidInput, match="instructions must not be empty"):
+        spec_from(name="blank", instructions=instructions)
+
+
 async def test_cycles_are_refused_at_definition_on_create_and_update(
     conn: asyncpg.Connection, db_url: str
 ) -> None:
