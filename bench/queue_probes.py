@@ -224,6 +224,26 @@ CYCLE = ("SELECT * FROM fleet.finish_and_claim($1, $2, 30, NULL, NULL, $3::bigin
          " $4::bigint[], $5::text[], $6::text[], $7::text[])")
 
 
+async def drain_by_cycles(conn: asyncpg.Connection, worker: str, batch: int,
+                          round_trips: list[float] | None = None) -> None:
+    """Drain the queue as the worker's cycle does, with nothing else: each call of
+    fleet.finish_and_claim finishes the batch the previous one claimed and claims the next,
+    until a call has nothing to finish and claims nothing. Each call's round trip is appended
+    to ``round_trips`` when given."""
+    held: list[asyncpg.Record] = []
+    while True:
+        ids = [r["id"] for r in held]
+        started = time.perf_counter()
+        rows = await conn.fetch(
+            CYCLE, worker, batch, ids, [r["lease_token"] for r in held],
+            ["done"] * len(ids), ["ok"] * len(ids), [None] * len(ids))
+        if round_trips is not None:
+            round_trips.append(time.perf_counter() - started)
+        held = [r for r in rows if r["lease_token"] is not None]
+        if not held and not ids:
+            return
+
+
 async def cycle_cost(args: argparse.Namespace) -> None:
     """The worker's cycle alone: one connection drains a backlog with fleet.finish_and_claim,
     finishing the last batch and claiming the next in each call, as the worker does. Backend CPU
@@ -244,15 +264,7 @@ async def cycle_cost(args: argparse.Namespace) -> None:
                     pid = await conn.fetchval("SELECT pg_backend_pid()")
                     wal_start = await conn.fetchval("SELECT pg_current_wal_lsn()")
                     before = backend_cpu(pid)
-                    held: list[asyncpg.Record] = []
-                    while True:
-                        ids = [r["id"] for r in held]
-                        rows = await conn.fetch(
-                            CYCLE, "probe", args.batch, ids, [r["lease_token"] for r in held],
-                            ["done"] * len(ids), ["ok"] * len(ids), [None] * len(ids))
-                        held = [r for r in rows if r["lease_token"] is not None]
-                        if not held and not ids:
-                            break
+                    await drain_by_cycles(conn, "probe", args.batch)
                     used = backend_cpu(pid) - before
                     wal = await conn.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn",
                                               wal_start)
@@ -314,18 +326,8 @@ async def cycle_ceiling(args: argparse.Namespace) -> None:
 
     async def loop(url: str, lat: list[float], worker: str) -> None:
         conn = await asyncpg.connect(url)
-        held: list[asyncpg.Record] = []
         try:
-            while True:
-                ids = [r["id"] for r in held]
-                started = time.perf_counter()
-                rows = await conn.fetch(
-                    CYCLE, worker, 10, ids, [r["lease_token"] for r in held],
-                    ["done"] * len(ids), ["ok"] * len(ids), [None] * len(ids))
-                lat.append(time.perf_counter() - started)
-                held = [r for r in rows if r["lease_token"] is not None]
-                if not held and not ids:
-                    return
+            await drain_by_cycles(conn, worker, 10, lat)
         finally:
             await conn.close()
 
