@@ -32,14 +32,12 @@ CREATE OR REPLACE FUNCTION fleet.message_problem(
 LANGUAGE sql STABLE AS $$
     SELECT CASE
         WHEN session_id IS NULL THEN '22004 session_id must not be NULL'
-        -- Spaces and control characters by code point, as the domains check them (0020): the
-        -- locale's [:space:] and [:cntrl:] differ between servers. A length test and a
-        -- one-character class rather than a counted regex: ~18 times faster (0013).
-        WHEN length(session_id) NOT BETWEEN 1 AND 128
-             OR session_id ~ '[\x01-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]'
+        -- Spaces and control characters by code point, by the same functions as the domains
+        -- (0022): the locale's [:space:] and [:cntrl:] differ between servers. A length test and
+        -- a one-character class rather than a counted regex: ~18 times faster (0013).
+        WHEN length(session_id) NOT BETWEEN 1 AND 128 OR fleet.has_space_or_control(session_id)
             THEN '22023 session_id must be 1 to 128 characters with no spaces or control characters'
-        WHEN body IS NULL
-             OR body !~ '[^\x09-\x0d\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]'
+        WHEN body IS NULL OR fleet.is_blank(body)
             THEN '22023 body must not be empty'
         WHEN octet_length(body) > 16384
             THEN '22001 body is ' || octet_length(body) || ' bytes; the limit is 16384'

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import re
 import time
+import unicodedata
 
 import asyncpg
 import pytest
@@ -90,6 +91,24 @@ async def test_bad_input_is_refused_with_a_clear_error_and_nothing_written(
     with pytest.raises(InvalidInput, match=expected):
         await queue.enqueue(conn, session_id, body)
     assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 0
+
+
+async def test_the_space_and_control_rules_agree_with_python_on_every_code_point(
+    conn: asyncpg.Connection,
+):
+    """fleet.has_space_or_control and fleet.is_blank (migration 0022), which the domains, the
+    agents check and fleet.message_problem all call, name the characters README promises:
+    Python's str.isspace (what an agent spec's str.strip removes) and the control category Cc."""
+    found = await conn.fetchrow(
+        """SELECT array_agg(c) FILTER (WHERE fleet.has_space_or_control(chr(c))) AS refused,
+                  array_agg(c) FILTER (WHERE fleet.is_blank(chr(c))) AS blank
+             FROM generate_series(1, 1114111) c
+            WHERE c NOT BETWEEN 55296 AND 57343""")  # surrogates are no characters
+    characters = [c for c in range(1, 0x110000) if not 0xD800 <= c <= 0xDFFF]
+    spaces = {c for c in characters if chr(c).isspace()}
+    controls = {c for c in characters if unicodedata.category(chr(c)) == "Cc"}
+    assert set(found["blank"]) == spaces
+    assert set(found["refused"]) == spaces | controls
 
 
 async def test_letters_of_any_script_are_a_session_id_and_a_body(conn: asyncpg.Connection):
