@@ -13,6 +13,11 @@ Design:
   one background writer puts everything that is waiting into ONE statement (``audit_write``),
   so under load many turns share a round trip. The turn waits for its rows to be durable before
   it replies, so a reply never exists without its trail (unless the audit database is down).
+* **The reply's own row commits with the reply**: ``message_sent`` is not the writer's. It goes
+  with the turn's :class:`~fleet.handlers.Reply` to the worker, which writes it with
+  :func:`write_with_outcomes` in the transaction that marks the message done, under the lease.
+  A worker that dies before that commit, or lost its lease, leaves no ``message_sent`` for a
+  reply that was never stored; the attempt that does store one leaves exactly one.
 * **Never crashes the worker**: a failed write is retried with backoff; rows that still cannot
   be written are counted (``fleet_audit_write_failures_total``) and logged, and the turn goes
   on. Payloads carry no secrets: the turn passes only ids, arguments and results.
@@ -26,14 +31,16 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import asyncpg
 
 from fleet import metrics
 from fleet.database import TRANSIENT, create_pool
+from fleet.queue import Executor
 from fleet.settings import Settings
 from fleet.sql import queries
 
@@ -149,6 +156,88 @@ class _Batch:
     done: asyncio.Future[bool]
 
 
+class Trail(Protocol):
+    """A turn's rows for one conversation: :class:`TurnAudit`, or one writer batch."""
+
+    session_id: str
+    rows: list[AuditRow]
+    invocations: list[InvocationRow]
+
+
+async def insert(db: Executor, trails: Sequence[Trail]) -> None:
+    """Insert ``trails``' rows in one statement (``audit_write``) on ``db``."""
+    a_conv: list[str] = []
+    a_actor: list[str] = []
+    a_action: list[str] = []
+    a_target: list[str | None] = []
+    a_payload: list[Any] = []
+    a_result: list[Any] = []
+    a_at: list[datetime] = []
+    c_conv: list[str] = []
+    c_cap: list[str] = []
+    c_args: list[Any] = []
+    c_result: list[Any] = []
+    c_status: list[str] = []
+    c_latency: list[int | None] = []
+    c_at: list[datetime] = []
+    for trail in trails:
+        for row in trail.rows:
+            a_conv.append(trail.session_id)
+            a_actor.append(row.actor)
+            a_action.append(row.action)
+            a_target.append(row.target)
+            a_payload.append(row.payload)
+            a_result.append(row.result)
+            a_at.append(row.created_at)
+        for inv in trail.invocations:
+            c_conv.append(trail.session_id)
+            c_cap.append(inv.capability)
+            c_args.append(inv.arguments)
+            c_result.append(inv.result)
+            c_status.append(inv.status)
+            c_latency.append(inv.latency_ms)
+            c_at.append(inv.created_at)
+    await db.fetchrow(
+        SQL["audit_write"],
+        a_conv,
+        a_actor,
+        a_action,
+        a_target,
+        a_payload,
+        a_result,
+        a_at,
+        c_conv,
+        c_cap,
+        c_args,
+        c_result,
+        c_status,
+        c_latency,
+        c_at,
+        timeout=10,
+    )
+
+
+async def write_with_outcomes(conn: asyncpg.Connection, trails: Sequence[Trail]) -> None:
+    """Write ``trails`` inside the caller's transaction, the one that writes the messages'
+    outcomes (the worker's), so each row commits with its message's reply or not at all.
+
+    In a savepoint: a row the table refuses (a constraint) is counted and logged and the
+    outcomes still commit, since an audit failure never costs a turn its reply. A lost
+    connection is raised: the whole transaction is gone, and the worker writes the outcomes,
+    with their rows, again."""
+    count = sum(len(t.rows) + len(t.invocations) for t in trails)
+    if not count:
+        return
+    try:
+        async with conn.transaction():
+            await insert(conn, trails)
+    except TRANSIENT:
+        raise
+    except asyncpg.PostgresError as exc:
+        metrics.AUDIT_WRITE_FAILURES.inc(count)
+        log.error("audit: %d rows written with their replies were refused: %s", count, exc)
+
+
 class AuditWriter:
     """Writes turns' audit rows on its own pool, batched, retried, never raising."""
 
@@ -260,55 +349,7 @@ class AuditWriter:
 
     async def _write(self, batch: list[_Batch]) -> None:
         assert self.pool is not None
-        a_conv: list[str] = []
-        a_actor: list[str] = []
-        a_action: list[str] = []
-        a_target: list[str | None] = []
-        a_payload: list[Any] = []
-        a_result: list[Any] = []
-        a_at: list[datetime] = []
-        c_conv: list[str] = []
-        c_cap: list[str] = []
-        c_args: list[Any] = []
-        c_result: list[Any] = []
-        c_status: list[str] = []
-        c_latency: list[int | None] = []
-        c_at: list[datetime] = []
-        for item in batch:
-            for row in item.rows:
-                a_conv.append(item.session_id)
-                a_actor.append(row.actor)
-                a_action.append(row.action)
-                a_target.append(row.target)
-                a_payload.append(row.payload)
-                a_result.append(row.result)
-                a_at.append(row.created_at)
-            for inv in item.invocations:
-                c_conv.append(item.session_id)
-                c_cap.append(inv.capability)
-                c_args.append(inv.arguments)
-                c_result.append(inv.result)
-                c_status.append(inv.status)
-                c_latency.append(inv.latency_ms)
-                c_at.append(inv.created_at)
         started = time.monotonic()
-        await self.pool.fetchrow(
-            SQL["audit_write"],
-            a_conv,
-            a_actor,
-            a_action,
-            a_target,
-            a_payload,
-            a_result,
-            a_at,
-            c_conv,
-            c_cap,
-            c_args,
-            c_result,
-            c_status,
-            c_latency,
-            c_at,
-            timeout=10,
-        )
+        await insert(self.pool, batch)
         elapsed_ms = (time.monotonic() - started) * 1e3
         log.debug("audit: %d turns written in %.1f ms", len(batch), elapsed_ms)

@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 import asyncpg
 
 from fleet import queue
+from fleet.audit import TurnAudit
 from fleet.errors import ConfigurationError, LeaseLost
 from fleet.queue import ClaimedMessage
 from fleet.settings import Settings
@@ -24,9 +25,12 @@ from fleet.settings import Settings
 
 @dataclass(frozen=True)
 class Reply:
-    """The turn finished: this text is the message's one reply."""
+    """The turn finished: this text is the message's one reply. ``trail`` holds audit rows
+    that say so (the agent's ``message_sent``): the worker commits them in the transaction
+    that stores the reply, so neither exists without the other."""
 
     text: str
+    trail: TurnAudit | None = None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from fleet import json_codec
 from fleet.errors import InvalidInput
 from fleet.sql import queries
+
+if TYPE_CHECKING:
+    from fleet.audit import TurnAudit
 
 SQL = queries("queries.sql")
 
@@ -104,6 +107,9 @@ class Outcome:
     state: Literal["done", "dead", "cancelled"]
     reply: str | None = None
     error: str | None = None
+    #: Audit rows to commit in the transaction that writes this outcome (the reply's
+    #: ``message_sent``), only if it is accepted under its lease token.
+    trail: TurnAudit | None = None
 
 
 def _invalid(exc: asyncpg.PostgresError) -> InvalidInput:

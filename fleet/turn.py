@@ -661,7 +661,10 @@ class AgentHandler:
         save: bool,
     ) -> Reply:
         assert self.audit is not None
-        turn.audit.event(
+        # The reply's own row goes with the reply: the worker commits it in the transaction that
+        # stores the reply (fleet.audit). The turn's other rows are durable before that.
+        sent = TurnAudit(turn.audit.session_id, turn.audit.actor)
+        sent.event(
             "message_sent",
             f"conversation:{message.session_id}",
             {
@@ -683,7 +686,7 @@ class AgentHandler:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        return Reply(reply)
+        return Reply(reply, trail=sent)
 
 
 def summarize(session: PostgresSession, message: ClaimedMessage, reply: str) -> str:

@@ -43,7 +43,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from fleet import approvals, metrics, queue, tracing
+from fleet import approvals, audit, metrics, queue, tracing
 from fleet.database import TRANSIENT, connect, create_pool, resolve_url
 from fleet.errors import LeaseLost, PermanentHandlerError, TurnCancelled
 from fleet.handlers import Handler, Lease, Parked, Reply
@@ -383,19 +383,40 @@ class Worker:
         written. Outcomes that could not be written go back to the pending list."""
         batch, self._pending = self._pending, []
         try:
-            if free > 0:
-                tools, skills = self._capabilities()
-                accepted, claimed = await queue.finish_and_claim(
-                    self.pool, self.worker_id, free, self.lease_seconds, batch,
-                    tools=tools, skills=skills,
-                )
-            else:
-                accepted, claimed = await queue.finish(self.pool, batch), []
+            accepted, claimed = await self._write_outcomes(batch, free)
         except BaseException:
             self._pending = batch + self._pending
             raise
         self._account(batch, accepted)
         return claimed
+
+    async def _write_outcomes(
+        self, batch: list[Outcome], free: int
+    ) -> tuple[set[int], list[ClaimedMessage]]:
+        """Write ``batch`` and claim up to ``free`` messages, in one statement. Outcomes with an
+        audit trail (an agent's reply and its ``message_sent``) are written in a transaction
+        with the trails of those accepted under their leases, so a reply and its row commit
+        together; a batch without one (every no-op handler's) stays a single statement."""
+        if not any(outcome.trail for outcome in batch):
+            return await self._finish_and_claim_on(self.pool, batch, free)
+        assert self.pool is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            accepted, claimed = await self._finish_and_claim_on(conn, batch, free)
+            await audit.write_with_outcomes(
+                conn,
+                [o.trail for o in batch if o.trail is not None and o.message_id in accepted],
+            )
+        return accepted, claimed
+
+    async def _finish_and_claim_on(
+        self, db: queue.Executor, batch: list[Outcome], free: int
+    ) -> tuple[set[int], list[ClaimedMessage]]:
+        if free > 0:
+            tools, skills = self._capabilities()
+            return await queue.finish_and_claim(
+                db, self.worker_id, free, self.lease_seconds, batch, tools=tools, skills=skills
+            )
+        return await queue.finish(db, batch), []
 
     def _capabilities(self) -> tuple[list[str] | None, list[str] | None]:
         """The MCP tools and skills the handler has: only messages for agents within them are
@@ -510,6 +531,7 @@ class Worker:
                         lease_token=message.lease_token,
                         state="done",
                         reply=result.text,
+                        trail=result.trail,
                     )
                 )
             elif isinstance(result, Parked):
@@ -627,7 +649,7 @@ class Worker:
             return
         batch, self._pending = self._pending, []
         try:
-            accepted = await queue.finish(self.pool, batch)
+            accepted, _ = await self._write_outcomes(batch, 0)
         except BaseException:
             self._pending = batch + self._pending
             raise

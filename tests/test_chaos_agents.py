@@ -17,8 +17,8 @@ Afterwards (see ``test_chaos.py`` for the queue-level suite):
 * no refund was issued twice: one refund per refund request's order, its idempotency key is
   ``session:call_id`` of an approved approval, and every approved approval has exactly one
   refund; a rejected one has none; the replies say so;
-* every done turn has its audit rows (``message_received`` and ``message_sent`` naming the
-  message; ``approval_requested``, ``approval_decided``, ``run_resumed`` per approval,
+* every done turn has its audit rows (``message_received`` naming the message, and exactly
+  one ``message_sent``, which commits with the reply; ``approval_requested``, ``approval_decided``, ``run_resumed`` per approval,
   ``refund_issued`` per refund, ``refund_blocked`` per rejection);
 * no ``run_states`` row is stuck: every one was decided and resumed, and its message finished.
 
@@ -293,6 +293,9 @@ async def _check_agent_invariants(url: str) -> dict[str, Any]:
     done = [m for m in messages if m["state"] == "done"]
     missing = [m["id"] for m in done if not (received[m["id"]] and sent[m["id"]])]
     assert missing == [], missing
+    # message_sent commits with the reply, under the lease: one per done message, however
+    # many attempts were killed, and none for a reply that was never stored.
+    assert sent == Counter({m["id"]: 1 for m in done}), sent
     for run in runs:
         assert per_run[("approval_requested", run["id"])] == 1, run
         assert per_run[("approval_decided", run["id"])] == 1, run
