@@ -164,55 +164,25 @@ class Trail(Protocol):
     invocations: list[InvocationRow]
 
 
+#: The columns of ``audit_write``'s two unnests after the conversation id, as attribute names.
+_AUDIT_COLUMNS = ("actor", "action", "target", "payload", "result", "created_at")
+_INVOCATION_COLUMNS = ("capability", "arguments", "result", "status", "latency_ms", "created_at")
+
+
+def _columns(trails: Sequence[Trail], kind: str, names: tuple[str, ...]) -> list[list[Any]]:
+    """One list per column of every trail's ``kind`` rows: the conversation, then ``names``."""
+    items = [(trail.session_id, item) for trail in trails for item in getattr(trail, kind)]
+    return [[session for session, _ in items]] + [
+        [getattr(item, name) for _, item in items] for name in names
+    ]
+
+
 async def insert(db: Executor, trails: Sequence[Trail]) -> None:
     """Insert ``trails``' rows in one statement (``audit_write``) on ``db``."""
-    a_conv: list[str] = []
-    a_actor: list[str] = []
-    a_action: list[str] = []
-    a_target: list[str | None] = []
-    a_payload: list[Any] = []
-    a_result: list[Any] = []
-    a_at: list[datetime] = []
-    c_conv: list[str] = []
-    c_cap: list[str] = []
-    c_args: list[Any] = []
-    c_result: list[Any] = []
-    c_status: list[str] = []
-    c_latency: list[int | None] = []
-    c_at: list[datetime] = []
-    for trail in trails:
-        for row in trail.rows:
-            a_conv.append(trail.session_id)
-            a_actor.append(row.actor)
-            a_action.append(row.action)
-            a_target.append(row.target)
-            a_payload.append(row.payload)
-            a_result.append(row.result)
-            a_at.append(row.created_at)
-        for inv in trail.invocations:
-            c_conv.append(trail.session_id)
-            c_cap.append(inv.capability)
-            c_args.append(inv.arguments)
-            c_result.append(inv.result)
-            c_status.append(inv.status)
-            c_latency.append(inv.latency_ms)
-            c_at.append(inv.created_at)
     await db.fetchrow(
         SQL["audit_write"],
-        a_conv,
-        a_actor,
-        a_action,
-        a_target,
-        a_payload,
-        a_result,
-        a_at,
-        c_conv,
-        c_cap,
-        c_args,
-        c_result,
-        c_status,
-        c_latency,
-        c_at,
+        *_columns(trails, "rows", _AUDIT_COLUMNS),
+        *_columns(trails, "invocations", _INVOCATION_COLUMNS),
         timeout=10,
     )
 
