@@ -18,8 +18,9 @@ Afterwards (see ``test_chaos.py`` for the queue-level suite):
   ``session:call_id`` of an approved approval, and every approved approval has exactly one
   refund; a rejected one has none; the replies say so;
 * every done turn has its audit rows (``message_received`` naming the message, and exactly
-  one ``message_sent``, which commits with the reply; ``approval_requested``, ``approval_decided``, ``run_resumed`` per approval,
-  ``refund_issued`` per refund, ``refund_blocked`` per rejection);
+  one ``message_sent``, which commits with the reply; ``approval_requested``,
+  ``approval_decided``, ``run_resumed`` per approval, ``refund_issued`` per refund,
+  ``refund_blocked`` per rejection);
 * no ``run_states`` row is stuck: every one was decided and resumed, and its message finished.
 
 The tally is printed (``pytest -s``). About 3 minutes on a 2-core machine, most of it the MCP
