@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import re
 import time
@@ -14,7 +15,7 @@ import pytest
 from fleet import queue
 from fleet.errors import InvalidInput
 from fleet.handlers import NoopHandler
-from fleet.queue import Outcome
+from fleet.queue import ClaimedMessage, Outcome
 from fleet.sql import queries
 from fleet.worker import Worker, retry_delay
 from tests.processes import wait_until
@@ -116,6 +117,16 @@ async def test_letters_of_any_script_are_a_session_id_and_a_body(conn: asyncpg.C
     message_id = await queue.enqueue(conn, "café:Ωμέγα-会話", "naïve\u200b ¿qué?")
     assert await conn.fetchval(
         "SELECT session_id FROM fleet.messages WHERE id = $1", message_id) == "café:Ωμέγα-会話"
+
+
+@pytest.mark.parametrize("statement", ["claim", "claim_message", "finish_and_claim"])
+async def test_a_claim_returns_the_claimed_message_fields_in_order(
+    conn: asyncpg.Connection, statement: str
+):
+    """ClaimedMessage is built positionally from a claim's row (fleet.queue._claimed)."""
+    prepared = await conn.prepare(queue.SQL[statement])
+    columns = [attribute.name for attribute in prepared.get_attributes()]
+    assert columns == [field.name for field in dataclasses.fields(ClaimedMessage)]
 
 
 async def test_null_session_id_via_sql_is_refused(conn: asyncpg.Connection):
