@@ -9,7 +9,7 @@ with backoff or, after the last attempt, marks the message ``dead``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -47,9 +47,18 @@ HandlerResult = Reply | Parked
 class Lease:
     """The worker's claim on one message, as a handler sees it."""
 
-    def __init__(self, message: ClaimedMessage, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self,
+        message: ClaimedMessage,
+        pool: asyncpg.Pool,
+        *,
+        run_inline: Callable[[int], Awaitable[bool]] | None = None,
+    ) -> None:
         self.message = message
         self.pool = pool
+        #: The worker's way to run a delegation's child message (by id) in this turn's task,
+        #: outside the slot count; False if it was not claimable. None outside a worker.
+        self.run_inline = run_inline
         #: Set by the worker when someone cancels the message while it runs. A handler whose
         #: ``stops_on_cancel_request`` is true stops at its next step and raises
         #: :class:`~fleet.errors.TurnCancelled`; any other handler's task is cancelled.

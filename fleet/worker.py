@@ -466,10 +466,8 @@ class Worker:
         return True
 
     def _lease(self, message: ClaimedMessage) -> Lease:
-        lease = Lease(message, self.pool)
         # Delegations run their child turns inline (fleet.delegation).
-        lease.run_inline = functools.partial(self._run_child, message.id)  # type: ignore[attr-defined]
-        return lease
+        return Lease(message, self.pool, run_inline=functools.partial(self._run_child, message.id))
 
     async def _wait_for_work(self) -> None:
         try:

@@ -43,7 +43,8 @@ class ParentChildHandler:
         if message.body == "parent":
             child = await queue.enqueue(self.pool, f"{message.session_id}/child", "child",
                                         dedupe_key=f"child-of-{message.id}")
-            self.child_result = await lease.run_inline(child)  # type: ignore[attr-defined]
+            assert lease.run_inline is not None
+            self.child_result = await lease.run_inline(child)
             return Reply("parent saw its child finish")
         await asyncio.sleep(60)
         return Reply("child done")
