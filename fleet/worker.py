@@ -393,10 +393,11 @@ class Worker:
     async def _write_outcomes(
         self, batch: list[Outcome], free: int
     ) -> tuple[set[int], list[ClaimedMessage]]:
-        """Write ``batch`` and claim up to ``free`` messages, in one statement. Outcomes with an
-        audit trail (an agent's reply and its ``message_sent``) are written in a transaction
-        with the trails of those accepted under their leases, so a reply and its row commit
-        together; a batch without one (every no-op handler's) stays a single statement."""
+        """Write ``batch`` and claim up to ``free`` messages. A batch without audit trails
+        (every no-op handler's) is one statement. Outcomes with one (an agent's reply and its
+        ``message_sent``) are written in a transaction with the trails of those accepted under
+        their leases, so a reply and its row commit together: BEGIN, the statement, the rows in
+        a savepoint, COMMIT, round trips that are nothing next to an agent turn."""
         if not any(outcome.trail for outcome in batch):
             return await self._finish_and_claim_on(self.pool, batch, free)
         assert self.pool is not None

@@ -21,6 +21,7 @@ from fleet.handlers import Lease
 from fleet.settings import Settings
 from fleet.sql import queries
 from tests.processes import fleet
+from tests.workers import expire_lease
 
 REFUND = {
     "tool": "issue_refund",
@@ -73,10 +74,7 @@ async def _claim(
 
 async def _take_over(pool: asyncpg.Pool, lease: Lease) -> Lease:
     """The lease expires (its worker died); another worker claims the message."""
-    await pool.execute(
-        "UPDATE fleet.messages SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-        lease.message.id,
-    )
+    await expire_lease(pool, lease.message.id)
     assert lease.message.id in await queue.rescue_expired(pool)
     return await _claim(pool, lease.message.session_id, lease.message.body)
 

@@ -175,12 +175,16 @@ async def test_each_rule_raises_its_own_sqlstate_one_at_a_time_or_in_a_batch(
 
 
 async def test_the_rules_are_inlined_into_the_batch_check(conn: asyncpg.Connection):
-    """No function call per message: the planner replaces fleet.message_problem by its CASE.
-    It stops doing so if the function gets a subquery or is declared IMMUTABLE (AGENTS.md)."""
+    """No function call per message: the planner replaces fleet.message_problem by its CASE,
+    and the character rules in it (fleet.has_space_or_control, fleet.is_blank: migration 0022)
+    by their regexes. It stops doing so if a function gets a subquery or is declared less
+    volatile than its body (AGENTS.md)."""
     plan = "\n".join(r[0] for r in await conn.fetch(
-        "EXPLAIN VERBOSE SELECT fleet.message_problem(s, 'b', NULL, NULL, NULL, true, NULL, 3)"
+        "EXPLAIN VERBOSE SELECT fleet.message_problem(s, s, NULL, NULL, NULL, true, NULL, 3)"
         " FROM unnest(ARRAY['a', 'b']) AS s"))
     assert "CASE WHEN" in plan and "message_problem" not in plan, plan
+    assert "has_space_or_control" not in plan and "is_blank" not in plan, plan
+    assert "\\u3000" in plan, plan  # the rules' code points, inlined
 
 
 async def test_a_batch_wakes_the_workers_once_at_commit(conn: asyncpg.Connection, db_url):

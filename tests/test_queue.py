@@ -19,7 +19,7 @@ from fleet.queue import ClaimedMessage, Outcome
 from fleet.sql import queries
 from fleet.worker import Worker, retry_delay
 from tests.processes import wait_until
-from tests.workers import listening, running
+from tests.workers import expire_lease, listening, running
 
 
 async def test_enqueue_returns_id_and_dedupe_key_returns_the_same_id(conn: asyncpg.Connection):
@@ -279,8 +279,7 @@ async def test_a_stale_worker_cannot_overwrite_the_new_owner(conn: asyncpg.Conne
     message_id = await queue.enqueue(conn, "s1", "contested")
     [zombie] = await queue.claim(conn, "zombie", 1, 30)
     # The zombie stops heartbeating; its lease runs out.
-    await conn.execute("UPDATE fleet.messages SET lease_expires_at = now() - interval '1 second'"
-                       " WHERE id = $1", message_id)
+    await expire_lease(conn, message_id)
     assert await queue.rescue_expired(conn) == [message_id]
     [owner] = await queue.claim(conn, "owner", 1, 30)
     assert owner.lease_token != zombie.lease_token

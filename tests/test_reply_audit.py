@@ -16,7 +16,7 @@ from fleet.handlers import NoopHandler, Reply
 from fleet.queue import ClaimedMessage, Outcome
 from fleet.worker import Worker
 from tests.processes import wait_until
-from tests.workers import running
+from tests.workers import expire_lease, running
 
 
 def _sent(session_id: str, message_id: int) -> TurnAudit:
@@ -75,9 +75,7 @@ async def test_a_refused_outcome_writes_no_row(worker: Worker, conn):
     """Fencing covers the row too: a zombie whose lease was taken over leaves no message_sent
     for its reply; the new owner's reply leaves exactly one."""
     zombie = await _claimed(conn, "f1")
-    await conn.execute(
-        "UPDATE fleet.messages SET lease_expires_at = now() - interval '1 second'"
-        " WHERE id = $1", zombie.id)
+    await expire_lease(conn, zombie.id)
     assert await queue.rescue_expired(conn) == [zombie.id]
     [owner] = await queue.claim(conn, "owner", 1, 30)
 

@@ -28,3 +28,12 @@ async def listening(conn: asyncpg.Connection) -> None:
     await wait_until(lambda: conn.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'fleet-listener'"),
         message="the worker's LISTEN connection")
+
+
+async def expire_lease(db: asyncpg.Connection | asyncpg.Pool, message_id: int) -> None:
+    """The message's worker stopped heartbeating: its lease ran out a second ago, and the next
+    ``rescue_expired`` takes it back."""
+    await db.execute(
+        "UPDATE fleet.messages SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        message_id,
+    )
