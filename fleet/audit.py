@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import asyncpg
 
@@ -150,18 +150,10 @@ class TurnAudit:
 
 @dataclass
 class _Batch:
-    session_id: str
-    rows: list[AuditRow]
-    invocations: list[InvocationRow]
+    """Rows handed to the writer (taken from a turn's :class:`TurnAudit`) and their waiter."""
+
+    trail: TurnAudit
     done: asyncio.Future[bool]
-
-
-class Trail(Protocol):
-    """A turn's rows for one conversation: :class:`TurnAudit`, or one writer batch."""
-
-    session_id: str
-    rows: list[AuditRow]
-    invocations: list[InvocationRow]
 
 
 #: The columns of ``audit_write``'s two unnests after the conversation id, as attribute names.
@@ -169,7 +161,7 @@ _AUDIT_COLUMNS = ("actor", "action", "target", "payload", "result", "created_at"
 _INVOCATION_COLUMNS = ("capability", "arguments", "result", "status", "latency_ms", "created_at")
 
 
-def _columns(trails: Sequence[Trail], kind: str, names: tuple[str, ...]) -> list[list[Any]]:
+def _columns(trails: Sequence[TurnAudit], kind: str, names: tuple[str, ...]) -> list[list[Any]]:
     """One list per column of every trail's ``kind`` rows: the conversation, then ``names``."""
     items = [(trail.session_id, item) for trail in trails for item in getattr(trail, kind)]
     return [[session for session, _ in items]] + [
@@ -177,7 +169,7 @@ def _columns(trails: Sequence[Trail], kind: str, names: tuple[str, ...]) -> list
     ]
 
 
-async def insert(db: Executor, trails: Sequence[Trail]) -> None:
+async def insert(db: Executor, trails: Sequence[TurnAudit]) -> None:
     """Insert ``trails``' rows in one statement (``audit_write``) on ``db``."""
     await db.fetchrow(
         SQL["audit_write"],
@@ -187,7 +179,7 @@ async def insert(db: Executor, trails: Sequence[Trail]) -> None:
     )
 
 
-async def write_with_outcomes(conn: asyncpg.Connection, trails: Sequence[Trail]) -> None:
+async def write_with_outcomes(conn: asyncpg.Connection, trails: Sequence[TurnAudit]) -> None:
     """Write ``trails`` inside the caller's transaction, the one that writes the messages'
     outcomes (the worker's), so each row commits with its message's reply or not at all.
 
@@ -259,7 +251,9 @@ class AuditWriter:
         if self._task is None:
             raise RuntimeError("AuditWriter.start() was not called")
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Batch(turn.session_id, rows, invocations, done))
+        self._waiting.append(
+            _Batch(TurnAudit(turn.session_id, turn.actor, rows, invocations), done)
+        )
         self._wake.set()
         # Shielded: a cancelled turn (lost lease, shutdown) still leaves its trail.
         return await asyncio.shield(done)
@@ -283,7 +277,7 @@ class AuditWriter:
         self, batch: list[_Batch], *, first: bool = True
     ) -> list[bool]:
         """Write ``batch``; per turn, whether its rows were written."""
-        count = sum(len(b.rows) + len(b.invocations) for b in batch)
+        count = sum(len(b.trail.rows) + len(b.trail.invocations) for b in batch)
         delay = self.backoff
         for attempt in range(1, self.attempts + 1):
             try:
@@ -304,7 +298,7 @@ class AuditWriter:
                     metrics.AUDIT_WRITE_FAILURES.inc(count)
                 if len(batch) > 1:
                     return [(await self._write_with_retries([b], first=False))[0] for b in batch]
-                session = batch[0].session_id
+                session = batch[0].trail.session_id
                 log.error("audit: %d rows of session %s refused: %s", count, session, exc)
                 self.failed_rows += count
                 return [False]
@@ -320,6 +314,6 @@ class AuditWriter:
     async def _write(self, batch: list[_Batch]) -> None:
         assert self.pool is not None
         started = time.monotonic()
-        await insert(self.pool, batch)
+        await insert(self.pool, [b.trail for b in batch])
         elapsed_ms = (time.monotonic() - started) * 1e3
         log.debug("audit: %d turns written in %.1f ms", len(batch), elapsed_ms)
