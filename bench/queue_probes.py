@@ -11,6 +11,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py cycle-split [--rounds 2]
     python bench/queue_probes.py cycle-ceiling [--rounds 2] [--connections 1 2 3]
     python bench/queue_probes.py repair-heads
+    python bench/queue_probes.py soak [--messages 600000] [--chunk 30000]
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
                                                  [--vacuum-after S] [--vacuum-cost-delay MS]
@@ -34,6 +35,7 @@ import time
 from typing import Any
 
 import asyncpg
+import psutil
 
 import fleet.bench.queue as bench
 import fleet.queue as fleet_queue
@@ -595,6 +597,41 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
               f" worst 0.1 s {100 * max(during):.1f}% of the CPUs")
 
 
+async def soak(args: argparse.Namespace) -> None:
+    """One ``fleet worker --handler noop`` process takes ``--messages`` messages in chunks (each
+    enqueued at once, in 500 sessions, then drained before the next), and nothing finished is
+    ever deleted: per chunk, how long its drain took and the worker's resident memory. The
+    questions: does a worker's memory grow with the messages it has handled, and does the
+    queue slow down as it goes (finished rows piling up; the dead index entries each claim
+    leaves until a VACUUM removes them, BENCHMARKS.md 2026-12-07)."""
+    async with scratch() as (url, conn):
+        env = dict(os.environ, DATABASE_URL=url, FLEET_LOG_LEVEL="WARNING")
+        worker = bench._Process(["fleet", "worker", "--handler", "noop", "--concurrency", "20",
+                                 "--claim-batch", "10"], env)
+        try:
+            process = psutil.Process(worker.popen.pid)
+            await asyncio.sleep(3.0)  # started, pool open
+            print(f"worker pid {worker.popen.pid}, resident at start"
+                  f" {process.memory_info().rss / 2**20:.1f} MiB", flush=True)
+            handled = 0
+            for chunk in range(args.messages // args.chunk):
+                await conn.execute(
+                    "SELECT count(fleet.enqueue('soak-' || $2::int || '-' || (g % 500), 'soak'))"
+                    " FROM generate_series(1, $1) g", args.chunk, chunk)
+                started = time.perf_counter()
+                while await fleet_queue.has_unfinished_work(conn):
+                    if worker.popen.poll() is not None:
+                        raise RuntimeError(f"the worker exited: {worker.tail()}")
+                    await asyncio.sleep(0.1)
+                took = time.perf_counter() - started
+                handled += args.chunk
+                print(f"{handled:9,} handled: this chunk drained in {took:5.2f} s"
+                      f" ({args.chunk / took:,.0f}/s), worker resident"
+                      f" {process.memory_info().rss / 2**20:.1f} MiB", flush=True)
+        finally:
+            worker.finish()
+
+
 def _print_wal_spikes(wal: list[tuple[float, float]], t0: float, seconds: float) -> None:
     """WAL written per tenth of a second of the run: the median, and the tenths over twice it."""
     per_tenth: dict[float, float] = collections.defaultdict(float)
@@ -628,6 +665,9 @@ def main() -> None:
     for name in ("session-id-check", "first-call", "after-vacuum", "heartbeat", "analyze-cost",
                  "repair-heads"):
         commands.add_parser(name)
+    soaked = commands.add_parser("soak")
+    soaked.add_argument("--messages", type=int, default=600_000)
+    soaked.add_argument("--chunk", type=int, default=30_000)
     trace = commands.add_parser("sustained-trace")
     trace.add_argument("--rate", type=float, default=3000.0)
     trace.add_argument("--seconds", type=float, default=10.0)
@@ -652,7 +692,7 @@ def main() -> None:
              "analyze-cost": analyze_cost,
              "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
              "cycle-split": cycle_split, "cycle-ceiling": cycle_ceiling,
-             "repair-heads": repair_heads}[args.command]
+             "repair-heads": repair_heads, "soak": soak}[args.command]
     asyncio.run(probe(args))
 
 
