@@ -415,6 +415,33 @@ async def test_repair_heads_reads_a_backlog_in_passes_not_per_message(conn: asyn
     assert int(hits) < 2 * 5000, plan
 
 
+async def test_a_head_lost_to_a_repeatable_read_enqueue_is_repaired(conn, db_url):
+    """The case repair_heads is there for. An enqueue in a REPEATABLE READ transaction runs
+    its commit-time election on the snapshot its transaction began with: if the session's
+    head finished (and found no successor to promote) after that, the election still sees
+    the head running and elects nobody, and the new message would wait forever. Its
+    session has queued messages and no head: repair_heads makes the earliest one the head."""
+    head = await queue.enqueue(conn, "rr", "first")
+    [claimed] = await queue.claim(conn, "w", 10, 30)
+    late = await asyncpg.connect(db_url)
+    try:
+        async with late.transaction(isolation="repeatable_read"):
+            await late.fetchval("SELECT count(*) FROM fleet.messages")  # its snapshot, now
+            assert await queue.finish(conn, [Outcome(
+                message_id=head, lease_token=claimed.lease_token, state="done", reply="ok",
+            )]) == {head}
+            lost = await queue.enqueue(late, "rr", "second")
+    finally:
+        await late.close()
+    assert await conn.fetchval("SELECT is_head FROM fleet.messages WHERE id = $1", lost) is False
+    assert await queue.claim(conn, "w", 10, 30) == []  # nothing claimable: the lost head
+
+    assert await queue.repair_heads(conn) == 1
+    [repaired] = await queue.claim(conn, "w", 10, 30)
+    assert repaired.id == lost
+    assert await queue.repair_heads(conn) == 0
+
+
 def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
     for attempt in range(1, 8):
         ceiling = min(8.0, 0.5 * 2 ** (attempt - 1))
