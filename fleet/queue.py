@@ -29,11 +29,14 @@ MessageState = Literal["queued", "running", "awaiting_approval", "done", "dead",
 MESSAGE_STATES: tuple[str, ...] = MessageState.__args__  # type: ignore[attr-defined]
 FINISHED_STATES = frozenset({"done", "dead", "cancelled"})
 
-#: NOTIFY channels of queue_sql/functions.sql: a claimable head appeared (workers listen), and
+#: NOTIFY channels of queue_sql/functions.sql: a claimable head appeared (workers listen);
 #: messages someone waits on (:func:`await_reply`) finished or parked, their ids in the payload
-#: (reply waiters listen: fleet.Client, delegations; see fleet.outcomes).
+#: (reply waiters listen: fleet.Client, delegations; see fleet.outcomes); a session whose head
+#: an enqueue under REPEATABLE READ or SERIALIZABLE may have missed, its id in the payload
+#: (workers listen, and call :func:`repair_sessions`).
 WAKEUP_CHANNEL = "fleet_wakeup"
 OUTCOME_CHANNEL = "fleet_outcome"
+REPAIR_CHANNEL = "fleet_repair"
 
 #: One connection or a pool: everything here works with either.
 Executor = asyncpg.Connection | asyncpg.Pool
@@ -339,7 +342,13 @@ async def rescue_expired(db: Executor) -> list[int]:
 
 
 async def repair_heads(db: Executor) -> int:
+    """The safety net: find sessions that lost their head by reading every waiting message."""
     return await db.fetchval(SQL["repair_heads"])
+
+
+async def repair_sessions(db: Executor, sessions: Sequence[str]) -> int:
+    """Give these sessions (named by ``fleet_repair`` notifications) a head where they lost it."""
+    return await db.fetchval(SQL["repair_sessions"], list(sessions))
 
 
 async def park(conn: asyncpg.Connection, message_id: int, token: int) -> bool:

@@ -2,7 +2,8 @@
 
 The pieces, each an asyncio task started and stopped the same way:
 
-* **listener**: a dedicated connection LISTENing on ``fleet_wakeup``; it reconnects after the
+* **listener**: a dedicated connection LISTENing on ``fleet_wakeup`` (and ``fleet_cancel``,
+  ``fleet_repair``); it reconnects after the
   database restarts and wakes the producer after every reconnect (NOTIFYs sent while it was
   away are lost, the queue is not). ``--poll-only`` skips it (PgBouncer transaction pooling).
 * **producer**: when woken (NOTIFY, a finished handler, or the poll interval) writes the
@@ -20,8 +21,9 @@ The pieces, each an asyncio task started and stopped the same way:
   (the agent) is told through its lease and stops before its next model or tool call; any
   other handler's task is cancelled. One lease period later a turn still running is cancelled
   regardless.
-* **maintenance**: gives expired leases of dead workers back to the queue, repairs lost heads,
-  keeps this worker's row in ``fleet.workers`` fresh.
+* **maintenance**: gives expired leases of dead workers back to the queue, repairs lost heads
+  (the sessions ``fleet_repair`` named at once; every waiting message, as a safety net, every
+  few minutes), keeps this worker's row in ``fleet.workers`` fresh.
 
 Shutdown (SIGTERM/SIGINT): stop claiming, let handlers finish within the grace period, cancel
 the rest and release their messages so another worker takes them at once.
@@ -56,6 +58,9 @@ SQL = queries("queries.sql")
 T = TypeVar("T")
 #: ``fleet cancel`` on a running message NOTIFYs this (payload: the message id).
 CANCEL_CHANNEL = "fleet_cancel"
+#: How often a listening worker reads every waiting message for sessions that lost their head
+#: (fleet.repair_heads), in seconds: the notifications it hears cover the rest.
+FULL_REPAIR_INTERVAL = 300.0
 #: Connections of a worker's pool (claims, outcome writes, heartbeats, rescues; RELIABILITY.md
 #: counts them): two claims can be in flight beside the completer and the heartbeat.
 POOL_SIZE = 4
@@ -122,6 +127,8 @@ class Worker:
         self._children: dict[int, set[int]] = {}
         #: set by a ``fleet_cancel`` NOTIFY for a message in flight: heartbeat now
         self._heartbeat_now = asyncio.Event()
+        #: sessions ``fleet_repair`` NOTIFYs named, for the maintenance loop's next pass
+        self._to_repair: set[str] = set()
         self._pending: list[Outcome] = []
         self._pending_event = asyncio.Event()
         #: The completer's writes and shutdown's last one, one at a time: shutdown never
@@ -729,8 +736,20 @@ class Worker:
 
     async def _maintenance_loop(self) -> None:
         last_repair = last_seen = 0.0
+        # The full scan reads every waiting message. A listening worker hears each session
+        # that needs a look (fleet_repair), so the scan only catches what no worker heard; a
+        # --poll-only worker hears nothing, so it scans as often as it used to.
+        full_repair_every = 30.0 if self.poll_only else FULL_REPAIR_INTERVAL
         while True:
             try:
+                if self._to_repair:
+                    sessions, self._to_repair = self._to_repair, set()
+                    try:
+                        if await queue.repair_sessions(self.pool, sorted(sessions)):
+                            self._wakeup.set()
+                    except BaseException:
+                        self._to_repair |= sessions
+                        raise
                 rescued = await queue.rescue_expired(self.pool)
                 if rescued:
                     metrics.LEASE_TAKEOVERS.inc(len(rescued))
@@ -741,7 +760,7 @@ class Worker:
                     await self.pool.execute(SQL["worker_seen"], self.worker_id)
                     await self.pool.execute(SQL["workers_prune"], 300.0)
                     last_seen = now
-                if now - last_repair > 30:
+                if now - last_repair > full_repair_every:
                     if await queue.repair_heads(self.pool):
                         self._wakeup.set()
                     last_repair = now
@@ -764,6 +783,12 @@ class Worker:
         self._new_work = True
         self._wakeup.set()
 
+    def _on_repair_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        """A session an enqueue's election may have left without a head: look at it with the
+        maintenance loop's next pass."""
+        if payload:
+            self._to_repair.add(payload)
+
     def _on_cancel_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         """A running message was asked to stop: if it is ours, heartbeat now (the heartbeat
         reads the request from the database, so a stray NOTIFY cancels nothing)."""
@@ -784,6 +809,7 @@ class Worker:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(queue.WAKEUP_CHANNEL, self._on_notify)
                 await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
+                await conn.add_listener(queue.REPAIR_CHANNEL, self._on_repair_notify)
                 backoff = 0.2
                 self._new_work = True  # NOTIFYs sent while we were away are gone: look once
                 self._wakeup.set()

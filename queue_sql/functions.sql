@@ -381,6 +381,14 @@ $$;
 -- The session row exists: the foreign key checked it at the INSERT, and kept it since. (A
 -- message inserted and deleted in one transaction still fires this at commit, with NEW the
 -- deleted row: its session, if gone too, is not recreated, and no head is elected for it.)
+--
+-- Under READ COMMITTED each statement below reads what was committed when it started, after
+-- the session's row lock: the answer is current. Under REPEATABLE READ or SERIALIZABLE they
+-- read the transaction's first snapshot, so a head that finished since (and, not seeing this
+-- message, promoted nobody) still looks live, and this message would wait with no head. When
+-- such a transaction elects nobody it asks, at its commit, for the session to be looked at
+-- again (fleet_repair, the session id as payload): a listening worker calls
+-- fleet.repair_sessions for it with a fresh snapshot.
 CREATE OR REPLACE FUNCTION fleet.elect_head_at_commit() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -392,6 +400,10 @@ BEGIN
        OR EXISTS (SELECT 1 FROM fleet.messages m
                   WHERE m.session_id = NEW.session_id AND m.is_head
                     AND m.state IN ('queued', 'awaiting_approval')) THEN
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            -- Identical notifications of one transaction collapse: once per session.
+            PERFORM pg_notify('fleet_repair', NEW.session_id);
+        END IF;
         RETURN NULL;
     END IF;
     -- No head, so nothing of the session is running: its earliest waiting message.
@@ -630,8 +642,22 @@ BEGIN
 END
 $$;
 
--- Safety net for heads lost to an enqueue made in a REPEATABLE READ / SERIALIZABLE transaction
--- (its commit-time check reads an old snapshot): sessions with live messages and no head.
+-- Give these sessions a head if they have waiting messages and none (nothing running, no
+-- waiting head): what a REPEATABLE READ / SERIALIZABLE enqueue's election may have missed
+-- (fleet_repair, above). Run under READ COMMITTED, after the sessions' row locks, each
+-- statement sees every commit. Returns the heads it made.
+CREATE OR REPLACE FUNCTION fleet.repair_sessions(sessions text[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = ANY (sessions)
+    ORDER BY s.session_id FOR UPDATE OF s;
+    RETURN fleet.promote_heads(sessions);
+END
+$$;
+
+-- The safety net behind fleet_repair, for notifications no worker heard (none listening at
+-- that commit, or only --poll-only ones): sessions with waiting messages and no head, found by
+-- reading every waiting message (O(backlog), so workers run it every few minutes, not often).
 CREATE OR REPLACE FUNCTION fleet.repair_heads(max_sessions integer DEFAULT 100) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -649,8 +675,6 @@ BEGIN
     IF orphans IS NULL THEN
         RETURN 0;
     END IF;
-    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = ANY (orphans)
-    ORDER BY s.session_id FOR UPDATE OF s;
-    RETURN fleet.promote_heads(orphans);
+    RETURN fleet.repair_sessions(orphans);
 END
 $$;

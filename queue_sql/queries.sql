@@ -230,6 +230,10 @@ ORDER BY started_at;
 -- name: repair_heads
 SELECT fleet.repair_heads(100) AS repaired;
 
+-- name: repair_sessions
+-- Sessions named by fleet_repair notifications ($1): a head for each that lost its own.
+SELECT fleet.repair_sessions($1::text[]) AS repaired;
+
 -- name: approval_for_message
 -- The approval a parked message waits on.
 SELECT id::text FROM run_states

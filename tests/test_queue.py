@@ -397,8 +397,8 @@ async def test_a_heartbeat_is_a_hot_update(conn: asyncpg.Connection):
 
 
 async def test_repair_heads_reads_a_backlog_in_passes_not_per_message(conn: asyncpg.Connection):
-    """repair_heads (every worker, every 30 s) looks at every queued message that is not a
-    head. Its live-head probe must be joins: as a SQL function with subqueries, which
+    """repair_heads (every worker, every FULL_REPAIR_INTERVAL) looks at every queued message
+    that is not a head. Its live-head probe must be joins: as a SQL function with subqueries, which
     PostgreSQL does not inline, it was called per message and read ~6 buffers each (30,859
     buffers here; 436 ms against 9 ms on 20,000 messages: bench/queue_probes.py repair-heads).
     Written as joins, the planner picks a hash anti join (~143 buffers) or, after some
@@ -416,30 +416,69 @@ async def test_repair_heads_reads_a_backlog_in_passes_not_per_message(conn: asyn
 
 
 async def test_a_head_lost_to_a_repeatable_read_enqueue_is_repaired(conn, db_url):
-    """The case repair_heads is there for. An enqueue in a REPEATABLE READ transaction runs
-    its commit-time election on the snapshot its transaction began with: if the session's
-    head finished (and found no successor to promote) after that, the election still sees
-    the head running and elects nobody, and the new message would wait forever. Its
-    session has queued messages and no head: repair_heads makes the earliest one the head."""
-    head = await queue.enqueue(conn, "rr", "first")
-    [claimed] = await queue.claim(conn, "w", 10, 30)
-    late = await asyncpg.connect(db_url)
-    try:
-        async with late.transaction(isolation="repeatable_read"):
-            await late.fetchval("SELECT count(*) FROM fleet.messages")  # its snapshot, now
-            assert await queue.finish(conn, [Outcome(
-                message_id=head, lease_token=claimed.lease_token, state="done", reply="ok",
-            )]) == {head}
-            lost = await queue.enqueue(late, "rr", "second")
-    finally:
-        await late.close()
-    assert await conn.fetchval("SELECT is_head FROM fleet.messages WHERE id = $1", lost) is False
-    assert await queue.claim(conn, "w", 10, 30) == []  # nothing claimable: the lost head
+    """An enqueue in a REPEATABLE READ transaction runs its commit-time election on the
+    snapshot its transaction began with: if the session's head finished (and found no
+    successor to promote) after that, the election still sees the head running and elects
+    nobody. The transaction names the session on fleet_repair at its commit; repair_sessions
+    (what a worker that hears it calls) and the safety-net scan repair_heads each make the
+    earliest waiting message the head."""
+    heard: list[str] = []
+    await conn.add_listener(queue.REPAIR_CHANNEL, lambda *args: heard.append(args[3]))
+    for repair in ("repair_sessions", "repair_heads"):
+        session = f"rr-{repair}"
+        head = await queue.enqueue(conn, session, "first")
+        [claimed] = await queue.claim(conn, "w", 10, 30)
+        late = await asyncpg.connect(db_url)
+        try:
+            async with late.transaction(isolation="repeatable_read"):
+                await late.fetchval("SELECT count(*) FROM fleet.messages")  # its snapshot, now
+                assert await queue.finish(conn, [Outcome(
+                    message_id=head, lease_token=claimed.lease_token, state="done", reply="ok",
+                )]) == {head}
+                lost = await queue.enqueue(late, session, "second")
+        finally:
+            await late.close()
+        assert await conn.fetchval(
+            "SELECT is_head FROM fleet.messages WHERE id = $1", lost) is False
+        assert await queue.claim(conn, "w", 10, 30) == []  # nothing claimable: the lost head
 
-    assert await queue.repair_heads(conn) == 1
-    [repaired] = await queue.claim(conn, "w", 10, 30)
-    assert repaired.id == lost
-    assert await queue.repair_heads(conn) == 0
+        async def told(session: str = session) -> bool:
+            return session in heard
+
+        await wait_until(told, timeout=5, message="the fleet_repair notification")
+
+        if repair == "repair_sessions":
+            assert await queue.repair_sessions(conn, [session, "no-such-session"]) == 1
+        else:
+            assert await queue.repair_heads(conn) == 1
+        [repaired] = await queue.claim(conn, "w", 10, 30)
+        assert repaired.id == lost
+        assert await queue.repair_sessions(conn, [session]) == 0  # it has its head
+        assert await queue.repair_heads(conn) == 0
+
+
+async def test_a_listening_worker_repairs_a_lost_head_when_told(settings, conn, db_url):
+    """The notification, not the scan: a worker hears fleet_repair and gives the session its
+    head at once, long before its next full scan (FULL_REPAIR_INTERVAL; the first ran as it
+    started, before the message existed)."""
+    worker = Worker(settings, NoopHandler(work_delay=1.0), concurrency=4)
+    async with running(worker):
+        await listening(conn)
+        head = await queue.enqueue(conn, "rr-told", "first")
+        await wait_until(lambda: conn.fetchval(
+            "SELECT state = 'running' FROM fleet.messages WHERE id = $1", head))
+        late = await asyncpg.connect(db_url)
+        try:
+            async with late.transaction(isolation="repeatable_read"):
+                await late.fetchval("SELECT count(*) FROM fleet.messages")  # sees it running
+                await wait_until(lambda: conn.fetchval(
+                    "SELECT state = 'done' FROM fleet.messages WHERE id = $1", head))
+                lost = await queue.enqueue(late, "rr-told", "second")
+        finally:
+            await late.close()
+        await wait_until(lambda: conn.fetchval(
+            "SELECT state = 'done' FROM fleet.messages WHERE id = $1", lost),
+            timeout=10, message="the message whose head was lost, done")
 
 
 def test_retry_delay_grows_exponentially_with_jitter_and_a_cap():
