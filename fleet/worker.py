@@ -2,10 +2,10 @@
 
 The pieces, each an asyncio task started and stopped the same way:
 
-* **listener**: a dedicated connection LISTENing on ``fleet_wakeup`` (and ``fleet_cancel``,
-  ``fleet_repair``); it reconnects after the
-  database restarts and wakes the producer after every reconnect (NOTIFYs sent while it was
-  away are lost, the queue is not). ``--poll-only`` skips it (PgBouncer transaction pooling).
+* **listener**: a dedicated connection LISTENing on ``fleet_wakeup``, ``fleet_cancel`` and
+  ``fleet_repair``; it reconnects after the database restarts and wakes the producer after
+  every reconnect (NOTIFYs sent while it was away are lost, the queue is not).
+  ``--poll-only`` skips it (PgBouncer transaction pooling).
 * **producer**: when woken (NOTIFY, a finished handler, or the poll interval) writes the
   outcomes that finished since its last call and claims for the free slots (at most
   ``claim_batch``) in one statement and one commit (``fleet.finish_and_claim``), then starts
