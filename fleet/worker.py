@@ -61,6 +61,8 @@ CANCEL_CHANNEL = "fleet_cancel"
 #: How often a listening worker reads every waiting message for sessions that lost their head
 #: (fleet.repair_heads), in seconds: the notifications it hears cover the rest.
 FULL_REPAIR_INTERVAL = 300.0
+#: The same for a ``--poll-only`` worker, which hears no notification.
+POLL_ONLY_REPAIR_INTERVAL = 30.0
 #: Connections of a worker's pool (claims, outcome writes, heartbeats, rescues; RELIABILITY.md
 #: counts them): two claims can be in flight beside the completer and the heartbeat.
 POOL_SIZE = 4
@@ -739,13 +741,13 @@ class Worker:
         # The full scan reads every waiting message. A listening worker hears each session
         # that needs a look (fleet_repair), so the scan only catches what no worker heard; a
         # --poll-only worker hears nothing, so it scans as often as it used to.
-        full_repair_every = 30.0 if self.poll_only else FULL_REPAIR_INTERVAL
+        full_repair_every = POLL_ONLY_REPAIR_INTERVAL if self.poll_only else FULL_REPAIR_INTERVAL
         while True:
             try:
                 if self._to_repair:
                     sessions, self._to_repair = self._to_repair, set()
                     try:
-                        if await queue.repair_sessions(self.pool, sorted(sessions)):
+                        if await queue.repair_sessions(self.pool, list(sessions)):
                             self._wakeup.set()
                     except BaseException:
                         self._to_repair |= sessions
