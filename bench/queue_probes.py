@@ -11,7 +11,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py cycle-split [--rounds 2]
     python bench/queue_probes.py cycle-ceiling [--rounds 2] [--connections 1 2 3]
     python bench/queue_probes.py repair-heads
-    python bench/queue_probes.py soak [--messages 600000] [--chunk 30000]
+    python bench/queue_probes.py soak [--messages 600000] [--chunk 30000] [--no-autovacuum]
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
                                                  [--vacuum-after S] [--vacuum-cost-delay MS]
@@ -28,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import os
 import pathlib
 import threading
@@ -600,11 +601,16 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
 async def soak(args: argparse.Namespace) -> None:
     """One ``fleet worker --handler noop`` process takes ``--messages`` messages in chunks (each
     enqueued at once, in 500 sessions, then drained before the next), and nothing finished is
-    ever deleted: per chunk, how long its drain took and the worker's resident memory. The
-    questions: does a worker's memory grow with the messages it has handled, and does the
-    queue slow down as it goes (finished rows piling up; the dead index entries each claim
-    leaves until a VACUUM removes them, BENCHMARKS.md 2026-12-07)."""
+    ever deleted: per chunk, how long its drain took, the worker's resident memory, and what
+    one claim costs on the emptied queue (EXPLAIN ANALYZE, rolled back: buffers and time) with
+    the size of the claimable-heads index. The questions: does a worker's memory grow with the
+    messages it has handled, and does the queue slow down as it goes (finished rows piling up;
+    the dead index entries each claim leaves until a VACUUM removes them, BENCHMARKS.md
+    2026-12-07). ``--no-autovacuum`` turns autovacuum off for fleet.messages, to see the
+    second without it."""
     async with scratch() as (url, conn):
+        if args.no_autovacuum:
+            await conn.execute("ALTER TABLE fleet.messages SET (autovacuum_enabled = false)")
         env = dict(os.environ, DATABASE_URL=url, FLEET_LOG_LEVEL="WARNING")
         worker = bench._Process(["fleet", "worker", "--handler", "noop", "--concurrency", "20",
                                  "--claim-batch", "10"], env)
@@ -625,11 +631,33 @@ async def soak(args: argparse.Namespace) -> None:
                     await asyncio.sleep(0.1)
                 took = time.perf_counter() - started
                 handled += args.chunk
+                buffers, ms, pages = await _claim_on_empty_queue(conn)
                 print(f"{handled:9,} handled: this chunk drained in {took:5.2f} s"
                       f" ({args.chunk / took:,.0f}/s), worker resident"
-                      f" {process.memory_info().rss / 2**20:.1f} MiB", flush=True)
+                      f" {process.memory_info().rss / 2**20:.1f} MiB; a claim now reads"
+                      f" {buffers} buffers in {ms:.2f} ms, messages_claimable {pages} pages",
+                      flush=True)
         finally:
             worker.finish()
+
+
+async def _claim_on_empty_queue(conn: asyncpg.Connection) -> tuple[int, float, int]:
+    """The claim statement's shared buffers and execution time (rolled back), and the size of
+    the index it reads, in pages."""
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        explained = await conn.fetchval(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + QUERIES["claim"],
+            "soak", 10, 30.0, None, None)
+        (plan,) = json.loads(explained)
+    finally:
+        await tx.rollback()
+    top = plan["Plan"]
+    buffers = top.get("Shared Hit Blocks", 0) + top.get("Shared Read Blocks", 0)
+    pages = await conn.fetchval(
+        "SELECT pg_relation_size('fleet.messages_claimable') / current_setting('block_size')::int")
+    return buffers, plan["Execution Time"], pages
 
 
 def _print_wal_spikes(wal: list[tuple[float, float]], t0: float, seconds: float) -> None:
@@ -668,6 +696,7 @@ def main() -> None:
     soaked = commands.add_parser("soak")
     soaked.add_argument("--messages", type=int, default=600_000)
     soaked.add_argument("--chunk", type=int, default=30_000)
+    soaked.add_argument("--no-autovacuum", action="store_true")
     trace = commands.add_parser("sustained-trace")
     trace.add_argument("--rate", type=float, default=3000.0)
     trace.add_argument("--seconds", type=float, default=10.0)
