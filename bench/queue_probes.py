@@ -11,6 +11,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py cycle-split [--rounds 2]
     python bench/queue_probes.py cycle-ceiling [--rounds 2] [--connections 1 2 3]
     python bench/queue_probes.py repair-heads
+    python bench/queue_probes.py stale-stats [--history 30000] [--waiting 30000] [--sessions 500]
     python bench/queue_probes.py soak [--messages 600000] [--chunk 30000] [--no-autovacuum]
     python bench/queue_probes.py sustained-trace [--rate 3000] [--seconds 10] [--runs 3]
                                                  [--no-autovacuum] [--analyze-after S]
@@ -403,6 +404,70 @@ async def repair_heads(_: argparse.Namespace) -> None:
                   f" {buffers} buffers")
 
 
+#: repair_heads' scan before 2026-12-07: its live-head probes as NOT EXISTS anti joins.
+ANTI_JOIN_SCAN = """
+SELECT array_agg(DISTINCT m.session_id)
+FROM (SELECT q.session_id FROM fleet.messages q
+      WHERE q.state = 'queued' AND NOT q.is_head
+        AND NOT EXISTS (SELECT 1 FROM fleet.messages r
+                        WHERE r.session_id = q.session_id AND r.state = 'running')
+        AND NOT EXISTS (SELECT 1 FROM fleet.messages h
+                        WHERE h.session_id = q.session_id AND h.is_head
+                          AND h.state IN ('queued', 'awaiting_approval'))
+      LIMIT 100) m
+"""
+
+
+async def stale_stats(args: argparse.Namespace) -> None:
+    """The live-head probes planned on the statistics of an empty queue. A noop worker drains
+    ``--history`` messages (``--sessions`` sessions), the table is analyzed empty (what
+    autovacuum does between bursts), then ``--waiting`` messages are enqueued in the same
+    sessions; then again after an ANALYZE of the backlog. Each time: the scan as written
+    before 2026-12-07 (NOT EXISTS anti joins), fleet.repair_heads and fleet.promote_heads
+    (every session; rolled back), time and buffers of a warm call. The old scan's cost grows
+    with the square of the backlog: minutes at the default sizes."""
+    async with scratch() as (url, conn):
+        env = dict(os.environ, DATABASE_URL=url, FLEET_LOG_LEVEL="WARNING")
+        worker = bench._Process(["fleet", "worker", "--handler", "noop", "--concurrency", "20",
+                                 "--claim-batch", "10"], env)
+        enqueue = ("SELECT count(fleet.enqueue('s' || (g % $2), 'x'))"
+                   " FROM generate_series(1, $1) g")
+        try:
+            await asyncio.sleep(3.0)  # started, pool open
+            await conn.execute(enqueue, args.history, args.sessions)
+            while await fleet_queue.has_unfinished_work(conn):
+                if worker.popen.poll() is not None:
+                    raise RuntimeError(f"the worker exited: {worker.tail()}")
+                await asyncio.sleep(0.2)
+        finally:
+            worker.finish()
+        await conn.execute("VACUUM ANALYZE fleet.messages")
+        await conn.execute(enqueue, args.waiting, args.sessions)
+        sessions = f"ARRAY(SELECT 's' || g FROM generate_series(0, {args.sessions - 1}) g)"
+        for statistics in ("of the empty queue", "of the backlog"):
+            for label, statement in (
+                    ("the scan with anti joins (before)", ANTI_JOIN_SCAN),
+                    ("fleet.repair_heads(100)", "SELECT fleet.repair_heads(100)"),
+                    ("fleet.promote_heads(every session)",
+                     f"SELECT fleet.promote_heads({sessions})")):
+                tx = conn.transaction()
+                await tx.start()
+                try:
+                    if label.startswith("fleet."):
+                        await conn.fetch(statement)  # a first call plans, reads the catalogs
+                    plan = [r[0] for r in await conn.fetch(
+                        "EXPLAIN (ANALYZE, BUFFERS) " + statement)]
+                finally:
+                    await tx.rollback()
+                buffers = next(line.split("=")[1] for line in plan
+                               if "Buffers: shared hit=" in line)
+                took = next(line for line in plan if line.startswith("Execution Time"))
+                print(f"{args.waiting:,} waiting in {args.sessions} sessions after"
+                      f" {args.history:,} done, statistics {statistics}: {label}:"
+                      f" {took}, {buffers} buffers", flush=True)
+            await conn.execute("ANALYZE fleet.messages")
+
+
 class FsyncWatch(threading.Thread):
     """Writes and fdatasyncs 8 kB of a file under FLEET_HOME (the embedded server's disk) every
     2 ms, and keeps the flushes that took over 4 ms: (wall-clock start, ms). A stall of the
@@ -693,6 +758,10 @@ def main() -> None:
     for name in ("session-id-check", "first-call", "after-vacuum", "heartbeat", "analyze-cost",
                  "repair-heads"):
         commands.add_parser(name)
+    stale = commands.add_parser("stale-stats")
+    stale.add_argument("--history", type=int, default=30_000)
+    stale.add_argument("--waiting", type=int, default=30_000)
+    stale.add_argument("--sessions", type=int, default=500)
     soaked = commands.add_parser("soak")
     soaked.add_argument("--messages", type=int, default=600_000)
     soaked.add_argument("--chunk", type=int, default=30_000)
@@ -721,7 +790,7 @@ def main() -> None:
              "analyze-cost": analyze_cost,
              "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
              "cycle-split": cycle_split, "cycle-ceiling": cycle_ceiling,
-             "repair-heads": repair_heads, "soak": soak}[args.command]
+             "repair-heads": repair_heads, "stale-stats": stale_stats, "soak": soak}[args.command]
     asyncio.run(probe(args))
 
 

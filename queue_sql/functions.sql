@@ -321,8 +321,8 @@ BEGIN
     IF written < expected THEN
         DELETE FROM fleet.sessions s
         WHERE s.session_id = ANY (fresh)
-          AND NOT EXISTS (SELECT 1 FROM fleet.messages m
-                          WHERE m.session_id = s.session_id AND m.state = 'queued');
+          AND (SELECT true FROM fleet.messages m
+               WHERE m.session_id = s.session_id AND m.state = 'queued' LIMIT 1) IS NULL;
     END IF;
     IF heads > 0 THEN
         PERFORM pg_notify('fleet_wakeup', '');  -- delivered at commit, once
@@ -366,12 +366,23 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- "Has the session a live head?" is asked in three places below (the election at an
--- enqueue's commit, promote_heads, repair_heads), each written out as two probes, one per index
--- (migration 0016): a message running (only a head is ever claimed, and it stays head until it
--- finishes), or a waiting message marked head. Not a function: PostgreSQL never inlines a SQL
--- function whose body has a subquery, and called once per row, in repair_heads' scan of every
--- queued message, it cost 436 ms on a 20,000-message backlog against 9 ms as joins
--- (bench/queue_probes.py repair-heads).
+-- enqueue's commit, promote_heads, repair_heads), each written out as two index probes: the
+-- session's earliest waiting message (messages_session_waiting), and whether it is the head;
+-- a message running (messages_running). A session's live head is always its earliest live
+-- message: heads are elected and promoted in id order, only a head is ever claimed, and every
+-- way back to 'queued' (retry, release, rescue, unpark) starts from a head. So a waiting
+-- head, if any, is the earliest waiting message, and a running message is the head.
+--
+-- In a WHERE clause each probe is a subquery with LIMIT 1 (scalar or LATERAL), never NOT
+-- EXISTS. The planner turns NOT EXISTS there into an anti join planned on the table's
+-- statistics, and a queue's statistics are whatever ANALYZE saw last, often an empty queue: on
+-- 30,000 waiting messages with those, repair_heads' anti join read the whole waiting index once
+-- per message (444 million buffers, 151 s, holding back every vacuum meanwhile;
+-- bench/queue_probes.py stale-stats). A LIMIT 1 subquery is never made a join: it is planned as
+-- one lookup with the session id as its parameter, an index condition whatever the statistics
+-- say. Not a SQL function either: PostgreSQL never inlines one whose body has a subquery, and
+-- called per row it cost 436 ms on a 20,000-message backlog against 9 ms as joins
+-- (repair-heads).
 
 -- head election at commit ----------------------------------------------------------------------
 
@@ -392,29 +403,30 @@ $$;
 CREATE OR REPLACE FUNCTION fleet.elect_head_at_commit() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    head_id bigint;
+    earliest record;
 BEGIN
     PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR UPDATE;
-    IF EXISTS (SELECT 1 FROM fleet.messages m
-               WHERE m.session_id = NEW.session_id AND m.state = 'running')
-       OR EXISTS (SELECT 1 FROM fleet.messages m
-                  WHERE m.session_id = NEW.session_id AND m.is_head
-                    AND m.state IN ('queued', 'awaiting_approval')) THEN
-        IF current_setting('transaction_isolation') <> 'read committed' THEN
-            -- Identical notifications of one transaction collapse: once per session.
-            PERFORM pg_notify('fleet_repair', NEW.session_id);
+    IF NOT EXISTS (SELECT 1 FROM fleet.messages r
+                   WHERE r.session_id = NEW.session_id AND r.state = 'running') THEN
+        SELECT m.id, m.is_head INTO earliest FROM fleet.messages m
+        WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'awaiting_approval')
+        ORDER BY m.id LIMIT 1;
+        IF NOT FOUND THEN
+            RETURN NULL;  -- nothing waiting: deleted or cancelled in its own transaction
         END IF;
-        RETURN NULL;
+        IF NOT earliest.is_head THEN
+            -- No head: the earliest waiting message becomes it. Identical notifications in
+            -- one transaction collapse into one: a bulk enqueue wakes the fleet once, and a
+            -- message queued behind a busy head wakes nobody.
+            UPDATE fleet.messages SET is_head = true WHERE id = earliest.id;
+            PERFORM pg_notify('fleet_wakeup', '');
+            RETURN NULL;
+        END IF;
     END IF;
-    -- No head, so nothing of the session is running: its earliest waiting message.
-    SELECT m.id INTO head_id FROM fleet.messages m
-    WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'awaiting_approval')
-    ORDER BY m.id LIMIT 1;
-    IF head_id IS NOT NULL THEN
-        UPDATE fleet.messages SET is_head = true WHERE id = head_id;
-        -- Identical notifications in one transaction collapse into one: a bulk enqueue wakes
-        -- the fleet once, and a message queued behind a busy head wakes nobody.
-        PERFORM pg_notify('fleet_wakeup', '');
+    -- The session has a live head.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        -- Identical notifications of one transaction collapse: once per session.
+        PERFORM pg_notify('fleet_repair', NEW.session_id);
     END IF;
     RETURN NULL;
 END
@@ -433,16 +445,15 @@ CREATE CONSTRAINT TRIGGER messages_elect_head
 CREATE OR REPLACE FUNCTION fleet.promote_heads(sessions text[]) RETURNS integer
 LANGUAGE sql AS $$
     WITH next AS (
-        SELECT (SELECT m.id FROM fleet.messages m
-                WHERE m.session_id = s.session_id
-                  AND m.state IN ('queued', 'awaiting_approval')
-                ORDER BY m.id LIMIT 1) AS id
+        SELECT e.id
         FROM unnest(sessions) AS s(session_id)
-        WHERE NOT EXISTS (SELECT 1 FROM fleet.messages r
-                          WHERE r.session_id = s.session_id AND r.state = 'running')
-          AND NOT EXISTS (SELECT 1 FROM fleet.messages h
-                          WHERE h.session_id = s.session_id AND h.is_head
-                            AND h.state IN ('queued', 'awaiting_approval'))
+        CROSS JOIN LATERAL (SELECT m.id, m.is_head FROM fleet.messages m
+                            WHERE m.session_id = s.session_id
+                              AND m.state IN ('queued', 'awaiting_approval')
+                            ORDER BY m.id LIMIT 1) AS e
+        WHERE NOT e.is_head
+          AND (SELECT true FROM fleet.messages r
+               WHERE r.session_id = s.session_id AND r.state = 'running' LIMIT 1) IS NULL
     ), promoted AS (
         UPDATE fleet.messages m SET is_head = true
         FROM next WHERE m.id = next.id
@@ -663,15 +674,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     orphans text[];
 BEGIN
-    SELECT array_agg(DISTINCT m.session_id) INTO orphans
-    FROM (SELECT q.session_id FROM fleet.messages q
-          WHERE q.state = 'queued' AND NOT q.is_head
-            AND NOT EXISTS (SELECT 1 FROM fleet.messages r
-                            WHERE r.session_id = q.session_id AND r.state = 'running')
-            AND NOT EXISTS (SELECT 1 FROM fleet.messages h
-                            WHERE h.session_id = q.session_id AND h.is_head
-                              AND h.state IN ('queued', 'awaiting_approval'))
-          LIMIT max_sessions) m;
+    SELECT array_agg(o.session_id) INTO orphans
+    FROM (SELECT w.session_id
+          FROM (SELECT DISTINCT q.session_id FROM fleet.messages q
+                WHERE q.state = 'queued' AND NOT q.is_head) AS w
+          WHERE NOT (SELECT e.is_head FROM fleet.messages e
+                     WHERE e.session_id = w.session_id
+                       AND e.state IN ('queued', 'awaiting_approval')
+                     ORDER BY e.id LIMIT 1)
+            AND (SELECT true FROM fleet.messages r
+                 WHERE r.session_id = w.session_id AND r.state = 'running' LIMIT 1) IS NULL
+          LIMIT max_sessions) AS o;
     IF orphans IS NULL THEN
         RETURN 0;
     END IF;
