@@ -412,8 +412,19 @@ async def has_unfinished_work(db: Executor) -> bool:
     return bool(await db.fetchval(SQL["has_unfinished_work"]))
 
 
-async def state_counts(db: Executor) -> dict[str, dict[str, float]]:
-    rows = await db.fetch(SQL["state_counts"])
+async def live_state_counts(db: Executor) -> dict[str, dict[str, float]]:
+    """Queued, running and parked messages per state, with the age of each state's oldest
+    (cheap: the live-messages indexes). States with no message are left out."""
+    return _state_counts(await db.fetch(SQL["live_state_counts"]))
+
+
+async def finished_state_counts(db: Executor) -> dict[str, dict[str, float]]:
+    """Done, dead and cancelled messages per state, with the age of each state's oldest. Reads
+    the whole history: its cost grows with every message ever finished."""
+    return _state_counts(await db.fetch(SQL["finished_state_counts"]))
+
+
+def _state_counts(rows: Sequence[asyncpg.Record]) -> dict[str, dict[str, float]]:
     return {
         row["state"]: {"count": row["n"], "oldest_age_seconds": row["oldest_age_seconds"]}
         for row in rows

@@ -1,5 +1,6 @@
 -- Statements behind the database-derived metrics (fleet/metrics_server.py) and `fleet status`.
--- They run once per scrape in one process; each reads an index or a small table.
+-- They run once per scrape in one process; each reads an index or a small table. (The counts
+-- per message state are queries.sql live_state_counts and finished_state_counts.)
 
 -- name: approvals_table_exists
 -- run_states arrives with the system-of-record migration; before it, approvals read as zero.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -320,3 +321,72 @@ def _render(collector) -> str:
     registry = CollectorRegistry()
     registry.register(collector)
     return generate_latest(registry).decode()
+
+
+def _gauges(collector) -> dict[tuple[str, str], float]:
+    """One scrape of the collector: (metric, state) -> value of its per-state gauges."""
+    return {
+        (family.name, sample.labels["state"]): sample.value
+        for family in collector.collect()
+        for sample in family.samples
+        if "state" in sample.labels
+    }
+
+
+async def test_finished_messages_are_recounted_on_a_budget_and_live_ones_every_scrape(
+    settings, conn, db_url, monkeypatch
+):
+    """Counting finished messages reads the whole history, so the collector repeats a count
+    that was slow only after FINISHED_RECOUNT_FACTOR times its duration, keeping the counts
+    (their oldest ages go on growing); waiting and running messages, read through their own
+    indexes, are counted at every scrape. Here every count is "slow" (FREE_RECOUNT_SECONDS 0)
+    and the factor large, so the second scrape still shows the first one's finished count."""
+    from fleet import metrics_server, queue
+    from fleet.queue import Outcome
+
+    monkeypatch.setattr(metrics_server, "FREE_RECOUNT_SECONDS", 0.0)
+    monkeypatch.setattr(metrics_server, "FINISHED_RECOUNT_FACTOR", 1e6)
+    collector = metrics_server.QueueCollector(settings, db_url)
+    await _enqueue(conn, 1, 3)
+    [claimed] = await queue.claim(conn, "w", 1, 30)
+    await queue.finish(conn, [Outcome(message_id=claimed.id, lease_token=claimed.lease_token,
+                                      state="done", reply="ok")])
+    first = await asyncio.to_thread(_gauges, collector)
+    assert first[("fleet_queue_messages", "done")] == 1
+    assert first[("fleet_queue_messages", "queued")] == 2
+
+    await asyncio.sleep(0.2)
+    for message in await queue.claim(conn, "w", 10, 30):
+        await queue.finish(conn, [Outcome(message_id=message.id, lease_token=message.lease_token,
+                                          state="dead", error="boom")])
+    second = await asyncio.to_thread(_gauges, collector)
+    assert second[("fleet_queue_messages", "queued")] == 0  # live: counted again
+    assert second[("fleet_queue_messages", "dead")] == 0  # finished: as first counted
+    assert second[("fleet_queue_messages", "done")] == 1
+    assert (second[("fleet_queue_oldest_age_seconds", "done")]
+            >= first[("fleet_queue_oldest_age_seconds", "done")] + 0.2)
+
+    collector._finished_due = 0.0  # as if its budget had passed
+    third = await asyncio.to_thread(_gauges, collector)
+    assert third[("fleet_queue_messages", "dead")] == await conn.fetchval(
+        "SELECT count(*) FROM fleet.messages WHERE state = 'dead'") > 0
+
+
+async def test_live_counts_do_not_read_the_finished_history(conn):
+    """`fleet status` and every scrape count waiting and running messages through the partial
+    indexes: with 3,000 finished messages and none waiting, a few buffers, not the table."""
+    from fleet import queue
+    from fleet.queue import Outcome
+
+    await _enqueue(conn, 1, 3000)
+    while claimed := await queue.claim(conn, "w", 50, 30):
+        await queue.finish(conn, [Outcome(message_id=m.id, lease_token=m.lease_token,
+                                          state="done", reply="ok") for m in claimed])
+    await conn.execute("VACUUM ANALYZE fleet.messages")
+    table_pages = await conn.fetchval(
+        "SELECT pg_relation_size('fleet.messages') / current_setting('block_size')::int")
+    plan = "\n".join(r[0] for r in await conn.fetch(
+        "EXPLAIN (ANALYZE, BUFFERS) " + queue.SQL["live_state_counts"]))
+    read = int(re.findall(r"Buffers: shared hit=(\d+)", plan)[0])  # the whole statement's
+    assert table_pages > 20
+    assert read < 10, plan
