@@ -38,12 +38,9 @@ DATABASE_NAME = "fleet"
 SUPERUSER = "postgres"
 
 #: Server settings written once at initdb; sized for a fleet of a few dozen worker processes.
-#: Autovacuum looks every 10 s instead of every minute: each claim leaves dead index entries
-#: that every later claim steps over until a vacuum (migration 0023, BENCHMARKS.md 2026-12-07).
 SERVER_CONF = {
     "max_connections": "400",
     "shared_buffers": "256MB",
-    "autovacuum_naptime": "10s",
     "listen_addresses": "'127.0.0.1'",
     "unix_socket_directories": "''",
     "log_min_messages": "warning",

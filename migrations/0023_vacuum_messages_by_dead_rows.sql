@@ -8,6 +8,6 @@
 -- dead, so the more finished messages the table keeps, the rarer the vacuums and the dearer
 -- every claim in between: finished rows slowing the queue after all. A fixed threshold keeps
 -- the interval the same whatever the history; the server's autovacuum_naptime (one minute by
--- default, 10 s on the embedded server) still bounds how often.
+-- default) still bounds how often (README, "Vacuum").
 ALTER TABLE fleet.messages SET (autovacuum_vacuum_scale_factor = 0,
                                 autovacuum_vacuum_threshold = 10000);
