@@ -172,6 +172,32 @@ def snapshot_metrics(snapshot: QueueSnapshot) -> list[Metric]:
     ]
 
 
+class FinishedCounts:
+    """Done, dead and cancelled messages per state for the collector, counted again on a
+    budget: a count reads the whole history (FINISHED_RECOUNT_FACTOR). Between counts the
+    numbers stand as read and their oldest ages go on growing."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, float]] | None = None
+        self._read_at = 0.0
+        #: monotonic time from which the next read counts again
+        self.due = 0.0
+
+    async def current(self, conn: asyncpg.Connection) -> dict[str, dict[str, float]]:
+        from fleet import queue
+
+        started = time.monotonic()
+        if self._counts is None or started >= self.due:
+            self._counts = await queue.finished_state_counts(conn)
+            self._read_at = time.monotonic()
+            took = self._read_at - started
+            self.due = self._read_at + (
+                FINISHED_RECOUNT_FACTOR * took if took > FREE_RECOUNT_SECONDS else 0.0)
+        aged = time.monotonic() - self._read_at
+        return {state: {**entry, "oldest_age_seconds": entry["oldest_age_seconds"] + aged}
+                for state, entry in self._counts.items()}
+
+
 class QueueCollector(Collector):
     """Gauges computed from the database when Prometheus scrapes.
 
@@ -183,35 +209,18 @@ class QueueCollector(Collector):
     def __init__(self, settings: Settings, url: str) -> None:
         self.settings = settings
         self.url = url
-        #: finished states' counts as last read, when, and when to read them again
-        self._finished: dict[str, dict[str, float]] | None = None
-        self._finished_read_at = 0.0
-        self._finished_due = 0.0
+        self.finished = FinishedCounts()
 
     def describe(self) -> list[Metric]:
         # Registering must not query the database (it may run inside the worker's event loop).
         return []
 
     async def _read(self) -> QueueSnapshot:
-        from fleet import queue
         from fleet.database import connect
 
         conn = await connect(self.settings, "fleet-metrics", url=self.url)
         try:
-            now = time.monotonic()
-            if self._finished is None or now >= self._finished_due:
-                self._finished = await queue.finished_state_counts(conn)
-                self._finished_read_at = read = time.monotonic()
-                took = read - now
-                self._finished_due = read + (
-                    FINISHED_RECOUNT_FACTOR * took if took > FREE_RECOUNT_SECONDS else 0.0)
-            # Counts stand as read; the oldest ages have grown since.
-            aged = time.monotonic() - self._finished_read_at
-            finished = {
-                state: {**entry, "oldest_age_seconds": entry["oldest_age_seconds"] + aged}
-                for state, entry in self._finished.items()
-            }
-            return await read_snapshot(conn, finished=finished)
+            return await read_snapshot(conn, finished=await self.finished.current(conn))
         finally:
             await conn.close()
 

@@ -366,7 +366,7 @@ async def test_finished_messages_are_recounted_on_a_budget_and_live_ones_every_s
     assert (second[("fleet_queue_oldest_age_seconds", "done")]
             >= first[("fleet_queue_oldest_age_seconds", "done")] + 0.2)
 
-    collector._finished_due = 0.0  # as if its budget had passed
+    collector.finished.due = 0.0  # as if its budget had passed
     third = await asyncio.to_thread(_gauges, collector)
     assert third[("fleet_queue_messages", "dead")] == await conn.fetchval(
         "SELECT count(*) FROM fleet.messages WHERE state = 'dead'") > 0
