@@ -343,6 +343,31 @@ async def test_a_sessions_history_lists_messages_in_every_state(conn: asyncpg.Co
     assert (await conn.fetchrow(sql, *args))["messages"] == len(ids)
 
 
+async def test_failed_messages_are_listed_without_reading_the_history(conn: asyncpg.Connection):
+    """`fleet messages --state dead` is how an operator finds what failed, among far more done
+    messages: listing dead or cancelled ones reads their own index (migration 0024), a few
+    buffers, where the primary key walked backwards or a scan would read every finished
+    message; done and queued listings keep theirs."""
+    many = "SELECT fleet.enqueue('s' || (g % 300), 'x') FROM generate_series(1, 6000) g"
+    finish_all = ("UPDATE fleet.messages SET state = 'done', reply = 'ok', is_head = false"
+                  " WHERE state = 'queued'")
+    await conn.execute(many)
+    await conn.execute(finish_all)
+    dead = await queue.enqueue(conn, "failing", "x")
+    await conn.execute("UPDATE fleet.messages SET state = 'dead', error = 'boom', is_head = false"
+                       " WHERE id = $1", dead)
+    await conn.execute(many)
+    await conn.execute(finish_all)
+    await conn.execute("VACUUM ANALYZE fleet.messages")
+    assert [m.id for m in await queue.list_messages(conn, state="dead")] == [dead]
+    for state, index in (("dead", "messages_failed"), ("cancelled", "messages_failed"),
+                         ("done", "messages_pkey")):
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "EXPLAIN (ANALYZE, BUFFERS) " + queries("queries.sql")["list_messages"], state, 50))
+        assert index in plan, (state, plan)
+        assert int(re.findall(r"Buffers: shared hit=(\d+)", plan)[0]) < 20, (state, plan)
+
+
 async def test_a_sessions_history_is_read_through_its_indexes(conn: asyncpg.Connection):
     """Without the full (session_id, id) index, a history query that named no part would read
     the whole table."""

@@ -1,0 +1,16 @@
+-- Dead and cancelled messages get a partial index of their own, newest first by id.
+--
+-- `fleet messages --state dead` (queries.sql list_messages: state = $1 ORDER BY id DESC LIMIT)
+-- is how an operator finds what failed. Dead and cancelled messages are few among the done
+-- ones, so walking the primary key backwards for them, or a sequential scan, reads the whole
+-- history: 42-44 ms of both cores at a million finished messages, against 0.01-0.02 ms with
+-- this index (by hand, scratch script; done and queued listings unchanged, on the primary key
+-- and on messages_session_waiting).
+--
+-- A row version enters a partial index only when it satisfies the predicate, so this costs an
+-- entry when a message dies or is cancelled, and nothing at any step of the others; `state`
+-- is already an indexed column, so the heartbeat stays a HOT update.
+--
+-- CREATE INDEX (not CONCURRENTLY: a migration runs in a transaction) blocks writes to
+-- fleet.messages while it reads the table once.
+CREATE INDEX messages_failed ON fleet.messages (id) WHERE state IN ('dead', 'cancelled');
