@@ -16,8 +16,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import asyncpg
 from prometheus_client.core import (
@@ -34,6 +35,7 @@ from fleet.settings import Settings
 from fleet.sql import queries
 
 log = logging.getLogger("fleet.metrics")
+T = TypeVar("T")
 SQL = queries("queries.sql")
 METRICS_SQL = queries("metrics.sql")
 
@@ -43,13 +45,13 @@ LIVE_WORKER_SECONDS = 60.0
 APPROVAL_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 86_400.0)
 #: A scrape must answer even when the database does not.
 SCRAPE_TIMEOUT_SECONDS = 5.0
-#: Counting finished messages reads every one of them (377 ms of two cores on 3 million, by
-#: hand). A count that took longer than FREE_RECOUNT_SECONDS is repeated only once
-#: FINISHED_RECOUNT_FACTOR times its duration has passed (at most about 2% of the time, however
-#: long the history: every minute or so on tens of millions); a cheaper one, at every scrape.
-#: Waiting and running messages are counted at every scrape.
-FREE_RECOUNT_SECONDS = 0.25
-FINISHED_RECOUNT_FACTOR = 50.0
+#: Two reads behind the endpoint grow with the history: counting finished messages (377 ms of
+#: two cores on 3 million, by hand) and summing every decided approval (170 ms at 100,000, 504
+#: ms at 300,000, by hand). The collector repeats one that took over HISTORY_READ_FREE_SECONDS
+#: only once HISTORY_READ_FACTOR times its duration has passed (at most about 2% of the time,
+#: however long the history); a cheaper one, at every scrape. Everything else, at every scrape.
+HISTORY_READ_FREE_SECONDS = 0.25
+HISTORY_READ_FACTOR = 50.0
 
 
 class StateCount(BaseModel):
@@ -77,15 +79,18 @@ class QueueSnapshot(BaseModel):
 
 
 async def read_snapshot(
-    conn: asyncpg.Connection, finished: Mapping[str, Mapping[str, float]] | None = None
+    conn: asyncpg.Connection,
+    finished: Mapping[str, Mapping[str, float]] | None = None,
+    decided: dict[str, ApprovalDecisions] | None = None,
 ) -> QueueSnapshot:
     """Counts per state, oldest ages, live workers and approvals (one connection, a few reads).
-    ``finished``: the finished states' counts as already read (the collector's budget), else
-    they are counted now."""
+    ``finished`` and ``decided``: the two reads of history (finished messages per state,
+    decisions made) as already read, on the collector's budget; else they are read now."""
     from fleet import queue
 
-    counts = {**await queue.live_state_counts(conn),
-              **(finished if finished is not None else await queue.finished_state_counts(conn))}
+    if finished is None:
+        finished = await queue.finished_state_counts(conn)
+    counts = {**await queue.live_state_counts(conn), **finished}
     states = {
         state: StateCount(
             count=int(counts.get(state, {}).get("count", 0)),
@@ -95,22 +100,30 @@ async def read_snapshot(
     }
     workers = await conn.fetch(SQL["live_workers"], LIVE_WORKER_SECONDS)
     pending, oldest_pending = 0, 0.0
-    decided: dict[str, ApprovalDecisions] = {}
     if await conn.fetchval(METRICS_SQL["approvals_table_exists"]):
         row = await conn.fetchrow(METRICS_SQL["approvals_pending"])
         pending, oldest_pending = int(row["n"]), float(row["oldest_age"])
-        for row in await conn.fetch(METRICS_SQL["approvals_decided"], list(APPROVAL_BUCKETS)):
-            decided[row["kind"]] = ApprovalDecisions(
-                count=row["n"], seconds_sum=row["seconds_sum"], buckets=list(row["buckets"])
-            )
     return QueueSnapshot(
         states=states,
         oldest_ready_age_seconds=float(await queue.oldest_queued_age(conn)),
         live_workers=[dict(w) for w in workers],
         approvals_pending=pending,
         approvals_oldest_pending_age_seconds=oldest_pending,
-        approvals_decided=decided,
+        approvals_decided=decided if decided is not None else await read_decisions(conn),
     )
+
+
+async def read_decisions(conn: asyncpg.Connection) -> dict[str, ApprovalDecisions]:
+    """Every decision ever made, by kind, with its time-to-decision histogram (none before
+    the system-of-record migration creates run_states)."""
+    if not await conn.fetchval(METRICS_SQL["approvals_table_exists"]):
+        return {}
+    return {
+        row["kind"]: ApprovalDecisions(
+            count=row["n"], seconds_sum=row["seconds_sum"], buckets=list(row["buckets"])
+        )
+        for row in await conn.fetch(METRICS_SQL["approvals_decided"], list(APPROVAL_BUCKETS))
+    }
 
 
 def snapshot_metrics(snapshot: QueueSnapshot) -> list[Metric]:
@@ -172,30 +185,27 @@ def snapshot_metrics(snapshot: QueueSnapshot) -> list[Metric]:
     ]
 
 
-class FinishedCounts:
-    """Done, dead and cancelled messages per state for the collector, counted again on a
-    budget: a count reads the whole history (FINISHED_RECOUNT_FACTOR). Between counts the
-    numbers stand as read and their oldest ages go on growing."""
+class HistoryRead(Generic[T]):
+    """One of the collector's reads of history, repeated on a budget (HISTORY_READ_FACTOR):
+    between reads the collector exports the value as last read."""
 
-    def __init__(self) -> None:
-        self._counts: dict[str, dict[str, float]] | None = None
+    def __init__(self, read: Callable[[asyncpg.Connection], Awaitable[T]]) -> None:
+        self._read = read
+        self._value: T | None = None
         self._read_at = 0.0
-        #: monotonic time from which the next read counts again
+        #: monotonic time from which the next call reads again
         self.due = 0.0
 
-    async def current(self, conn: asyncpg.Connection) -> dict[str, dict[str, float]]:
-        from fleet import queue
-
+    async def current(self, conn: asyncpg.Connection) -> tuple[T, float]:
+        """The value, read now or earlier, and how many seconds ago it was read."""
         started = time.monotonic()
-        if self._counts is None or started >= self.due:
-            self._counts = await queue.finished_state_counts(conn)
+        if self._value is None or started >= self.due:
+            self._value = await self._read(conn)
             self._read_at = time.monotonic()
             took = self._read_at - started
             self.due = self._read_at + (
-                FINISHED_RECOUNT_FACTOR * took if took > FREE_RECOUNT_SECONDS else 0.0)
-        aged = time.monotonic() - self._read_at
-        return {state: {**entry, "oldest_age_seconds": entry["oldest_age_seconds"] + aged}
-                for state, entry in self._counts.items()}
+                HISTORY_READ_FACTOR * took if took > HISTORY_READ_FREE_SECONDS else 0.0)
+        return self._value, time.monotonic() - self._read_at
 
 
 class QueueCollector(Collector):
@@ -209,7 +219,10 @@ class QueueCollector(Collector):
     def __init__(self, settings: Settings, url: str) -> None:
         self.settings = settings
         self.url = url
-        self.finished = FinishedCounts()
+        from fleet import queue
+
+        self.finished = HistoryRead(queue.finished_state_counts)
+        self.decided = HistoryRead(read_decisions)
 
     def describe(self) -> list[Metric]:
         # Registering must not query the database (it may run inside the worker's event loop).
@@ -220,7 +233,14 @@ class QueueCollector(Collector):
 
         conn = await connect(self.settings, "fleet-metrics", url=self.url)
         try:
-            return await read_snapshot(conn, finished=await self.finished.current(conn))
+            finished, age = await self.finished.current(conn)
+            decided, _ = await self.decided.current(conn)
+            # The counts stand as read; their oldest messages have aged since.
+            finished = {
+                state: {**entry, "oldest_age_seconds": entry["oldest_age_seconds"] + age}
+                for state, entry in finished.items()
+            }
+            return await read_snapshot(conn, finished=finished, decided=decided)
         finally:
             await conn.close()
 

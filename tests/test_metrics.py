@@ -337,15 +337,16 @@ async def test_finished_messages_are_recounted_on_a_budget_and_live_ones_every_s
     settings, conn, db_url, monkeypatch
 ):
     """Counting finished messages reads the whole history, so the collector repeats a count
-    that was slow only after FINISHED_RECOUNT_FACTOR times its duration, keeping the counts
+    that was slow only after HISTORY_READ_FACTOR times its duration, keeping the counts
     (their oldest ages go on growing); waiting and running messages, read through their own
-    indexes, are counted at every scrape. Here every count is "slow" (FREE_RECOUNT_SECONDS 0)
-    and the factor large, so the second scrape still shows the first one's finished count."""
+    indexes, are counted at every scrape. Here every count is "slow"
+    (HISTORY_READ_FREE_SECONDS 0) and the factor large, so the second scrape still shows the
+    first one's finished count."""
     from fleet import metrics_server, queue
     from fleet.queue import Outcome
 
-    monkeypatch.setattr(metrics_server, "FREE_RECOUNT_SECONDS", 0.0)
-    monkeypatch.setattr(metrics_server, "FINISHED_RECOUNT_FACTOR", 1e6)
+    monkeypatch.setattr(metrics_server, "HISTORY_READ_FREE_SECONDS", 0.0)
+    monkeypatch.setattr(metrics_server, "HISTORY_READ_FACTOR", 1e6)
     collector = metrics_server.QueueCollector(settings, db_url)
     await _enqueue(conn, 1, 3)
     [claimed] = await queue.claim(conn, "w", 1, 30)
