@@ -217,10 +217,10 @@ class QueueCollector(Collector):
     """
 
     def __init__(self, settings: Settings, url: str) -> None:
-        self.settings = settings
-        self.url = url
         from fleet import queue
 
+        self.settings = settings
+        self.url = url
         self.finished = HistoryRead(queue.finished_state_counts)
         self.decided = HistoryRead(read_decisions)
 
