@@ -404,6 +404,28 @@ async def repair_heads(_: argparse.Namespace) -> None:
                   f" {buffers} buffers")
 
 
+@contextlib.asynccontextmanager
+async def noop_worker(url: str):
+    """One ``fleet worker --handler noop`` process on ``url`` (20 in flight, claims of 10),
+    started and its pool open; stopped on exit."""
+    env = dict(os.environ, DATABASE_URL=url, FLEET_LOG_LEVEL="WARNING")
+    worker = bench._Process(["fleet", "worker", "--handler", "noop", "--concurrency", "20",
+                             "--claim-batch", "10"], env)
+    try:
+        await asyncio.sleep(3.0)
+        yield worker
+    finally:
+        worker.finish()
+
+
+async def drained(conn: asyncpg.Connection, worker: bench._Process) -> None:
+    """Return once nothing is queued or running; raise if the worker exited first."""
+    while await fleet_queue.has_unfinished_work(conn):
+        if worker.popen.poll() is not None:
+            raise RuntimeError(f"the worker exited: {worker.tail()}")
+        await asyncio.sleep(0.1)
+
+
 #: repair_heads' scan before 2026-12-07: its live-head probes as NOT EXISTS anti joins.
 ANTI_JOIN_SCAN = """
 SELECT array_agg(DISTINCT m.session_id)
@@ -426,21 +448,11 @@ async def stale_stats(args: argparse.Namespace) -> None:
     before 2026-12-07 (NOT EXISTS anti joins), fleet.repair_heads and fleet.promote_heads
     (every session; rolled back), time and buffers of a warm call. The old scan's cost grows
     with the square of the backlog: minutes at the default sizes."""
+    enqueue = "SELECT count(fleet.enqueue('s' || (g % $2), 'x')) FROM generate_series(1, $1) g"
     async with scratch() as (url, conn):
-        env = dict(os.environ, DATABASE_URL=url, FLEET_LOG_LEVEL="WARNING")
-        worker = bench._Process(["fleet", "worker", "--handler", "noop", "--concurrency", "20",
-                                 "--claim-batch", "10"], env)
-        enqueue = ("SELECT count(fleet.enqueue('s' || (g % $2), 'x'))"
-                   " FROM generate_series(1, $1) g")
-        try:
-            await asyncio.sleep(3.0)  # started, pool open
+        async with noop_worker(url) as worker:
             await conn.execute(enqueue, args.history, args.sessions)
-            while await fleet_queue.has_unfinished_work(conn):
-                if worker.popen.poll() is not None:
-                    raise RuntimeError(f"the worker exited: {worker.tail()}")
-                await asyncio.sleep(0.2)
-        finally:
-            worker.finish()
+            await drained(conn, worker)
         await conn.execute("VACUUM ANALYZE fleet.messages")
         await conn.execute(enqueue, args.waiting, args.sessions)
         sessions = f"ARRAY(SELECT 's' || g FROM generate_series(0, {args.sessions - 1}) g)"
@@ -676,12 +688,8 @@ async def soak(args: argparse.Namespace) -> None:
     async with scratch() as (url, conn):
         if args.no_autovacuum:
             await conn.execute("ALTER TABLE fleet.messages SET (autovacuum_enabled = false)")
-        env = dict(os.environ, DATABASE_URL=url, FLEET_LOG_LEVEL="WARNING")
-        worker = bench._Process(["fleet", "worker", "--handler", "noop", "--concurrency", "20",
-                                 "--claim-batch", "10"], env)
-        try:
+        async with noop_worker(url) as worker:
             process = psutil.Process(worker.popen.pid)
-            await asyncio.sleep(3.0)  # started, pool open
             print(f"worker pid {worker.popen.pid}, resident at start"
                   f" {process.memory_info().rss / 2**20:.1f} MiB", flush=True)
             handled = 0
@@ -690,10 +698,7 @@ async def soak(args: argparse.Namespace) -> None:
                     "SELECT count(fleet.enqueue('soak-' || $2::int || '-' || (g % 500), 'soak'))"
                     " FROM generate_series(1, $1) g", args.chunk, chunk)
                 started = time.perf_counter()
-                while await fleet_queue.has_unfinished_work(conn):
-                    if worker.popen.poll() is not None:
-                        raise RuntimeError(f"the worker exited: {worker.tail()}")
-                    await asyncio.sleep(0.1)
+                await drained(conn, worker)
                 took = time.perf_counter() - started
                 handled += args.chunk
                 buffers, ms, pages = await _claim_on_empty_queue(conn)
@@ -702,8 +707,6 @@ async def soak(args: argparse.Namespace) -> None:
                       f" {process.memory_info().rss / 2**20:.1f} MiB; a claim now reads"
                       f" {buffers} buffers in {ms:.2f} ms, messages_claimable {pages} pages",
                       flush=True)
-        finally:
-            worker.finish()
 
 
 async def _claim_on_empty_queue(conn: asyncpg.Connection) -> tuple[int, float, int]:

@@ -22,8 +22,8 @@ The pieces, each an asyncio task started and stopped the same way:
   other handler's task is cancelled. One lease period later a turn still running is cancelled
   regardless.
 * **maintenance**: gives expired leases of dead workers back to the queue, repairs lost heads
-  (the sessions ``fleet_repair`` named at once; every waiting message, as a safety net, every
-  few minutes), keeps this worker's row in ``fleet.workers`` fresh.
+  (the sessions ``fleet_repair`` named, at its next pass; every waiting message, as a safety
+  net, every few minutes), keeps this worker's row in ``fleet.workers`` fresh.
 
 Shutdown (SIGTERM/SIGINT): stop claiming, let handlers finish within the grace period, cancel
 the rest and release their messages so another worker takes them at once.

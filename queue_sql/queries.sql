@@ -192,15 +192,13 @@ ORDER BY id DESC
 LIMIT $3;
 
 -- name: live_state_counts
--- Messages per waiting or running state, with the age of each state's oldest: read through the
--- partial indexes of waiting and of running messages, never the finished history.
+-- Messages per waiting or running state, with the age of each state's oldest: the two halves of
+-- the condition are the predicates of the waiting and the running partial indexes, so the
+-- planner ORs those and never reads the finished history (as fleet.session_messages does).
 SELECT state, count(*)::bigint AS n,
        extract(epoch FROM clock_timestamp() - min(enqueued_at))::float8 AS oldest_age_seconds
-FROM fleet.messages WHERE state IN ('queued', 'awaiting_approval') GROUP BY state
-UNION ALL
-SELECT 'running', count(*)::bigint,
-       extract(epoch FROM clock_timestamp() - min(enqueued_at))::float8
-FROM fleet.messages WHERE state = 'running' HAVING count(*) > 0;
+FROM fleet.messages WHERE state IN ('queued', 'awaiting_approval') OR state = 'running'
+GROUP BY state;
 
 -- name: finished_state_counts
 -- Messages per finished state, with the age of each state's oldest: every finished message is
