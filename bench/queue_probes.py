@@ -18,6 +18,8 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
                                                  [--vacuum-after S] [--vacuum-cost-delay MS]
                                                  [--vacuum-command SQL]
                                                  [--watch-fsync]
+    python bench/queue_probes.py history-reads [--finished 1000000 3000000]
+                                               [--approvals 100000 300000]
 
 Backend CPU is read from /proc for the connection's own backend, so the server must be local.
 """
@@ -45,6 +47,7 @@ from fleet.settings import Settings
 from fleet.sql import queries
 
 QUERIES = queries("queries.sql")
+METRICS = queries("metrics.sql")
 PER_MESSAGE = (
     "SELECT count(fleet.enqueue(session_id => s, body => 'bench')) FROM unnest($1::text[]) AS s"
 )
@@ -742,6 +745,78 @@ def _print_wal_spikes(wal: list[tuple[float, float]], t0: float, seconds: float)
           ", ".join(f"{at}: {kb / 1024:.0f} kB" for at, kb in spikes) or "none")
 
 
+async def history_reads(args: argparse.Namespace) -> None:
+    """What the reads of `fleet status`, the metrics scrape and `fleet messages` cost beside a
+    long history: finished messages (inserted directly, done but for a few dead and cancelled
+    ones among them), 1,000 waiting, and decided approvals, in growing steps. Each read is run
+    twice under EXPLAIN (ANALYZE, BUFFERS), the second run reported (time and shared buffers;
+    a parallel plan's time is wall time, on as many cores as it used)."""
+    from fleet.metrics_server import APPROVAL_BUCKETS
+
+    def step_sql(table_rows: str) -> str:
+        return f"INSERT INTO {table_rows} FROM generate_series($1::bigint, $2::bigint) g"
+
+    finished_rows = step_sql(
+        "fleet.messages (session_id, body, state, reply, error, finished_at)"
+        " SELECT 's' || (g % 500), 'history', CASE WHEN g % 100000 = 1 THEN 'dead'"
+        " WHEN g % 100000 = 2 THEN 'cancelled' ELSE 'done' END,"
+        " CASE WHEN g % 100000 NOT IN (1, 2) THEN 'ok' END,"
+        " CASE WHEN g % 100000 = 1 THEN 'boom' END, now()")
+    approval_rows = step_sql(
+        "run_states (conversation_id, tool, arguments, call_id, state, status, decision,"
+        " decided_by, requested_at, decided_at, expires_at)"
+        " SELECT 'history', 'issue_refund', '{}', 'c' || g, '{}', 'approved', 'approved',"
+        " 'ana', now() - (g % 7200) * interval '1 second', now(), now() + interval '1 day'")
+    reads = {
+        "live_state_counts": (QUERIES["live_state_counts"], ()),
+        "finished_state_counts": (QUERIES["finished_state_counts"], ()),
+        "fleet messages --state dead": (QUERIES["list_messages"], ("dead", 100)),
+        "fleet messages --state done": (QUERIES["list_messages"], ("done", 100)),
+        "approvals_pending": (METRICS["approvals_pending"], ()),
+        "approvals_decided": (METRICS["approvals_decided"], (list(APPROVAL_BUCKETS),)),
+    }
+    async with scratch() as (_, conn):
+        await conn.execute("INSERT INTO fleet.sessions (session_id)"
+                           " SELECT 's' || g FROM generate_series(0, 499) g")
+        await conn.execute("INSERT INTO conversations (session_id, user_id)"
+                           " VALUES ('history', 'probe')")
+        await conn.execute("SELECT count(fleet.enqueue('s' || (g % 500), 'waiting'))"
+                           " FROM generate_series(1, 1000) g")
+        finished = approvals = 0
+        for to_finished, to_approvals in itertools.zip_longest(
+                args.finished, args.approvals, fillvalue=None):
+            if to_finished is not None and to_finished > finished:
+                await conn.execute(finished_rows, finished + 1, to_finished)
+                finished = to_finished
+            if to_approvals is not None and to_approvals > approvals:
+                await conn.execute(approval_rows, approvals + 1, to_approvals)
+                approvals = to_approvals
+            await conn.execute("VACUUM ANALYZE fleet.messages, run_states")
+            print(f"{finished:,} finished messages, 1,000 waiting, {approvals:,} decided"
+                  " approvals:", flush=True)
+            for label, (sql, params) in reads.items():
+                print(f"  {label}: {await _explained(conn, sql, params)}", flush=True)
+            before_0024 = conn.transaction()  # the index dropped, then rolled back
+            await before_0024.start()
+            try:
+                await conn.execute("DROP INDEX fleet.messages_failed")
+                listed = await _explained(conn, QUERIES["list_messages"], ("dead", 100))
+                print(f"  fleet messages --state dead without messages_failed: {listed}",
+                      flush=True)
+            finally:
+                await before_0024.rollback()
+
+
+async def _explained(conn: asyncpg.Connection, sql: str, params: tuple[Any, ...]) -> str:
+    """The second of two EXPLAIN (ANALYZE, BUFFERS) runs: its execution time and buffers."""
+    for _ in range(2):
+        plan = [r[0] for r in await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + sql, *params)]
+    took = next(line for line in plan if line.startswith("Execution Time"))
+    buffers = next((line.strip() for line in plan if line.strip().startswith("Buffers:")),
+                   "Buffers: none")
+    return f"{took.split(': ')[1]}, {buffers}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -769,6 +844,9 @@ def main() -> None:
     soaked.add_argument("--messages", type=int, default=600_000)
     soaked.add_argument("--chunk", type=int, default=30_000)
     soaked.add_argument("--no-autovacuum", action="store_true")
+    history = commands.add_parser("history-reads")
+    history.add_argument("--finished", type=int, nargs="+", default=[1_000_000, 3_000_000])
+    history.add_argument("--approvals", type=int, nargs="+", default=[100_000, 300_000])
     trace = commands.add_parser("sustained-trace")
     trace.add_argument("--rate", type=float, default=3000.0)
     trace.add_argument("--seconds", type=float, default=10.0)
@@ -793,7 +871,8 @@ def main() -> None:
              "analyze-cost": analyze_cost,
              "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
              "cycle-split": cycle_split, "cycle-ceiling": cycle_ceiling,
-             "repair-heads": repair_heads, "stale-stats": stale_stats, "soak": soak}[args.command]
+             "repair-heads": repair_heads, "stale-stats": stale_stats, "soak": soak,
+             "history-reads": history_reads}[args.command]
     asyncio.run(probe(args))
 
 

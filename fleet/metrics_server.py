@@ -45,11 +45,12 @@ LIVE_WORKER_SECONDS = 60.0
 APPROVAL_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 86_400.0)
 #: A scrape must answer even when the database does not.
 SCRAPE_TIMEOUT_SECONDS = 5.0
-#: Two reads behind the endpoint grow with the history: counting finished messages (377 ms of
-#: two cores on 3 million, by hand) and summing every decided approval (170 ms at 100,000, 504
-#: ms at 300,000, by hand). The collector repeats one that took over HISTORY_READ_FREE_SECONDS
-#: only once HISTORY_READ_FACTOR times its duration has passed (at most about 2% of the time,
-#: however long the history); a cheaper one, at every scrape. Everything else, at every scrape.
+#: Two reads behind the endpoint grow with the history: counting finished messages (125 ms at
+#: a million, 377 ms of two cores at 3 million) and binning every decided approval (67 ms at
+#: 100,000, 196 ms at 300,000; bench/queue_probes.py history-reads). The collector repeats one
+#: that took over HISTORY_READ_FREE_SECONDS only once HISTORY_READ_FACTOR times its duration
+#: has passed (at most about 2% of the time, however long the history); a cheaper one, at
+#: every scrape. Everything else, at every scrape.
 HISTORY_READ_FREE_SECONDS = 0.25
 HISTORY_READ_FACTOR = 50.0
 

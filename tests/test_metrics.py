@@ -267,6 +267,7 @@ async def test_approval_metrics_come_from_the_database(conn, settings):
     await conn.execute("INSERT INTO conversations (session_id, user_id) VALUES ('appr', 'c1')")
     rows = [
         ("approved", "ana", "2 minutes"),
+        ("approved", "ana", "5 minutes"),  # exactly on a bound: within it (`le`)
         ("rejected", "ana", "10 minutes"),
         ("rejected", "fleet:expiry", "1 day"),
     ]
@@ -290,7 +291,7 @@ async def test_approval_metrics_come_from_the_database(conn, settings):
     assert snap.approvals_pending == 1
     assert 85 < snap.approvals_oldest_pending_age_seconds < 200
     assert {k: v.count for k, v in snap.approvals_decided.items()} == {
-        "approved": 1,
+        "approved": 2,
         "rejected": 1,
         "expired": 1,
     }
@@ -300,7 +301,8 @@ async def test_approval_metrics_come_from_the_database(conn, settings):
         for s in families["fleet_approval_decision_seconds"].samples
         if s.name.endswith("_bucket")
     }
-    assert buckets[("approved", "60")] == 0 and buckets[("approved", "300")] == 1
+    assert buckets[("approved", "60")] == 0
+    assert buckets[("approved", "300")] == 2 and buckets[("approved", "+Inf")] == 2
     assert buckets[("rejected", "300")] == 0 and buckets[("rejected", "900")] == 1
     assert buckets[("expired", "43200")] == 0 and buckets[("expired", "+Inf")] == 1
     assert len(APPROVAL_BUCKETS) + 1 == len([k for k in buckets if k[0] == "approved"])
