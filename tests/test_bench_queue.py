@@ -64,7 +64,12 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
     summary = report["summary"]
     assert {"ratio_vs_pgqueuer_one_per_session", "ratio_vs_pgqueuer_many_per_session",
             "scaling_steady", "scaling_steady_with_work", "sustained_p99_ms",
-            "targets_met"} <= set(summary)
+            "targets_met", "one_process_cores", "scaling_ceiling"} <= set(summary)
+    # The room the cores leave: one process's cores from its own rate and CPU per message.
+    one = drains[("pgfleet", "1 process(es)", "one-per-session")]
+    cores = one["steady_messages_per_second"] * (one["worker_cpu_us"] + one["postgres_cpu_us"])
+    assert summary["one_process_cores"] == pytest.approx(cores / 1e6, abs=0.01)
+    assert 0 < summary["scaling_ceiling"] <= 2
     assert drains[("pgfleet", "in-process", "one-per-session")]["concurrency"] == 20  # 2 x batch
     assert report["environment"]["pgqueuer"].startswith("1.6")
 

@@ -1168,6 +1168,20 @@ class QueueBench:
 
     # -- summary --
 
+    def _scaling_ceiling(self, one: DrainResult) -> tuple[float, float] | None:
+        """How many cores one process's drain kept busy (its worker and its backends: steady
+        rate x CPU per message), and the scaling ratio the machine's cores leave room for
+        (at most ``processes``). When one process already uses most of the cores, no number
+        of processes can add up to much more: that is this machine's bound, not the queue's.
+        None when the server's CPU is not measured here."""
+        if one.postgres_cpu_us is None:
+            return None
+        cores = one.steady_messages_per_second * (one.worker_cpu_us + one.postgres_cpu_us) / 1e6
+        if cores <= 0:
+            return None
+        machine = float(os.cpu_count() or 1)
+        return round(cores, 2), round(min(float(self.config.processes), machine / cores), 2)
+
     def _summarise(self) -> None:
         drains = self.report.drains
         summary: dict[str, Any] = {}
@@ -1205,6 +1219,9 @@ class QueueBench:
                 summary[f"scaling_window{key}"] = round(
                     many.messages_per_second / one.messages_per_second, 2
                 )
+                ceiling = self._scaling_ceiling(one)
+                if ceiling is not None:
+                    summary[f"one_process_cores{key}"], summary[f"scaling_ceiling{key}"] = ceiling
         for system, latencies in self._latencies.items():
             if latencies:
                 suffix = "" if system == "pgfleet" else f"_{system}"
