@@ -203,7 +203,8 @@ GROUP BY state;
 -- name: finished_state_counts
 -- Messages per finished state, with the age of each state's oldest: every finished message is
 -- read, so this costs as much as the history is long (377 ms of two cores at 3 million
--- messages: bench/queue_probes.py history-reads). The metrics collector runs it on a budget (fleet/metrics_server.py).
+-- messages: bench/queue_probes.py history-reads). The metrics collector runs it on a budget
+-- (fleet/metrics_server.py).
 SELECT state, count(*)::bigint AS n,
        extract(epoch FROM clock_timestamp() - min(enqueued_at))::float8 AS oldest_age_seconds
 FROM fleet.messages WHERE state IN ('done', 'dead', 'cancelled') GROUP BY state;
