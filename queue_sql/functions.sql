@@ -657,12 +657,33 @@ $$;
 -- waiting head): what a REPEATABLE READ / SERIALIZABLE enqueue's election may have missed
 -- (fleet_repair, above). Run under READ COMMITTED, after the sessions' row locks, each
 -- statement sees every commit. Returns the heads it made.
+--
+-- Every listening worker hears a fleet_repair and calls this at its next maintenance pass, so
+-- a first look without locks keeps all but the first from locking the session (a FOR UPDATE
+-- that a worker finishing the session's head would wait for): only sessions that look
+-- headless are locked and promoted, promote_heads looking again under the lock. A session
+-- that looks headed is: a waiting head stays one until claimed, and a running head's finish
+-- promotes its successor under the session's lock with a snapshot taken after that lock, so
+-- it sees every message committed before this look (the notifying enqueue's included).
 CREATE OR REPLACE FUNCTION fleet.repair_sessions(sessions text[]) RETURNS integer
 LANGUAGE plpgsql AS $$
+DECLARE
+    headless text[];
 BEGIN
-    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = ANY (sessions)
+    SELECT array_agg(w.session_id) INTO headless
+    FROM unnest(sessions) AS w(session_id)
+    WHERE NOT (SELECT e.is_head FROM fleet.messages e
+               WHERE e.session_id = w.session_id
+                 AND e.state IN ('queued', 'awaiting_approval')
+               ORDER BY e.id LIMIT 1)
+      AND (SELECT true FROM fleet.messages r
+           WHERE r.session_id = w.session_id AND r.state = 'running' LIMIT 1) IS NULL;
+    IF headless IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = ANY (headless)
     ORDER BY s.session_id FOR UPDATE OF s;
-    RETURN fleet.promote_heads(sessions);
+    RETURN fleet.promote_heads(headless);
 END
 $$;
 

@@ -505,6 +505,31 @@ async def test_a_head_lost_to_a_repeatable_read_enqueue_is_repaired(conn, db_url
         assert await queue.repair_heads(conn) == 0
 
 
+async def test_repairing_a_session_that_has_its_head_takes_no_lock(conn, db_url):
+    """Every listening worker hears a fleet_repair and calls repair_sessions: those that come
+    after the first find the session headed and must not queue for its row lock behind a
+    worker finishing its head (a finish holds it FOR NO KEY UPDATE, which FOR UPDATE waits
+    for)."""
+    session = "repair-headed"
+    await queue.enqueue(conn, session, "first")
+    await queue.enqueue(conn, session, "second")
+    [running] = await queue.claim(conn, "w", 10, 30)  # the head runs; "second" waits behind it
+    finisher = await asyncpg.connect(db_url)
+    try:
+        async with finisher.transaction():
+            await finisher.execute("SELECT 1 FROM fleet.sessions WHERE session_id = $1"
+                                   " FOR NO KEY UPDATE", session)
+            await conn.execute("SET lock_timeout = '2s'")
+            try:
+                assert await queue.repair_sessions(conn, [session]) == 0
+            finally:
+                await conn.execute("RESET lock_timeout")
+    finally:
+        await finisher.close()
+    assert await conn.fetchval(
+        "SELECT is_head FROM fleet.messages WHERE id = $1", running.id) is True
+
+
 async def test_a_listening_worker_repairs_a_lost_head_when_told(settings, conn, db_url):
     """The notification, not the scan: a worker hears fleet_repair and gives the session its
     head at once, long before its next full scan (FULL_REPAIR_INTERVAL; the first ran as it
