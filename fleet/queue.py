@@ -407,6 +407,25 @@ async def list_messages(
     return [Message(**dict(row)) for row in rows]
 
 
+async def prune_finished(
+    db: Executor, finished_before: datetime, *, batch: int = 10_000
+) -> int:
+    """Delete finished messages (done, dead, cancelled) that finished before
+    ``finished_before``, ``batch`` messages a transaction, oldest ids first; returns how many
+    went. Live messages stay, and so does any message an approval refers to. A dedupe key is
+    remembered as long as its message is kept: once pruned, the key can be enqueued again.
+    Needs DELETE on fleet.messages (the schema owner; the worker roles have none)."""
+    if batch < 1:
+        raise InvalidInput("batch must be at least 1")
+    deleted, after = 0, 0
+    while True:
+        row = await db.fetchrow(SQL["prune_finished"], after, batch, finished_before)
+        deleted += row["deleted"]
+        if row["last_id"] is None or row["past_cutoff"]:
+            return deleted
+        after = row["last_id"]
+
+
 async def has_unfinished_work(db: Executor) -> bool:
     """True while any message is queued or running (cheap: the live-messages index)."""
     return bool(await db.fetchval(SQL["has_unfinished_work"]))

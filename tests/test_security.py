@@ -264,6 +264,20 @@ async def test_fleet_audit_prune_as_an_application_role_is_refused(conn, fleet_e
     assert "permission denied" in done.stderr and "Traceback" not in done.stderr
 
 
+async def test_fleet_prune_as_a_worker_role_is_refused(conn, fleet_env, login_role):
+    """Workers may not delete messages: retention is the schema owner's."""
+    await conn.execute("""
+        INSERT INTO fleet.sessions (session_id) VALUES ('role-old');
+        INSERT INTO fleet.messages (session_id, body, state, reply, finished_at, enqueued_at)
+        VALUES ('role-old', 'old', 'done', 'ok', now() - interval '40 days',
+                now() - interval '41 days')""")
+    url = login_role("fleet_worker")
+    done = fleet("prune", "--older-than", "30", env=dict(fleet_env, DATABASE_URL=url))
+    assert done.returncode == 1
+    assert "permission denied" in done.stderr and "Traceback" not in done.stderr
+    assert await conn.fetchval("SELECT count(*) FROM fleet.messages") == 1
+
+
 # -- the fleet runs as these roles ------------------------------------------------------------
 
 def _as_user(url: str, user: str) -> str:

@@ -1,4 +1,5 @@
-"""Queue commands: ``worker``, ``up``, ``enqueue``, ``messages``, ``cancel``, ``status``."""
+"""Queue commands: ``worker``, ``up``, ``enqueue``, ``messages``, ``cancel``, ``prune``,
+``status``."""
 
 from __future__ import annotations
 
@@ -252,6 +253,43 @@ def cancel_command(
             f"message {message_id} is {reply.state}: asked to stop at its next step "
             f"(see 'fleet messages' or 'fleet trace')"
         )
+
+
+@app.command("prune")
+def prune_command(
+    older_than: int = typer.Option(..., "--older-than", metavar="DAYS",
+                                   help="Delete messages finished more than DAYS days ago."),
+    batch: int = typer.Option(10_000, "--batch", min=1, max=100_000,
+                              help="Messages per transaction."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Retention: delete finished messages (done, dead, cancelled) older than DAYS days, a
+    batch per transaction. Live messages stay, and so do those an approval refers to. A
+    pruned message's dedupe key can be enqueued again. Run it as the schema's owner (the
+    role that runs fleet migrate); the audit log has its own: fleet audit prune."""
+    if not 1 <= older_than <= 36_500:
+        raise InvalidInput("--older-than must be between 1 and 36500 days")
+    from datetime import UTC, datetime, timedelta
+
+    from fleet import queue
+    from fleet.database import connect
+
+    cutoff = datetime.now(UTC) - timedelta(days=older_than)
+
+    async def go() -> int:
+        conn = await connect(settings(), "fleet-prune")
+        try:
+            return await queue.prune_finished(conn, cutoff, batch=batch)
+        finally:
+            await conn.close()
+
+    pruned = run(go)
+    if as_json:
+        emit_json({"pruned": pruned, "older_than_days": older_than,
+                   "finished_before": cutoff.isoformat()})
+    else:
+        days = "1 day" if older_than == 1 else f"{older_than} days"
+        typer.echo(f"pruned {pruned} messages finished more than {days} ago")
 
 
 async def read_status() -> dict[str, Any]:
