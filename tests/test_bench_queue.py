@@ -107,3 +107,30 @@ def test_host_steal_is_read_from_the_machine_counters() -> None:
     time.sleep(0.05)
     assert host_cpu_ticks()[1] > total
     assert 0 <= steal_percent_since(before) <= 100
+
+
+def test_a_missed_scaling_target_says_what_the_cores_allow(capsys) -> None:
+    """The human report: a scaling target missed on a machine whose cores leave no room for
+    1.8x says so, with the measured figures; one they leave room for, or a met one, does not."""
+    from fleet.bench.queue import QueueBenchConfig, QueueBenchReport
+    from fleet.cli.bench_queue import _print
+
+    report = QueueBenchReport(
+        config=QueueBenchConfig(),
+        environment={},
+        summary={
+            "one_process_cores": 1.39, "scaling_ceiling": 1.44,
+            "one_process_cores_with_work": 0.1, "scaling_ceiling_with_work": 2.0,
+            "targets_met": {
+                "drain >= 2x PgQueuer": False,
+                "2 processes >= 1.8x one (no-op handlers)": False,
+                "2 processes >= 1.8x one (50 ms handlers)": False,
+            },
+        },
+    )
+    _print(report)
+    lines = capsys.readouterr().out.splitlines()
+    assert "target drain >= 2x PgQueuer: MISSED" in lines
+    assert ("target 2 processes >= 1.8x one (no-op handlers): MISSED (the machine's cores"
+            " leave room for 1.44x at most: one process kept 1.39 of them busy)") in lines
+    assert "target 2 processes >= 1.8x one (50 ms handlers): MISSED" in lines

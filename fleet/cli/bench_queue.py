@@ -143,8 +143,16 @@ def _print(report: Any) -> None:
     for key, value in report.summary.items():
         if key != "targets_met":
             typer.echo(f"{key}: {value}")
-    for target, met in report.summary.get("targets_met", {}).items():
-        typer.echo(f"target {target}: {'met' if met else 'MISSED'}")
+    summary = report.summary
+    for target, met in summary.get("targets_met", {}).items():
+        line = f"target {target}: {'met' if met else 'MISSED'}"
+        if not met and "processes >=" in target:  # a scaling target: say what the cores allow
+            key = "" if "no-op" in target else "_with_work"
+            ceiling = summary.get(f"scaling_ceiling{key}")
+            if ceiling is not None and ceiling < 1.8:
+                line += (f" (the machine's cores leave room for {ceiling}x at most: one process"
+                         f" kept {summary[f'one_process_cores{key}']} of them busy)")
+        typer.echo(line)
     typer.echo(f"every message done: {report.all_done}")
     if not report.all_done:
         raise typer.Exit(1)
