@@ -662,9 +662,10 @@ $$;
 -- a first look without locks keeps all but the first from locking the session (a FOR UPDATE
 -- that a worker finishing the session's head would wait for): only sessions that look
 -- headless are locked and promoted, promote_heads looking again under the lock. A session
--- that looks headed is: a waiting head stays one until claimed, and a running head's finish
--- promotes its successor under the session's lock with a snapshot taken after that lock, so
--- it sees every message committed before this look (the notifying enqueue's included).
+-- that looks headed needs nothing: a waiting head stays one until claimed, and a running
+-- head's finish promotes its successor under the session's lock with a snapshot taken after
+-- that lock, so it sees every message committed before this look (the notifying enqueue's
+-- included).
 CREATE OR REPLACE FUNCTION fleet.repair_sessions(sessions text[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE

@@ -214,9 +214,9 @@ FROM fleet.messages WHERE state IN ('done', 'dead', 'cancelled') GROUP BY state;
 -- order, through the primary key), delete the finished ones (done, dead, cancelled) that
 -- finished before $3. Kept: live messages, and any message an approval refers to (run_states
 -- is the record of a decision about money). Returns how many went, the batch's last id (the
--- next batch starts after it; NULL: no message after $1) and whether even the batch's first
--- message was enqueued at or after $3 (then nothing further on finished before $3, ids
--- following enqueue order but for transactions that overlapped, which the next run catches).
+-- next batch starts after it; NULL: no message after $1) and whether every message of the
+-- batch was enqueued at or after $3 (then nothing further on finished before $3: ids follow
+-- enqueue order, but for transactions that overlapped, which the next run catches).
 -- Batches by id rather than one DELETE: a long transaction holds back every vacuum of the
 -- queue tables (BENCHMARKS.md, the repair_heads collapse), and the finished index has no time
 -- order to walk.

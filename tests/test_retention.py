@@ -13,7 +13,7 @@ from fleet.errors import InvalidInput
 from tests.processes import fleet
 
 
-async def _age(conn: asyncpg.Connection, message_id: int, days: float, state: str) -> None:
+async def _age(conn: asyncpg.Connection, message_id: int, days: int, state: str) -> None:
     """Make a message look enqueued and finished ``days`` ago, in ``state``."""
     await conn.execute(
         """UPDATE fleet.messages
