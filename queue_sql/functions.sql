@@ -366,9 +366,9 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- "Has the session a live head?" is asked in three places below (the election at an
--- enqueue's commit, promote_heads, repair_heads), each written out as two index probes: the
--- session's earliest waiting message (messages_session_waiting), and whether it is the head;
--- a message running (messages_running). A session's live head is always its earliest live
+-- enqueue's commit, promote_heads, headless_sessions for the repairs), each written out as two
+-- index probes: the session's earliest waiting message (messages_session_waiting), and
+-- whether it is the head; a message running (messages_running). A session's live head is always its earliest live
 -- message: heads are elected and promoted in id order, only a head is ever claimed, and every
 -- way back to 'queued' (retry, release, rescue, unpark) starts from a head. So a waiting
 -- head, if any, is the earliest waiting message, and a running message is the head.
@@ -653,6 +653,22 @@ BEGIN
 END
 $$;
 
+-- Which of these sessions look headless without locking anything: waiting messages, the
+-- earliest of them not the head, and nothing running (the live-head probes above). An answer
+-- as of this statement's snapshot: callers that act on it lock and look again
+-- (promote_heads).
+CREATE OR REPLACE FUNCTION fleet.headless_sessions(sessions text[]) RETURNS SETOF text
+LANGUAGE sql STABLE AS $$
+    SELECT w.session_id
+    FROM unnest(sessions) AS w(session_id)
+    WHERE NOT (SELECT e.is_head FROM fleet.messages e
+               WHERE e.session_id = w.session_id
+                 AND e.state IN ('queued', 'awaiting_approval')
+               ORDER BY e.id LIMIT 1)
+      AND (SELECT true FROM fleet.messages r
+           WHERE r.session_id = w.session_id AND r.state = 'running' LIMIT 1) IS NULL
+$$;
+
 -- Give these sessions a head if they have waiting messages and none (nothing running, no
 -- waiting head): what a REPEATABLE READ / SERIALIZABLE enqueue's election may have missed
 -- (fleet_repair, above). Run under READ COMMITTED, after the sessions' row locks, each
@@ -661,7 +677,8 @@ $$;
 -- Every listening worker hears a fleet_repair and calls this at its next maintenance pass, so
 -- a first look without locks keeps all but the first from locking the session (a FOR UPDATE
 -- that a worker finishing the session's head would wait for): only sessions that look
--- headless are locked and promoted, promote_heads looking again under the lock. A session
+-- headless (headless_sessions) are locked and promoted, promote_heads looking again under the
+-- lock. A session
 -- that looks headed needs nothing: a waiting head stays one until claimed, and a running
 -- head's finish promotes its successor under the session's lock with a snapshot taken after
 -- that lock, so it sees every message committed before this look (the notifying enqueue's
@@ -669,17 +686,9 @@ $$;
 CREATE OR REPLACE FUNCTION fleet.repair_sessions(sessions text[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    headless text[];
+    headless text[] := ARRAY(SELECT fleet.headless_sessions(sessions));
 BEGIN
-    SELECT array_agg(w.session_id) INTO headless
-    FROM unnest(sessions) AS w(session_id)
-    WHERE NOT (SELECT e.is_head FROM fleet.messages e
-               WHERE e.session_id = w.session_id
-                 AND e.state IN ('queued', 'awaiting_approval')
-               ORDER BY e.id LIMIT 1)
-      AND (SELECT true FROM fleet.messages r
-           WHERE r.session_id = w.session_id AND r.state = 'running' LIMIT 1) IS NULL;
-    IF headless IS NULL THEN
+    IF cardinality(headless) = 0 THEN
         RETURN 0;
     END IF;
     PERFORM 1 FROM fleet.sessions s WHERE s.session_id = ANY (headless)
@@ -691,23 +700,18 @@ $$;
 -- The safety net behind fleet_repair, for notifications no worker heard (none listening at
 -- that commit, or only --poll-only ones): sessions with waiting messages and no head, found by
 -- reading every waiting message (O(backlog), so workers run it every few minutes, not often).
+-- The sessions it finds are looked at again by repair_sessions, which locks them: twice the
+-- probes, for orphans only (rare), not for the sessions that are fine.
 CREATE OR REPLACE FUNCTION fleet.repair_heads(max_sessions integer DEFAULT 100) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     orphans text[];
 BEGIN
-    SELECT array_agg(o.session_id) INTO orphans
-    FROM (SELECT w.session_id
-          FROM (SELECT DISTINCT q.session_id FROM fleet.messages q
-                WHERE q.state = 'queued' AND NOT q.is_head) AS w
-          WHERE NOT (SELECT e.is_head FROM fleet.messages e
-                     WHERE e.session_id = w.session_id
-                       AND e.state IN ('queued', 'awaiting_approval')
-                     ORDER BY e.id LIMIT 1)
-            AND (SELECT true FROM fleet.messages r
-                 WHERE r.session_id = w.session_id AND r.state = 'running' LIMIT 1) IS NULL
-          LIMIT max_sessions) AS o;
-    IF orphans IS NULL THEN
+    orphans := ARRAY(SELECT fleet.headless_sessions(ARRAY(
+                         SELECT DISTINCT q.session_id FROM fleet.messages q
+                         WHERE q.state = 'queued' AND NOT q.is_head))
+                     LIMIT max_sessions);
+    IF cardinality(orphans) = 0 THEN
         RETURN 0;
     END IF;
     RETURN fleet.repair_sessions(orphans);
