@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
@@ -407,19 +407,18 @@ async def list_messages(
     return [Message(**dict(row)) for row in rows]
 
 
-async def prune_finished(
-    db: Executor, finished_before: datetime, *, batch: int = 10_000
-) -> int:
-    """Delete finished messages (done, dead, cancelled) that finished before
-    ``finished_before``, ``batch`` messages a transaction, oldest ids first; returns how many
-    went. Live messages stay, and so does any message an approval refers to. A dedupe key is
-    remembered as long as its message is kept: once pruned, the key can be enqueued again.
-    Needs DELETE on fleet.messages (the schema owner; the worker roles have none)."""
+async def prune_finished(db: Executor, older_than: timedelta, *, batch: int = 10_000) -> int:
+    """Delete finished messages (done, dead, cancelled) that finished more than ``older_than``
+    ago by the database's clock (the one that stamped them), ``batch`` messages a transaction,
+    oldest ids first; returns how many went. Live messages stay, and so does any message an
+    approval refers to. A dedupe key is remembered as long as its message is kept: once
+    pruned, the key can be enqueued again. Needs DELETE on fleet.messages (the schema owner;
+    the worker roles have none)."""
     if batch < 1:
         raise InvalidInput("batch must be at least 1")
     deleted, after = 0, 0
     while True:
-        row = await db.fetchrow(SQL["prune_finished"], after, batch, finished_before)
+        row = await db.fetchrow(SQL["prune_finished"], after, batch, older_than)
         deleted += row["deleted"]
         if row["last_id"] is None or row["past_cutoff"]:
             return deleted

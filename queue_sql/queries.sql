@@ -212,11 +212,12 @@ FROM fleet.messages WHERE state IN ('done', 'dead', 'cancelled') GROUP BY state;
 -- name: prune_finished
 -- Retention (`fleet prune`), one batch, one transaction: of the $2 messages after id $1 (in id
 -- order, through the primary key), delete the finished ones (done, dead, cancelled) that
--- finished before $3. Kept: live messages, and any message an approval refers to (run_states
--- is the record of a decision about money). Returns how many went, the batch's last id (the
--- next batch starts after it; NULL: no message after $1) and whether every message of the
--- batch was enqueued at or after $3 (then nothing further on finished before $3: ids follow
--- enqueue order, but for transactions that overlapped, which the next run catches).
+-- finished more than $3 (an interval) before this transaction began. Kept: live messages, and
+-- any message an approval refers to (run_states is the record of a decision about money).
+-- Returns how many went, the batch's last id (the next batch starts after it; NULL: no
+-- message after $1) and whether every message of the batch was enqueued after the cutoff
+-- (then nothing further finished before it: ids follow enqueue order, but for transactions
+-- that overlapped, which the next run catches).
 -- Batches by id rather than one DELETE: a long transaction holds back every vacuum of the
 -- queue tables (BENCHMARKS.md, the repair_heads collapse), and the finished index has no time
 -- order to walk.
@@ -225,13 +226,14 @@ WITH batch AS (
 ), gone AS (
     DELETE FROM fleet.messages m
     WHERE m.id = ANY (ARRAY(SELECT id FROM batch))
-      AND m.state IN ('done', 'dead', 'cancelled') AND m.finished_at < $3
+      AND m.state IN ('done', 'dead', 'cancelled') AND m.finished_at < now() - $3::interval
       AND (SELECT true FROM run_states r WHERE r.message_id = m.id LIMIT 1) IS NULL
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone)::bigint AS deleted,
        (SELECT max(id) FROM batch) AS last_id,
-       coalesce((SELECT min(enqueued_at) >= $3 FROM batch), true) AS past_cutoff;
+       coalesce((SELECT min(enqueued_at) >= now() - $3::interval FROM batch), true)
+           AS past_cutoff;
 
 -- name: has_unfinished_work
 -- Whether any message is still queued or running (drain mode's exit test). Reads the partial

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -53,8 +53,8 @@ async def test_prune_deletes_only_finished_messages_older_than_the_cutoff(conn):
         ids["old_approved"],
     )
 
-    cutoff = datetime.now(UTC) - timedelta(days=5)
-    assert await queue.prune_finished(conn, cutoff, batch=2) == 4
+    older_than = timedelta(days=5)
+    assert await queue.prune_finished(conn, older_than, batch=2) == 4
     left = {r["id"] for r in await conn.fetch("SELECT id FROM fleet.messages")}
     assert left == {ids[n] for n in ("old_approved", "recent_done", "old_queued", "live_head",
                                      "live_next")}
@@ -65,9 +65,9 @@ async def test_prune_deletes_only_finished_messages_older_than_the_cutoff(conn):
     # The key's message is gone, so the key is free again.
     again = await queue.enqueue(conn, "old_keyed", "again", dedupe_key="order-4429")
     assert again not in ids.values()
-    assert await queue.prune_finished(conn, cutoff) == 0
+    assert await queue.prune_finished(conn, older_than) == 0
     with pytest.raises(InvalidInput, match="batch"):
-        await queue.prune_finished(conn, cutoff, batch=0)
+        await queue.prune_finished(conn, older_than, batch=0)
 
 
 class _CountingCalls:
@@ -90,7 +90,7 @@ async def test_prune_stops_at_messages_enqueued_after_the_cutoff(conn):
     newer = [await queue.enqueue(conn, f"s-{i}", "new") for i in range(6)]
     counting = _CountingCalls(conn)
     pruned = await queue.prune_finished(
-        counting, datetime.now(UTC) - timedelta(days=5), batch=2  # type: ignore[arg-type]
+        counting, timedelta(days=5), batch=2  # type: ignore[arg-type]
     )
     assert pruned == 1
     # [old, newer[0]], then [newer[1], newer[2]], enqueued wholly after the cutoff: stop.

@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from fleet.cli.app import JsonOption, app, emit_json, emit_table, run, settings
+from fleet.cli.app import JsonOption, app, emit_json, emit_table, run_on_connection, settings
 from fleet.errors import InvalidInput
 
 agents_app = typer.Typer(help="Agents as database rows (instructions, tools, skills, "
@@ -66,16 +66,6 @@ def _known_skills() -> list[str]:
     from fleet.skills import SkillLibrary
 
     return sorted(SkillLibrary.from_settings(settings()).skills)
-
-
-async def _with_conn(fn: Any) -> Any:
-    from fleet.database import connect
-
-    conn = await connect(settings(), "fleet-cli")
-    try:
-        return await fn(conn)
-    finally:
-        await conn.close()
 
 
 def _summary(row: Any) -> dict[str, Any]:
@@ -131,7 +121,7 @@ def create_command(
                             skills=skill or [], sub_agents=sub_agent or [],
                             metadata=_metadata(metadata))
     skills = _known_skills()
-    row = run(lambda: _with_conn(lambda c: agents.create(c, spec, known_skills=skills)))
+    row = run_on_connection(lambda c: agents.create(c, spec, known_skills=skills))
     _show(row, as_json)
 
 
@@ -173,8 +163,8 @@ def update_command(
         raise InvalidInput("nothing to update; give at least one option (see --help)")
     skills = _known_skills()
 
-    row = run(lambda: _with_conn(lambda c: agents.update(
-        c, name, changes, known_skills=skills, merge_metadata=extra)))
+    row = run_on_connection(lambda c: agents.update(
+        c, name, changes, known_skills=skills, merge_metadata=extra))
     _show(row, as_json)
 
 
@@ -183,7 +173,7 @@ def list_command(as_json: bool = JsonOption) -> None:
     """Every agent: name, version, model, tools, skills, sub-agents."""
     from fleet import agents
 
-    rows = run(lambda: _with_conn(agents.list_agents))
+    rows = run_on_connection(agents.list_agents)
     if as_json:
         emit_json(rows)
         return
@@ -200,4 +190,4 @@ def show_command(
     """One agent's whole definition, instructions included."""
     from fleet import agents
 
-    _show(run(lambda: _with_conn(lambda c: agents.get(c, name))), as_json)
+    _show(run_on_connection(lambda c: agents.get(c, name)), as_json)

@@ -7,12 +7,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from pydantic import BaseModel
 
 from fleet.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import asyncpg
 
 app = typer.Typer(
     name="fleet",
@@ -49,6 +52,23 @@ def run(factory: Callable[[], Awaitable[T]]) -> T:
         return uvloop.run(factory())
     except ImportError:  # pragma: no cover
         return asyncio.run(factory())
+
+
+def run_on_connection(
+    action: Callable[[asyncpg.Connection], Awaitable[T]], application_name: str = "fleet-cli"
+) -> T:
+    """Run ``action`` on one database connection, opened for it and closed after (commands
+    that make a few reads or one write; a worker or client keeps a pool instead)."""
+    from fleet.database import connect
+
+    async def go() -> T:
+        conn = await connect(settings(), application_name)
+        try:
+            return await action(conn)
+        finally:
+            await conn.close()
+
+    return run(go)
 
 
 def _plain(value: Any) -> Any:

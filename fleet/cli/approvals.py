@@ -6,16 +6,19 @@ update (compare-and-set) plus a NOTIFY, and whichever worker claims the message 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import asyncpg
 import typer
 
-from fleet.cli.app import MAX_LIST_LIMIT, JsonOption, app, emit_json, emit_table, run, settings
-
-T = TypeVar("T")
+from fleet.cli.app import (
+    MAX_LIST_LIMIT,
+    JsonOption,
+    app,
+    emit_json,
+    emit_table,
+    run_on_connection,
+)
 
 approvals_app = typer.Typer(
     name="approvals",
@@ -36,18 +39,8 @@ LIST_COLUMNS = [
     "decided_by",
 ]
 
-
-def _with_connection(action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    from fleet.database import connect
-
-    async def go() -> T:
-        conn = await connect(settings(), "fleet-approvals")
-        try:
-            return await action(conn)
-        finally:
-            await conn.close()
-
-    return run(go)
+#: application_name of the commands' connections (pg_stat_activity)
+APPLICATION = "fleet-approvals"
 
 
 def _ago(moment: datetime | None) -> str:
@@ -73,7 +66,9 @@ def list_command(
     from fleet import approvals
 
     wanted = None if status == "all" else approvals.validate_status(status)
-    found = _with_connection(lambda c: approvals.list_approvals(c, status=wanted, limit=limit))
+    found = run_on_connection(
+        lambda c: approvals.list_approvals(c, status=wanted, limit=limit), APPLICATION
+    )
     if as_json:
         emit_json([a.model_dump(mode="json") for a in found])
         return
@@ -89,7 +84,7 @@ def show_command(
     """One parked run with the facts to decide on: order, amount, reason, customer, tier."""
     from fleet import approvals
 
-    detail = _with_connection(lambda c: approvals.show_approval(c, approval_id))
+    detail = run_on_connection(lambda c: approvals.show_approval(c, approval_id), APPLICATION)
     if as_json:
         emit_json(detail.model_dump(mode="json"))
         return
@@ -151,8 +146,9 @@ def _decide(
     by click, so a missing ``--by`` reads like every other refusal."""
     from fleet import approvals
 
-    decided = _with_connection(
-        lambda c: approvals.decide(c, approval_id, approve=approve, by=by or "", note=note)
+    decided = run_on_connection(
+        lambda c: approvals.decide(c, approval_id, approve=approve, by=by or "", note=note),
+        APPLICATION,
     )
     if as_json:
         emit_json(decided.model_dump(mode="json"))

@@ -9,10 +9,15 @@ roles have no EXECUTE on it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
-from fleet.cli.app import JsonOption, app, emit_json, run, settings
+from fleet.cli.app import JsonOption, app, emit_json, run_on_connection
 from fleet.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import asyncpg
 
 audit_app = typer.Typer(name="audit", help="Audit-log maintenance (retention).",
                         no_args_is_help=True)
@@ -33,16 +38,10 @@ def prune_command(
         raise InvalidInput("--older-than must be at least 1 day")
     if older_than > 36_500:
         raise InvalidInput("--older-than must be at most 36500 days")
-    from fleet.database import connect
+    async def prune(conn: asyncpg.Connection) -> int:
+        return int(await conn.fetchval(PRUNE, older_than))
 
-    async def go() -> int:
-        conn = await connect(settings(), "fleet-audit")
-        try:
-            return int(await conn.fetchval(PRUNE, older_than))
-        finally:
-            await conn.close()
-
-    pruned = run(go)
+    pruned = run_on_connection(prune, "fleet-audit")
     if as_json:
         emit_json({"pruned": pruned, "older_than_days": older_than})
     else:

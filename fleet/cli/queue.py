@@ -16,6 +16,7 @@ from fleet.cli.app import (
     emit_json,
     emit_table,
     run,
+    run_on_connection,
     settings,
     setup_logging,
 )
@@ -269,24 +270,15 @@ def prune_command(
     role that runs fleet migrate); the audit log has its own: fleet audit prune."""
     if not 1 <= older_than <= 36_500:
         raise InvalidInput("--older-than must be between 1 and 36500 days")
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
     from fleet import queue
-    from fleet.database import connect
 
-    cutoff = datetime.now(UTC) - timedelta(days=older_than)
-
-    async def go() -> int:
-        conn = await connect(settings(), "fleet-prune")
-        try:
-            return await queue.prune_finished(conn, cutoff, batch=batch)
-        finally:
-            await conn.close()
-
-    pruned = run(go)
+    pruned = run_on_connection(
+        lambda c: queue.prune_finished(c, timedelta(days=older_than), batch=batch), "fleet-prune"
+    )
     if as_json:
-        emit_json({"pruned": pruned, "older_than_days": older_than,
-                   "finished_before": cutoff.isoformat()})
+        emit_json({"pruned": pruned, "older_than_days": older_than})
     else:
         days = "1 day" if older_than == 1 else f"{older_than} days"
         typer.echo(f"pruned {pruned} messages finished more than {days} ago")
