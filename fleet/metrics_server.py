@@ -104,13 +104,15 @@ async def read_snapshot(
     if await conn.fetchval(METRICS_SQL["approvals_table_exists"]):
         row = await conn.fetchrow(METRICS_SQL["approvals_pending"])
         pending, oldest_pending = int(row["n"]), float(row["oldest_age"])
+        if decided is None:
+            decided = await _decisions(conn)
     return QueueSnapshot(
         states=states,
         oldest_ready_age_seconds=float(await queue.oldest_queued_age(conn)),
         live_workers=[dict(w) for w in workers],
         approvals_pending=pending,
         approvals_oldest_pending_age_seconds=oldest_pending,
-        approvals_decided=decided if decided is not None else await read_decisions(conn),
+        approvals_decided=decided or {},
     )
 
 
@@ -119,6 +121,11 @@ async def read_decisions(conn: asyncpg.Connection) -> dict[str, ApprovalDecision
     the system-of-record migration creates run_states)."""
     if not await conn.fetchval(METRICS_SQL["approvals_table_exists"]):
         return {}
+    return await _decisions(conn)
+
+
+async def _decisions(conn: asyncpg.Connection) -> dict[str, ApprovalDecisions]:
+    """The histogram itself (run_states known to exist)."""
     return {
         row["kind"]: ApprovalDecisions(
             count=row["n"], seconds_sum=row["seconds_sum"], buckets=list(row["buckets"])
