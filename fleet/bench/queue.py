@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import resource
@@ -554,20 +555,32 @@ async def _produce(
     due so far in one transaction (``send(first, end)``), then looks again: at low rates that
     is one message per transaction, and when a commit is slow the next transaction carries
     what fell due meanwhile (group commit), so the schedule is kept. Returns the achieved rate
-    and, per transaction, (messages sent so far, wall-clock time its commit was seen)."""
+    and, per transaction, (messages sent so far, wall-clock time its commit was seen).
+
+    Python's cyclic garbage collector is off while it sends. This process holds every earlier
+    phase's results, and a collection of its oldest generation stopped it for about 110 ms
+    (`bench/gc_timing`, during `python bench/queue_probes.py sustained-trace`); the producer
+    then sent the 800 messages that had fallen due in one transaction, and the run measured
+    the queue draining a burst the load it was asked for never has. Reference counting still
+    frees what the run allocates; the collector runs once it is done."""
     total = max(int(rate * seconds), 1)
     loop = asyncio.get_running_loop()
-    start = loop.time()
     sent = 0
     commits: list[tuple[int, float]] = []
-    while sent < total:
-        due = min(total, int((loop.time() - start) * rate) + 1)
-        if due > sent:
-            await send(sent, due)
-            commits.append((due, time.time()))
-            sent = due
-        else:
-            await asyncio.sleep(max(start + sent / rate - loop.time(), 0.0))
+    gc.collect()
+    gc.disable()
+    try:
+        start = loop.time()
+        while sent < total:
+            due = min(total, int((loop.time() - start) * rate) + 1)
+            if due > sent:
+                await send(sent, due)
+                commits.append((due, time.time()))
+                sent = due
+            else:
+                await asyncio.sleep(max(start + sent / rate - loop.time(), 0.0))
+    finally:
+        gc.enable()
     return total / (loop.time() - start), commits
 
 
