@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -548,6 +548,24 @@ async def _wait_for(
         await asyncio.sleep(0.05)
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a timed phase run in this process (collected
+    first, on again after). This process holds every earlier phase's results, so a collection
+    of its oldest generation takes 100-120 ms here (`bench/gc_timing` logs every process's
+    collections; one landed among the in-process drains of a run, ours and PgQueuer's run in
+    this process, where 110 ms is 7% of a drain's 1.5 s), and it stopped the sustained
+    phase's producer. A fleet worker process does not collect while it works
+    (`fleet.gc_policy`; none did in a whole bench run), nor did PgQueuer's worker processes.
+    Reference counting still frees what a phase allocates."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def _produce(
     rate: float, seconds: float, send: Callable[[int, int], Awaitable[Any]]
 ) -> tuple[float, list[tuple[int, float]]]:
@@ -557,19 +575,15 @@ async def _produce(
     what fell due meanwhile (group commit), so the schedule is kept. Returns the achieved rate
     and, per transaction, (messages sent so far, wall-clock time its commit was seen).
 
-    Python's cyclic garbage collector is off while it sends. This process holds every earlier
-    phase's results, and a collection of its oldest generation stopped it for about 110 ms
-    (`bench/gc_timing`, during `python bench/queue_probes.py sustained-trace`); the producer
-    then sent the 800 messages that had fallen due in one transaction, and the run measured
-    the queue draining a burst the load it was asked for never has. Reference counting still
-    frees what the run allocates; the collector runs once it is done."""
+    It sends with the garbage collector paused (:func:`collector_paused`): a collection that
+    stopped it for 110 ms made it send the 800 messages that had fallen due meanwhile in one
+    transaction, and the run measured the queue draining a burst the load it was asked for
+    never has."""
     total = max(int(rate * seconds), 1)
     loop = asyncio.get_running_loop()
     sent = 0
     commits: list[tuple[int, float]] = []
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_paused():
         start = loop.time()
         while sent < total:
             due = min(total, int((loop.time() - start) * rate) + 1)
@@ -579,8 +593,6 @@ async def _produce(
                 sent = due
             else:
                 await asyncio.sleep(max(start + sent / rate - loop.time(), 0.0))
-    finally:
-        gc.enable()
     return total / (loop.time() - start), commits
 
 
@@ -733,20 +745,21 @@ class QueueBench:
         messages = messages or self.config.messages
         sessions = messages if layout == "one-per-session" else self.config.sessions
         await self._fleet_fill(messages, sessions)
-        async with self._cpu_meter() as cpu:
-            started = time.perf_counter()
-            if processes is None:
-                worker = Worker(
-                    self._settings(),
-                    NoopHandler(),
-                    concurrency=self._concurrency,
-                    claim_batch=self.config.batch,
-                    drain=True,
-                )
-                await asyncio.wait_for(worker.run(), PHASE_TIMEOUT)
-            else:
-                await self._run_worker_processes(processes, work_delay)
-            wall = time.perf_counter() - started
+        with collector_paused():
+            async with self._cpu_meter() as cpu:
+                started = time.perf_counter()
+                if processes is None:
+                    worker = Worker(
+                        self._settings(),
+                        NoopHandler(),
+                        concurrency=self._concurrency,
+                        claim_batch=self.config.batch,
+                        drain=True,
+                    )
+                    await asyncio.wait_for(worker.run(), PHASE_TIMEOUT)
+                else:
+                    await self._run_worker_processes(processes, work_delay)
+                wall = time.perf_counter() - started
         rate, steady, ok = await self._fleet_drain_stats(messages)
         worker_cpu = cpu.workers
         if processes is not None:
@@ -905,12 +918,13 @@ class QueueBench:
         assert self.conn is not None
         messages = self.config.messages
         await self._pgq_fill(messages)
-        async with self._cpu_meter() as cpu:
-            started = time.perf_counter()
-            await asyncio.wait_for(
-                run_pgqueuer(self.url, self.config.batch, drain=True), PHASE_TIMEOUT
-            )
-            wall = time.perf_counter() - started
+        with collector_paused():
+            async with self._cpu_meter() as cpu:
+                started = time.perf_counter()
+                await asyncio.wait_for(
+                    run_pgqueuer(self.url, self.config.batch, drain=True), PHASE_TIMEOUT
+                )
+                wall = time.perf_counter() - started
         row = await self.conn.fetchrow(PGQ_DRAIN_STATS)
         ok = row["left_in_queue"] == 0 and row["done"] == messages
         rate = messages / max(row["window_seconds"] or 0.0, 1e-6)
