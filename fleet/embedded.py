@@ -9,7 +9,12 @@ its system user can reach them. Here nothing is widened behind the user's back:
   the binaries are copied into ``$FLEET_HOME/pginstall`` when their own folder is not reachable by
   that user, and if a parent of ``$FLEET_HOME`` is not traversable we refuse with the folder's name
   and the fix instead of chmod-ing it;
-* the server listens on 127.0.0.1 only, at a port chosen once and kept in ``$FLEET_HOME/port``;
+* the server listens on 127.0.0.1 only, at a port chosen once and kept in ``$FLEET_HOME/port``,
+  and on a Unix socket in ``$FLEET_HOME/run`` (private to the server's user), which is what the
+  URL it hands out names: every process of the fleet runs on the same machine as this server,
+  and a round trip over a Unix socket costs the client and the server less than one through
+  loopback TCP (BENCHMARKS.md, 2026-12-07, fifth session). TCP stays for psql and PgBouncer
+  users who want a host and a port;
 * data lives in ``$FLEET_HOME/pgdata`` and survives ``fleet db down``/``up``.
 
 Every function is synchronous and takes a file lock, so many processes (``fleet up`` starting its
@@ -22,6 +27,7 @@ import fcntl
 import importlib.util
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -29,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from fleet.errors import EmbeddedDatabaseError
 from fleet.settings import Settings
@@ -45,6 +52,10 @@ SERVER_CONF = {
     "unix_socket_directories": "''",
     "log_min_messages": "warning",
 }
+
+#: The longest Unix socket path the kernel takes (``sun_path`` is 108 bytes with its NUL). A
+#: ``FLEET_HOME`` so deep that its socket would not fit gets a server on TCP alone.
+MAX_SOCKET_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ class EmbeddedServer:
         self.home = settings.fleet_home
         self.pgdata = self.home / "pgdata"
         self.port_file = self.home / "port"
+        self.socket_dir = self.home / "run"
         self.wanted_port = settings.fleet_embedded_port
         self._user: pwd.struct_passwd | None = None
 
@@ -189,8 +201,9 @@ class EmbeddedServer:
 
     # -- state -----------------------------------------------------------------------------------
 
-    def _postmaster(self) -> tuple[int, int] | None:
-        """(pid, port) of a live server on this pgdata, read from ``postmaster.pid``."""
+    def _postmaster(self) -> tuple[int, int, str] | None:
+        """(pid, port, Unix socket folder or "") of a live server on this pgdata, read from
+        ``postmaster.pid`` (its fifth line names the server's first socket folder)."""
         pidfile = self.pgdata / "postmaster.pid"
         try:
             lines = pidfile.read_text().splitlines()
@@ -203,17 +216,21 @@ class EmbeddedServer:
             return None
         except PermissionError:
             pass
-        return pid, port
+        return pid, port, lines[4].strip() if len(lines) > 4 else ""
 
-    def url(self, port: int, database: str = DATABASE_NAME) -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{database}"
+    def url(self, port: int, socket_dir: str = "", database: str = DATABASE_NAME) -> str:
+        """The libpq URL of ``database``: through the server's Unix socket when it has one (the
+        folder percent-encoded as the host, which libpq and asyncpg read as a socket folder),
+        else TCP on 127.0.0.1."""
+        host = quote(socket_dir, safe="") if socket_dir else "127.0.0.1"
+        return f"postgresql://{SUPERUSER}@{host}:{port}/{database}"
 
     def status(self) -> EmbeddedStatus:
         live = self._postmaster()
         if live is None:
             return EmbeddedStatus(False, self.pgdata, self._stored_port(), None, None)
-        pid, port = live
-        return EmbeddedStatus(True, self.pgdata, port, pid, self.url(port))
+        pid, port, socket_dir = live
+        return EmbeddedStatus(True, self.pgdata, port, pid, self.url(port, socket_dir))
 
     def _stored_port(self) -> int | None:
         try:
@@ -238,7 +255,7 @@ class EmbeddedServer:
         with self._locked():
             live = self._postmaster()
             if live is not None:
-                return self.url(live[1])
+                return self.url(live[1], live[2])
             self._prepare_home()
             if not (self.pgdata / "PG_VERSION").exists():
                 self._initdb()
@@ -259,7 +276,7 @@ class EmbeddedServer:
                         "-l",
                         str(log),
                         "-o",
-                        f"-p {port}",
+                        f"-p {port}{self._socket_options(port)}",
                         "start",
                     ],
                     timeout=90,
@@ -271,7 +288,24 @@ class EmbeddedServer:
                 ) from exc
             self.port_file.write_text(str(port))
             self._ensure_database(port)
-            return self.url(port)
+            live = self._postmaster()
+            return self.url(port, live[2] if live else "")
+
+    def _socket_options(self, port: int) -> str:
+        """The server's options for its Unix socket in ``$FLEET_HOME/run``: a folder of the
+        server's user that nobody else may enter, a socket only that user may open (root may
+        anyway). Nothing when the socket's path would be too long: the server then listens
+        on TCP alone (PostgreSQL would refuse to start instead). pg_ctl runs the server
+        through the shell, hence the quoting."""
+        path = self.socket_dir / f".s.PGSQL.{port}"
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH or "," in str(self.socket_dir):
+            return ""  # (a comma would split unix_socket_directories' list)
+        self.socket_dir.mkdir(exist_ok=True)
+        if self._user:
+            os.chown(self.socket_dir, self._user.pw_uid, self._user.pw_gid)
+        self.socket_dir.chmod(0o700)
+        folder = shlex.quote(str(self.socket_dir))
+        return f" -c unix_socket_directories={folder} -c unix_socket_permissions=0700"
 
     def _initdb(self) -> None:
         self.pgdata.mkdir(parents=True, exist_ok=True)

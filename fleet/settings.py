@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     """Where the embedded server keeps its data (``pgdata/``) and its binaries' copy."""
 
     fleet_embedded_port: int = 0
-    """TCP port of the embedded server on 127.0.0.1; 0 picks a free one at first start."""
+    """Port of the embedded server on 127.0.0.1 and of its Unix socket (``$FLEET_HOME/run``);
+    0 picks a free one at first start."""
 
     fleet_model: str | None = None
     """``offline`` (the rule-based support policy, no LLM) or a model name for an OpenAI-compatible

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
+from tests.urls import server_address
+
 #: Where Debian puts the binary (``/usr/sbin`` is not on every user's PATH).
 _CANDIDATES = ("pgbouncer", "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
 SKIP_REASON = ("PgBouncer is not installed (Debian: apt-get install pgbouncer; "
@@ -79,6 +81,7 @@ def running_pgbouncer(database_url: str, *, pool_size: int = 10,
     if binary is None:
         raise RuntimeError(SKIP_REASON)
     target = urlparse(database_url)
+    host, port_behind = server_address(database_url)
     user = target.username or "postgres"
     password = target.password
     folder = Path(tempfile.mkdtemp(prefix="pgfleet-pgbouncer-"))
@@ -88,7 +91,7 @@ def running_pgbouncer(database_url: str, *, pool_size: int = 10,
     log = folder / "pgbouncer.log"
     config.write_text(f"""\
 [databases]
-* = host={target.hostname} port={target.port or 5432}
+* = host={host} port={port_behind}
 
 [pgbouncer]
 listen_addr = 127.0.0.1

@@ -37,6 +37,7 @@ from fleet.guardrails import REFUSAL
 from tests.mcp_process import MCPProcess, _admin, module_database, module_env, running_mcp
 from tests.pgbouncer import SKIP_REASON, pgbouncer_binary, running_pgbouncer
 from tests.processes import fleet, start_fleet, stop, wait_until
+from tests.urls import as_login
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +50,7 @@ def _password(role: str) -> str:
 
 
 def _login_url(url: str, user: str, password: str) -> str:
-    parts = urlparse(url)
-    return urlunparse(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+    return as_login(url, user, password)
 
 
 @dataclass

@@ -12,10 +12,10 @@ from __future__ import annotations
 import itertools
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 from tests.mcp_process import _admin
 from tests.processes import start_fleet, stop, wait_until
+from tests.urls import as_login
 
 LIMIT = 3
 
@@ -27,8 +27,7 @@ async def test_workers_over_a_connection_limit_slow_down_but_finish_every_messag
 ):
     role = f"fleet_budget_{uuid.uuid4().hex[:8]}"
     _admin(server_url, f"CREATE ROLE {role} LOGIN CONNECTION LIMIT {LIMIT} IN ROLE fleet_worker")
-    parts = urlparse(db_url)
-    url = urlunparse(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    url = as_login(db_url, role)
     total, sessions = 200, 20
     await conn.execute(
         """SELECT fleet.enqueue(session_id => 'budget-' || (g % $2), body => 'm' || g)

@@ -7,10 +7,12 @@ import asyncio
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import pytest
@@ -61,6 +63,16 @@ def test_up_down_status_url_keep_data_and_port(home_env: dict[str, str]):
         status["port"])
     asyncio.run(_scalar(url, "CREATE TABLE kept AS SELECT 42 AS answer"))
 
+    # The URL goes through the server's Unix socket, in a folder nobody else may enter; TCP on
+    # 127.0.0.1 answers too (psql -h, PgBouncer).
+    run = home / "run"
+    assert url.startswith(f"postgresql://postgres@{quote(str(run), safe='')}:{status['port']}/")
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    assert (run / f".s.PGSQL.{status['port']}").is_socket()
+    assert asyncio.run(_scalar(url, "SELECT inet_client_addr() IS NULL")) is True
+    tcp = f"postgresql://postgres@127.0.0.1:{status['port']}/fleet"
+    assert asyncio.run(_scalar(tcp, "SELECT inet_client_addr()::text")) == "127.0.0.1/32"
+
     # psql (the wheel's own) takes the printed URL as it is.
     psql = EmbeddedServer(Settings(fleet_home=home, database_url=None)).install / "bin" / "psql"
     answered = subprocess.run([str(psql), url, "-tAc", "SELECT answer FROM kept"],
@@ -83,3 +95,19 @@ def test_db_commands_refuse_when_database_url_is_set(home_env: dict[str, str]):
     assert done.returncode != 0
     assert "DATABASE_URL is set" in done.stderr and "Traceback" not in done.stderr
     assert not (Path(home_env["FLEET_HOME"]) / "pgdata").exists()
+
+
+def test_a_home_too_deep_for_a_socket_gets_a_server_on_tcp(home_env: dict[str, str]):
+    # A Unix socket's path has at most 107 bytes; PostgreSQL refuses to start when it cannot
+    # create the socket it is given, so a deeper FLEET_HOME is served on TCP alone.
+    deep = Path(home_env["FLEET_HOME"]) / ("d" * 100)
+    deep.mkdir()
+    deep.chmod(0o755)
+    env = dict(home_env, FLEET_HOME=str(deep))
+    try:
+        url = fleet("db", "up", env=env, check=True).stdout.strip()
+        assert url.startswith("postgresql://postgres@127.0.0.1:")
+        assert asyncio.run(_scalar(url, "SELECT inet_client_addr()::text")) == "127.0.0.1/32"
+        assert not (deep / "run").exists()
+    finally:
+        fleet("db", "down", env=env)

@@ -26,6 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from fleet.settings import Settings
 from tests.seeded import RunningServer, mcp_server_in_thread
+from tests.urls import as_login
 
 TOOLS = {
     "lookup_customer": {"customer_id"},
@@ -545,10 +546,7 @@ async def test_least_privilege_role_through_pgbouncer(
     admin = await asyncpg.connect(server_url)
     await admin.execute(f"CREATE ROLE {role} LOGIN IN ROLE fleet_mcp")
     try:
-        from urllib.parse import urlparse, urlunparse
-
-        parts = urlparse(seeded_db)
-        as_role = urlunparse(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+        as_role = as_login(seeded_db, role)
         (order,) = await fresh_orders(db, 1)
         with running_pgbouncer(as_role, pool_size=2) as pooled, \
                 mcp_server_in_thread(pooled, fleet_statement_cache_size=0) as pooled_server:

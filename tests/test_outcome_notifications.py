@@ -9,7 +9,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlparse, urlunparse
 
 import asyncpg
 import pytest
@@ -20,6 +19,7 @@ from fleet.handlers import NoopHandler
 from fleet.outcomes import OutcomeWaits, outcome_ids
 from fleet.worker import Worker
 from tests.mcp_process import _admin
+from tests.urls import as_login
 
 
 @pytest.fixture
@@ -145,8 +145,7 @@ async def test_a_client_whose_role_may_not_mark_polls_instead(
     reply."""
     role = f"fleet_reader_{uuid.uuid4().hex[:8]}"
     _admin(server_url, f"CREATE ROLE {role} LOGIN IN ROLE fleet_approver")
-    parts = urlparse(db_url)
-    url = urlunparse(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+    url = as_login(db_url, role)
     worker = Worker(settings, NoopHandler(work_delay=0.1), concurrency=4)
     running = asyncio.create_task(worker.run())
     try:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import asyncpg
 import pytest
@@ -23,6 +23,7 @@ from pydantic import SecretStr
 
 from fleet.settings import Settings
 from tests.processes import fleet, start_fleet, stop, wait_until
+from tests.urls import as_login
 
 GROUP_ROLES = ("fleet_worker", "fleet_mcp", "fleet_audit_writer", "fleet_approver")
 
@@ -281,9 +282,7 @@ async def test_fleet_prune_as_a_worker_role_is_refused(conn, fleet_env, login_ro
 # -- the fleet runs as these roles ------------------------------------------------------------
 
 def _as_user(url: str, user: str) -> str:
-    parts = urlparse(url)
-    host = f"{parts.hostname}:{parts.port}" if parts.port else parts.hostname
-    return urlunparse(parts._replace(netloc=f"{user}@{host}"))
+    return as_login(url, user)
 
 
 @pytest.fixture

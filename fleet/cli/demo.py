@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import typer
 
@@ -57,6 +57,16 @@ def _port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _server_location(url: str) -> str:
+    """Where a libpq URL points, for the reader: its host, or the embedded server's socket
+    folder (percent-encoded in the URL's host, case kept)."""
+    host = urlparse(url).netloc.rpartition("@")[2]
+    if ":" in host and not host.endswith("]"):  # a port (an IPv6 host is bracketed)
+        host = host.rpartition(":")[0]
+    host = unquote(host)
+    return f"{host} (Unix socket)" if host.startswith("/") else host
+
+
 def _step(text: str) -> None:
     typer.secho(f"\n== {text}", bold=True)
 
@@ -79,7 +89,7 @@ def demo_command(
     env = dict(os.environ)
     _step("database")
     env["DATABASE_URL"] = resolve_url_sync(base)
-    typer.echo(f"PostgreSQL at {urlparse(env['DATABASE_URL']).hostname}"
+    typer.echo(f"PostgreSQL at {_server_location(env['DATABASE_URL'])}"
                f"{' (embedded, data in ' + str(base.fleet_home) + ')' if base.embedded else ''}")
     _step("fleet migrate")
     _fleet("migrate", env=env)
