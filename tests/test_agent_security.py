@@ -49,10 +49,6 @@ def _password(role: str) -> str:
     return f"pw-{role}-{CANARY}"
 
 
-def _login_url(url: str, user: str, password: str) -> str:
-    return as_login(url, user, password)
-
-
 @dataclass
 class Stack:
     url: str  # the owner's (migrations, seeding, test assertions)
@@ -99,7 +95,7 @@ def stack(server_url: str, template_url: str, fleet_home: Path,
             member_of = owner if group == "ops" else group
             _admin(server_url, f"CREATE ROLE {name} LOGIN PASSWORD '{_password(group)}'"
                                f" IN ROLE {member_of}")
-            users[group], urls[group] = name, _login_url(url, name, _password(group))
+            users[group], urls[group] = name, as_login(url, name, _password(group))
         env = module_env(url, fleet_home)
         env.update(FLEET_MODEL="offline", OPENAI_API_KEY=OPENAI_KEY, FLEET_LEASE_SECONDS="3",
                    FLEET_POLL_INTERVAL="0.5", FLEET_RETRY_BASE_SECONDS="0.1",

@@ -281,10 +281,6 @@ async def test_fleet_prune_as_a_worker_role_is_refused(conn, fleet_env, login_ro
 
 # -- the fleet runs as these roles ------------------------------------------------------------
 
-def _as_user(url: str, user: str) -> str:
-    return as_login(url, user)
-
-
 @pytest.fixture
 def login_role(db_url: str, server_url: str) -> Iterator:
     """Create LOGIN roles that inherit a group role; returns a URL for this test's database."""
@@ -306,7 +302,7 @@ def login_role(db_url: str, server_url: str) -> Iterator:
         name = f"{group}_{uuid.uuid4().hex[:8]}"
         admin(f"CREATE ROLE {name} LOGIN IN ROLE {group}")
         created.append(name)
-        return _as_user(db_url, name)
+        return as_login(db_url, name)
 
     yield make
     for name in created:

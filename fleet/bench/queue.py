@@ -552,9 +552,9 @@ async def _wait_for(
 def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for a timed phase run in this process (collected
     first, on again after). This process holds every earlier phase's results, so a collection
-    of its oldest generation takes 100-120 ms here (`bench/gc_timing` logs every process's
-    collections; one landed among the in-process drains of a run, ours and PgQueuer's run in
-    this process, where 110 ms is 7% of a drain's 1.5 s), and it stopped the sustained
+    of its oldest generation takes 83-123 ms here (`bench/gc_timing` logs every process's
+    collections; one of 123 ms landed among the in-process drains of a run, ours and
+    PgQueuer's run in this process, 8% of a drain's 1.5 s), and it stopped the sustained
     phase's producer. A fleet worker process does not collect while it works
     (`fleet.gc_policy`; none did in a whole bench run), nor did PgQueuer's worker processes.
     Reference counting still frees what a phase allocates."""
