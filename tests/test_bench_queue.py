@@ -52,6 +52,8 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
         assert run["messages"] >= int(run["target_rate"] * 1)
         assert 0 <= run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
         assert 0 <= run["steal_percent"] <= 100
+        # The worker process and the database's backends did work for each message.
+        assert run["worker_cpu_us"] > 0 and run["postgres_cpu_us"] > 0, run
 
     plans = report["claim_plans"]
     assert len(plans) == 4

@@ -255,6 +255,12 @@ class SustainedResult(BaseModel):
     load_before: float
     steal_percent: float
     """The machine's CPU time the hypervisor stole during the measured run, in %."""
+    worker_cpu_us: float
+    """The worker process's CPU per message during the measured run (and until it was idle)."""
+    postgres_cpu_us: float
+    """The scratch database's PostgreSQL processes' CPU per message over the same time: the
+    producer's backend, the worker's, any autovacuum. Beside the rate's target it says whether
+    a slow run was one where the same work cost more CPU (the host slower) or not."""
 
 
 class ClaimPlan(BaseModel):
@@ -1068,15 +1074,19 @@ class QueueBench:
         await _wait_for(worker_idle, f"the {system} warm-up messages to finish")
         measured_after = await conn.fetchval(last_id_sql)
         load = _load()
-        host = host_cpu_ticks()
-        achieved, commits = await _produce(rate, seconds, live_send)
-        await _wait_for(worker_idle, f"the {system} sustained-load messages to finish")
-        steal = steal_percent_since(host)
+        worker = psutil.Process(proc.popen.pid)
+        worker_before = sum(worker.cpu_times()[:2])
+        async with self._cpu_meter() as cpu:
+            achieved, commits = await _produce(rate, seconds, live_send)
+            await _wait_for(worker_idle, f"the {system} sustained-load messages to finish")
+            worker_cpu = sum(worker.cpu_times()[:2]) - worker_before
         proc.terminate()
         await proc.wait(60)
         row = await conn.fetchrow(latency_sql, measured_after)
         times = await conn.fetch(times_sql, measured_after)
-        self._add_sustained(system, rate, achieved, commits, times, seconds, row, load, steal)
+        self._add_sustained(
+            system, rate, achieved, commits, times, seconds, row, load, cpu, worker_cpu
+        )
 
     def _add_sustained(
         self,
@@ -1088,7 +1098,8 @@ class QueueBench:
         seconds: float,
         row: asyncpg.Record,
         load: float,
-        steal: float,
+        cpu: _CpuMeter,
+        worker_cpu: float,
     ) -> None:
         quantiles = row["quantiles"] or [0.0, 0.0, 0.0]
         self._latencies[system].extend(t["claimed"] - t["enqueued"] for t in times)
@@ -1098,6 +1109,7 @@ class QueueBench:
         commit = sorted(at - t["enqueued"] for t, at in pairs)
         pickup = sorted(t["claimed"] - at for t, at in pairs)
         per_commit = len(committed_at) / max(len(commits), 1)
+        messages = max(row["total"], 1)
         result = SustainedResult(
             system=system,
             target_rate=round(rate, 1),
@@ -1115,11 +1127,15 @@ class QueueBench:
             pickup_p99_ms=_ms(pickup, 0.99),
             all_done=row["total"] == row["done"] and row["total"] >= int(rate * seconds),
             load_before=load,
-            steal_percent=steal,
+            steal_percent=cpu.steal_percent,
+            worker_cpu_us=round(worker_cpu / messages * 1e6, 1),
+            postgres_cpu_us=round(cpu.postgres / messages * 1e6, 1),
         )
         self.progress(
             f"  p50 {result.p50_ms} ms, p99 {result.p99_ms} ms, max {result.max_ms} ms "
-            f"at {result.achieved_rate:,.0f}/s, host steal {steal:.1f}%"
+            f"at {result.achieved_rate:,.0f}/s, CPU per message: worker "
+            f"{result.worker_cpu_us:.0f} us, postgres {result.postgres_cpu_us:.0f} us, "
+            f"host steal {cpu.steal_percent:.1f}%"
         )
         self.report.sustained.append(result)
 
