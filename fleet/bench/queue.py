@@ -259,8 +259,9 @@ class SustainedResult(BaseModel):
     """The worker process's CPU per message during the measured run (and until it was idle)."""
     postgres_cpu_us: float
     """The scratch database's PostgreSQL processes' CPU per message over the same time: the
-    producer's backend, the worker's, any autovacuum. Beside the rate's target it says whether
-    a slow run was one where the same work cost more CPU (the host slower) or not."""
+    producer's backend, the worker's, an autovacuum that ran a second or more. Beside the
+    rate's target it says whether a slow run was one where the same work cost more CPU (the
+    host slower) or not."""
 
 
 class ClaimPlan(BaseModel):
@@ -414,13 +415,19 @@ class _CpuMeter:
     """CPU seconds a phase cost: this process, worker subprocesses it reaped, and the PostgreSQL
     processes whose title names the scratch database (its backends and autovacuum workers).
 
-    Backends come and go with the workers' pools, so they are sampled every 50 ms; one started
-    during the phase counts from zero, one that existed before counts from its first sample.
+    Backends come and go with the workers' pools, so they are sampled every ``interval``
+    seconds (50 ms); one started during the phase counts from zero, one that existed before
+    counts from its first sample. The sampler runs in this process's event loop, beside the
+    sustained phase's producer, which it would delay: there it samples once a second (its
+    backends live through the run; an autovacuum shorter than that is missed).
     """
 
-    def __init__(self, postmaster: psutil.Process | None, database: str) -> None:
+    def __init__(
+        self, postmaster: psutil.Process | None, database: str, interval: float = 0.05
+    ) -> None:
         self.postmaster = postmaster
         self.database = database
+        self.interval = interval
         self.workers = 0.0
         self.postgres = 0.0
         self.steal_percent = 0.0
@@ -478,7 +485,7 @@ class _CpuMeter:
         while not self._stop.is_set():
             self._sample()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), 0.05)
+                await asyncio.wait_for(self._stop.wait(), self.interval)
 
     async def __aenter__(self) -> _CpuMeter:
         self._started = time.time()
@@ -802,8 +809,8 @@ class QueueBench:
             self.report.environment["worker_startup_cpu_seconds"] = round(self._startup_cpu, 3)
         return self._startup_cpu
 
-    def _cpu_meter(self) -> _CpuMeter:
-        return _CpuMeter(self.postmaster, self.database)
+    def _cpu_meter(self, interval: float = 0.05) -> _CpuMeter:
+        return _CpuMeter(self.postmaster, self.database, interval)
 
     async def _drains(self) -> None:
         """The in-process drains, repeated round-robin so load drift hits every system alike."""
@@ -1076,7 +1083,7 @@ class QueueBench:
         load = _load()
         worker = psutil.Process(proc.popen.pid)
         worker_before = sum(worker.cpu_times()[:2])
-        async with self._cpu_meter() as cpu:
+        async with self._cpu_meter(interval=1.0) as cpu:
             achieved, commits = await _produce(rate, seconds, live_send)
             await _wait_for(worker_idle, f"the {system} sustained-load messages to finish")
             worker_cpu = sum(worker.cpu_times()[:2]) - worker_before
