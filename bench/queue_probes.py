@@ -37,6 +37,7 @@ import os
 import pathlib
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -635,7 +636,9 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                                if (t["claimed"] - t["enqueued"]) * 1000 >= p99)
     result = qb.report.sustained[-1]
     print(f"run {run}: {result.achieved_rate:,.0f}/s, p50 {result.p50_ms} ms,"
-          f" p90 {result.p90_ms} ms, p99 {result.p99_ms} ms, max {result.max_ms} ms")
+          f" p90 {result.p90_ms} ms, p99 {result.p99_ms} ms, max {result.max_ms} ms;"
+          f" CPU per message: worker {result.worker_cpu_us:.0f} us,"
+          f" PostgreSQL {result.postgres_cpu_us:.0f} us")
     print("  messages at or over the p99, by enqueue time (s after the first):",
           sorted(late.items()))
     # Where the late ones lost their time: waiting for their enqueue's commit (the producer's
@@ -661,13 +664,14 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
     for command, cost_delay, began, ended in by_hand_runs:
         print(f"  {command} (by hand, cost delay {cost_delay:g} ms)"
               f" from {began - t0:+.2f} to {ended - t0:+.2f} s")
-        for label, inside in (("during it", True), ("the rest of the run", False)):
-            samples = [seen for at, seen in waits
-                       if t0 <= at <= t0 + args.seconds and (began <= at <= ended) == inside]
-            counted = collections.Counter(w for seen in samples for w in seen)
-            print(f"  active queue backends per sample, {label} ({len(samples)} samples):",
-                  ", ".join(f"{w} {n / max(len(samples), 1):.2f}"
-                            for w, n in counted.most_common(6)))
+        _print_waits(waits, t0, args.seconds, "during it",
+                     lambda at, b=began, e=ended: b <= at <= e)
+    # What the queue's backends waited on while the late messages waited (from 0.1 s before
+    # the tenth of a second they were enqueued in to 0.2 s after), against the rest of the run.
+    late_at = [t0 + at for at, parts in split.items() if len(parts) >= 10]
+    if late_at:
+        _print_waits(waits, t0, args.seconds, "around the late messages",
+                     lambda at: any(w - 0.1 <= at <= w + 0.2 for w in late_at))
     _print_wal_spikes(wal, t0, args.seconds)
     if fsyncs is not None:
         slow = [(at - t0, ms) for at, ms in fsyncs.slow if 0 <= at - t0 <= args.seconds + 0.1]
@@ -677,6 +681,17 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
     if during:
         print(f"  steal: mean {100 * sum(during) / len(during):.1f}%,"
               f" worst 0.1 s {100 * max(during):.1f}% of the CPUs")
+
+
+def _print_waits(waits: list[tuple[float, list[str]]], t0: float, seconds: float, label: str,
+                 inside: Callable[[float], bool]) -> None:
+    """The queue backends' wait events per sample, in the samples ``inside`` picks and in the
+    rest of the run."""
+    for name, wanted in ((label, True), ("the rest of the run", False)):
+        samples = [seen for at, seen in waits if t0 <= at <= t0 + seconds and inside(at) == wanted]
+        counted = collections.Counter(w for seen in samples for w in seen)
+        print(f"  active queue backends per sample, {name} ({len(samples)} samples):",
+              ", ".join(f"{w} {n / max(len(samples), 1):.2f}" for w, n in counted.most_common(6)))
 
 
 async def soak(args: argparse.Namespace) -> None:
