@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import asyncpg
 
@@ -30,6 +31,18 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
 )
+
+
+def server_address(url: str) -> tuple[str, int | None]:
+    """(host, port) of a libpq URL as written: the host unquoted and with its case kept, so a
+    Unix socket's folder (the embedded server's URL names one, percent-encoded) comes back as
+    the path it is; ``urlparse().hostname`` lower-cases it."""
+    host = urlparse(url).netloc.rpartition("@")[2]
+    port = None
+    if ":" in host and not host.endswith("]"):  # a port (an IPv6 host is bracketed)
+        host, _, number = host.rpartition(":")
+        port = int(number) if number else None
+    return unquote(host), port
 
 
 async def resolve_url(settings: Settings) -> str:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
-from tests.urls import server_address
+from fleet.database import server_address
 
 #: Where Debian puts the binary (``/usr/sbin`` is not on every user's PATH).
 _CANDIDATES = ("pgbouncer", "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
@@ -91,7 +91,7 @@ def running_pgbouncer(database_url: str, *, pool_size: int = 10,
     log = folder / "pgbouncer.log"
     config.write_text(f"""\
 [databases]
-* = host={host} port={port_behind}
+* = host={host} port={port_behind or 5432}
 
 [pgbouncer]
 listen_addr = 127.0.0.1

@@ -17,6 +17,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
+from fleet.database import server_address
 from fleet.embedded import EmbeddedServer
 from fleet.settings import Settings
 from tests.processes import fleet
@@ -67,6 +68,7 @@ def test_up_down_status_url_keep_data_and_port(home_env: dict[str, str]):
     # 127.0.0.1 answers too (psql -h, PgBouncer).
     run = home / "run"
     assert url.startswith(f"postgresql://postgres@{quote(str(run), safe='')}:{status['port']}/")
+    assert server_address(url) == (str(run), status["port"])
     assert stat.S_IMODE(run.stat().st_mode) == 0o700
     assert (run / f".s.PGSQL.{status['port']}").is_socket()
     assert asyncio.run(_scalar(url, "SELECT inet_client_addr() IS NULL")) is True

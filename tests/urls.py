@@ -7,24 +7,11 @@ written: ``urlparse().hostname`` lower-cases it, which would change the folder.
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlparse, urlunparse
-
-
-def host_and_port(url: str) -> str:
-    """The URL's ``host:port`` (or host) exactly as written."""
-    return urlparse(url).netloc.rpartition("@")[2]
+from urllib.parse import urlparse, urlunparse
 
 
 def as_login(url: str, user: str, password: str | None = None) -> str:
     """``url`` with ``user`` (and ``password``) as its login, same server and database."""
-    login = f"{user}:{password}" if password else user
-    return urlunparse(urlparse(url)._replace(netloc=f"{login}@{host_and_port(url)}"))
-
-
-def server_address(url: str) -> tuple[str, int]:
-    """(host or socket folder, port) for programs configured with the two apart (PgBouncer)."""
     parts = urlparse(url)
-    host = host_and_port(url)
-    if ":" in host and not host.endswith("]"):
-        host = host.rpartition(":")[0]
-    return unquote(host), parts.port or 5432
+    login = f"{user}:{password}" if password else user
+    return urlunparse(parts._replace(netloc=f"{login}@{parts.netloc.rpartition('@')[2]}"))

@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import typer
 
@@ -58,12 +58,10 @@ def _port_in_use(host: str, port: int) -> bool:
 
 
 def _server_location(url: str) -> str:
-    """Where a libpq URL points, for the reader: its host, or the embedded server's socket
-    folder (percent-encoded in the URL's host, case kept)."""
-    host = urlparse(url).netloc.rpartition("@")[2]
-    if ":" in host and not host.endswith("]"):  # a port (an IPv6 host is bracketed)
-        host = host.rpartition(":")[0]
-    host = unquote(host)
+    """Where a libpq URL points, for the reader: its host, or a Unix socket's folder."""
+    from fleet.database import server_address
+
+    host, _ = server_address(url)
     return f"{host} (Unix socket)" if host.startswith("/") else host
 
 
