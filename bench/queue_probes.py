@@ -20,6 +20,7 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
                                                  [--watch-fsync]
     python bench/queue_probes.py history-reads [--finished 1000000 3000000]
                                                [--approvals 100000 300000]
+    python bench/queue_probes.py transport [--rounds 4] [--messages 20000]
 
 Backend CPU is read from /proc for the connection's own backend, so the server must be local.
 """
@@ -35,6 +36,7 @@ import itertools
 import json
 import os
 import pathlib
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -840,6 +842,46 @@ async def _explained(conn: asyncpg.Connection, sql: str, params: tuple[Any, ...]
     return f"{took.split(': ')[1]}, {buffers}"
 
 
+async def transport(args: argparse.Namespace) -> None:
+    """The bench's in-process drains (ours one and 100 per session, PgQueuer's), each in a fresh
+    scratch database, through the embedded server's loopback TCP and through its Unix socket,
+    rounds alternating which goes first; medians of each. Runs on uvloop, as `fleet bench
+    queue` does (main)."""
+    from fleet.embedded import EmbeddedServer
+
+    if Settings().database_url:
+        raise SystemExit("transport compares the embedded server's listeners: unset DATABASE_URL")
+    server = EmbeddedServer(Settings())
+    server.ensure_running()
+    status = server.status()
+    assert status.port is not None and status.url is not None
+    urls = {"tcp": server.url(status.port), "socket": status.url}
+    if urls["tcp"] == urls["socket"]:
+        raise SystemExit("the embedded server has no Unix socket (FLEET_HOME too deep?)")
+    runs: dict[tuple[str, str], list[bench._DrainRun]] = collections.defaultdict(list)
+    for rnd in range(args.rounds):
+        for kind in ("tcp", "socket") if rnd % 2 == 0 else ("socket", "tcp"):
+            qb = bench.QueueBench(Settings(database_url=urls[kind]),
+                                  bench.QueueBenchConfig(messages=args.messages))
+            async with qb.opened():
+                for layout in ("one-per-session", "many-per-session"):
+                    runs[kind, layout].append(await qb._fleet_drain_once(layout, None))
+                qb.pgq_conn = await asyncpg.connect(qb.url)
+                try:
+                    await qb._pgq_install()
+                    runs[kind, "pgqueuer"].append(await qb._pgq_drain_once())
+                finally:
+                    await qb.pgq_conn.close()
+            for what in ("one-per-session", "many-per-session", "pgqueuer"):
+                print(f"round {rnd + 1}, {kind}, {what}: {runs[kind, what][-1].describe()}",
+                      flush=True)
+    for (kind, what), done in sorted(runs.items()):
+        print(f"{kind} {what}: median {statistics.median(r.rate for r in done):,.0f}/s;"
+              f" worker {', '.join(f'{r.worker_cpu * 1e6:.0f}' for r in done)} us,"
+              f" PostgreSQL {', '.join(f'{r.postgres_cpu * 1e6:.0f}' for r in done)} us"
+              " per message")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -870,6 +912,9 @@ def main() -> None:
     history = commands.add_parser("history-reads")
     history.add_argument("--finished", type=int, nargs="+", default=[1_000_000, 3_000_000])
     history.add_argument("--approvals", type=int, nargs="+", default=[100_000, 300_000])
+    wire = commands.add_parser("transport")
+    wire.add_argument("--rounds", type=int, default=4)
+    wire.add_argument("--messages", type=int, default=20_000)
     trace = commands.add_parser("sustained-trace")
     trace.add_argument("--rate", type=float, default=3000.0)
     trace.add_argument("--seconds", type=float, default=10.0)
@@ -895,8 +940,13 @@ def main() -> None:
              "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
              "cycle-split": cycle_split, "cycle-ceiling": cycle_ceiling,
              "repair-heads": repair_heads, "stale-stats": stale_stats, "soak": soak,
-             "history-reads": history_reads}[args.command]
-    asyncio.run(probe(args))
+             "history-reads": history_reads, "transport": transport}[args.command]
+    if args.command == "transport":  # its drains are the bench's, so is its event loop
+        from fleet.cli.app import run
+
+        run(lambda: probe(args))
+    else:
+        asyncio.run(probe(args))
 
 
 if __name__ == "__main__":
