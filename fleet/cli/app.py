@@ -31,6 +31,8 @@ JsonOption = typer.Option(False, "--json", help="Print one JSON document on stdo
 #: The most rows a listing prints (a bigger --limit is refused by the option parser, not
 #: passed on to PostgreSQL as a number it cannot hold).
 MAX_LIST_LIMIT = 100_000
+#: The longest retention a prune command takes (a hundred years), a guard against a typo
+MAX_RETENTION_DAYS = 36_500
 
 
 def settings() -> Settings:
@@ -69,6 +71,14 @@ def run_on_connection(
             await conn.close()
 
     return run(go)
+
+
+def check_retention_days(days: int) -> None:
+    """``--older-than DAYS`` of the prune commands (messages, audit log): 1 to 36500."""
+    from fleet.errors import InvalidInput
+
+    if not 1 <= days <= MAX_RETENTION_DAYS:
+        raise InvalidInput(f"--older-than must be between 1 and {MAX_RETENTION_DAYS} days")
 
 
 def _plain(value: Any) -> Any:

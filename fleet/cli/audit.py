@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from fleet.cli.app import JsonOption, app, emit_json, run_on_connection
-from fleet.errors import InvalidInput
+from fleet.cli.app import JsonOption, app, check_retention_days, emit_json, run_on_connection
 
 if TYPE_CHECKING:
     import asyncpg
@@ -34,10 +33,8 @@ def prune_command(
     as_json: bool = JsonOption,
 ) -> None:
     """Delete audit rows older than DAYS days; prints how many were deleted."""
-    if older_than < 1:
-        raise InvalidInput("--older-than must be at least 1 day")
-    if older_than > 36_500:
-        raise InvalidInput("--older-than must be at most 36500 days")
+    check_retention_days(older_than)
+
     async def prune(conn: asyncpg.Connection) -> int:
         return int(await conn.fetchval(PRUNE, older_than))
 

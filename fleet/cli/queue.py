@@ -13,6 +13,7 @@ from fleet.cli.app import (
     MAX_LIST_LIMIT,
     JsonOption,
     app,
+    check_retention_days,
     emit_json,
     emit_table,
     run,
@@ -268,8 +269,7 @@ def prune_command(
     batch per transaction. Live messages stay, and so do those an approval refers to. A
     pruned message's dedupe key can be enqueued again. Run it as the schema's owner (the
     role that runs fleet migrate); the audit log has its own: fleet audit prune."""
-    if not 1 <= older_than <= 36_500:
-        raise InvalidInput("--older-than must be between 1 and 36500 days")
+    check_retention_days(older_than)
     from datetime import timedelta
 
     from fleet import queue
