@@ -17,7 +17,8 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
                                                  [--no-autovacuum] [--analyze-after S]
                                                  [--vacuum-after S] [--vacuum-cost-delay MS]
                                                  [--vacuum-command SQL]
-                                                 [--watch-fsync]
+                                                 [--watch-fsync] [--cycle-log]
+                                                 [--pause-worker AT SECONDS]
     python bench/queue_probes.py history-reads [--finished 1000000 3000000]
                                                [--approvals 100000 300000]
     python bench/queue_probes.py transport [--rounds 4] [--messages 20000]
@@ -37,6 +38,7 @@ import json
 import os
 import pathlib
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -489,13 +491,13 @@ async def stale_stats(args: argparse.Namespace) -> None:
 
 class FsyncWatch(threading.Thread):
     """Writes and fdatasyncs 8 kB of a file under FLEET_HOME (the embedded server's disk) every
-    2 ms, and keeps the flushes that took over 4 ms: (wall-clock start, ms). A stall of the
-    device shows here whatever the database does."""
+    2 ms, and keeps every flush: (wall-clock start, ms). A stall of the device shows here
+    whatever the database does, and so does a device slower for a whole run."""
 
     def __init__(self, home: pathlib.Path) -> None:
         super().__init__(daemon=True)
         self.path = home / "fsync-watch.probe"
-        self.slow: list[tuple[float, float]] = []
+        self.flushes: list[tuple[float, float]] = []
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -506,8 +508,7 @@ class FsyncWatch(threading.Thread):
                 started = time.perf_counter()
                 os.fdatasync(fd)
                 took = time.perf_counter() - started
-                if took > 0.004:
-                    self.slow.append((time.time() - took, took * 1000))
+                self.flushes.append((time.time() - took, took * 1000))
                 time.sleep(0.002)
         finally:
             os.close(fd)
@@ -531,18 +532,58 @@ FROM pg_stat_activity WHERE datname = current_database()
 async def sustained_trace(args: argparse.Namespace) -> None:
     """The queue bench's sustained phase (pgfleet), with each message's latency kept: where the
     messages over the p99 fall in the run, when backends started, when autovacuum ran and how
-    much CPU the host stole."""
+    much CPU the host stole. ``--cycle-log``: the worker's every call, from bench/cycle_log.
+    ``--pause-worker AT SECONDS``: the worker process stopped (SIGSTOP) for a while, as a
+    stall of the host would, and how long it then takes to catch up."""
     captured: dict[str, Any] = {}
     add = bench.QueueBench._add_sustained
+    produce = bench._produce
 
     def keep(self: bench.QueueBench, system, rate, achieved, commits, times, *rest) -> None:
         captured["times"] = times
         captured["commits"] = commits
         add(self, system, rate, achieved, commits, times, *rest)
 
+    async def produce_with_worker(rate: float, seconds: float, send: Any) -> Any:
+        # Each run produces twice: the unmeasured warm-up, then the measured load.
+        captured["produced"] += 1
+        if captured["produced"] < 2:
+            return await produce(rate, seconds, send)
+        worker = next(p for p in psutil.Process().children(recursive=True)
+                      if "worker" in p.cmdline())
+        captured["worker_pid"] = worker.pid
+        pausing = None
+        if args.pause_worker is not None:
+            pausing = asyncio.create_task(_pause(worker, *args.pause_worker))
+        try:
+            return await produce(rate, seconds, send)
+        finally:
+            if pausing is not None:
+                captured["paused"] = await pausing
+
     bench.QueueBench._add_sustained = keep  # type: ignore[method-assign]
+    bench._produce = produce_with_worker
+    if args.cycle_log:
+        captured["cycle_log"] = pathlib.Path(tempfile.mkdtemp(prefix="fleet-cycle-log-"))
+        os.environ["CYCLE_LOG_DIR"] = str(captured["cycle_log"])
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(pathlib.Path(__file__).parent / "cycle_log"),
+             *filter(None, [os.environ.get("PYTHONPATH")])])
     for run in range(args.runs):
+        captured["produced"] = 0
         await _traced_run(args, run + 1, captured)
+
+
+async def _pause(worker: psutil.Process, at: float, seconds: float) -> tuple[float, float]:
+    """Stop ``worker`` ``at`` s from now for ``seconds`` s; (stopped, continued), wall clock."""
+    await asyncio.sleep(at)
+    worker.suspend()
+    stopped = time.time()
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        worker.resume()
+    return stopped, time.time()
 
 
 async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, Any]) -> None:
@@ -676,13 +717,75 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
                      lambda at: any(w - 0.1 <= at <= w + 0.2 for w in late_at))
     _print_wal_spikes(wal, t0, args.seconds)
     if fsyncs is not None:
-        slow = [(at - t0, ms) for at, ms in fsyncs.slow if 0 <= at - t0 <= args.seconds + 0.1]
-        print(f"  fdatasync of a probe file beside the data over 4 ms: {len(slow)} times:",
-              ", ".join(f"{at:+.2f} s {ms:.0f} ms" for at, ms in slow))
+        during = [(at - t0, ms) for at, ms in fsyncs.flushes if 0 <= at - t0 <= args.seconds + 0.1]
+        took = sorted(ms for _, ms in during) or [float("nan")]
+        print(f"  fdatasync of a probe file beside the data: {len(during)} flushes, p50"
+              f" {took[len(took) // 2]:.2f} ms, p90 {took[int(0.9 * len(took))]:.2f} ms;"
+              f" over 4 ms {sum(ms > 4 for ms in took)} times:",
+              ", ".join(f"{at:+.2f} s {ms:.0f} ms" for at, ms in during if ms > 4))
     during = [share for at, share in steal if t0 <= at <= t0 + args.seconds]
     if during:
         print(f"  steal: mean {100 * sum(during) / len(during):.1f}%,"
               f" worst 0.1 s {100 * max(during):.1f}% of the CPUs")
+    catching_up = None
+    if "paused" in captured:
+        catching_up = _print_catch_up(times, t0, *captured.pop("paused"))
+    if "cycle_log" in captured:
+        _print_calls(captured["cycle_log"] / f"cycles-{captured['worker_pid']}.txt", t0,
+                     args.seconds, late_at, catching_up)
+
+
+def _print_catch_up(
+    times: list[Any], t0: float, stopped: float, continued: float
+) -> tuple[float, float]:
+    """When the worker, stopped for a while, had worked off what piled up meanwhile: the first
+    message enqueued after it went on that was claimed within 10 ms (claims take the oldest
+    first, so by then the backlog was gone). Returns (went on, caught up)."""
+    prompt = [t["enqueued"] for t in times
+              if t["enqueued"] >= continued and (t["claimed"] - t["enqueued"]) * 1000 <= 10]
+    caught_up = min(prompt, default=t0 + times[-1]["enqueued"] - times[0]["enqueued"])
+    print(f"  worker stopped from {stopped - t0:+.2f} to {continued - t0:+.2f} s; caught up at"
+          f" {caught_up - t0:+.2f} s, {caught_up - continued:.2f} s after it went on (the first"
+          " message enqueued after that was claimed within 10 ms)")
+    return continued, caught_up
+
+
+def _print_calls(
+    path: pathlib.Path,
+    t0: float,
+    seconds: float,
+    late_at: list[float],
+    catching_up: tuple[float, float] | None,
+) -> None:
+    """The worker's calls (bench/cycle_log) per 0.1 s: how many, how many messages they
+    claimed and how many came back full (a backlog), and how long they took; for the whole
+    run, while it caught up after a pause (its rate with a backlog, the producer still
+    sending), and each tenth of a second from 0.3 s before the late messages to 0.3 s after."""
+    calls = [tuple(map(float, line.split())) for line in path.read_text().splitlines()]
+    calls = [c for c in calls if t0 <= c[0] <= t0 + seconds]
+    tenths: dict[int, list[tuple[float, ...]]] = collections.defaultdict(list)
+    for call in calls:
+        tenths[int((call[0] - t0) * 10)].append(call)
+
+    def describe(group: list[tuple[float, ...]]) -> str:
+        took = sorted(c[1] for c in group)
+        return (f"{len(group)} calls, {sum(c[4] for c in group):,.0f} claimed,"
+                f" {sum(c[4] == c[3] for c in group)} full, call p50 {took[len(took) // 2]:.2f}"
+                f" ms, max {took[-1]:.2f} ms")
+
+    if calls:
+        print(f"  the worker's calls over the run, per 0.1 s: {len(calls) / seconds / 10:.0f}"
+              f" calls, {sum(c[4] for c in calls) / seconds / 10:.0f} claimed; in all:"
+              f" {describe(calls)}")
+    if catching_up is not None and catching_up[1] - catching_up[0] >= 0.2:
+        went_on, caught_up = catching_up
+        backlog = [c for c in calls if went_on <= c[0] <= caught_up]
+        print(f"  while it caught up, {caught_up - went_on:.2f} s: {describe(backlog)};"
+              f" {sum(c[4] for c in backlog) / (caught_up - went_on):,.0f} claimed a second")
+    shown = sorted({t + d for t in (int((at - t0) * 10) for at in late_at) for d in range(-3, 4)})
+    for tenth in shown:
+        if tenths.get(tenth):
+            print(f"    +{tenth / 10:.1f} s: {describe(tenths[tenth])}")
 
 
 def _print_waits(waits: list[tuple[float, list[str]]], t0: float, seconds: float, label: str,
@@ -921,7 +1024,14 @@ def main() -> None:
     trace.add_argument("--runs", type=int, default=3)
     trace.add_argument("--no-autovacuum", action="store_true")
     trace.add_argument("--watch-fsync", action="store_true",
-                       help="flush a probe file under FLEET_HOME every 2 ms, list slow flushes")
+                       help="flush a probe file under FLEET_HOME every 2 ms; report its flush"
+                            " times and the slow flushes")
+    trace.add_argument("--cycle-log", action="store_true",
+                       help="log the worker's every call (bench/cycle_log) and show them"
+                            " around the late messages")
+    trace.add_argument("--pause-worker", type=float, nargs=2, metavar=("AT", "SECONDS"),
+                       help="stop the worker process AT s into the measured load for SECONDS s"
+                            " and report when it has caught up")
     trace.add_argument("--analyze-after", type=float, default=None,
                        help="ANALYZE fleet.messages by hand this many seconds after setup starts")
     trace.add_argument("--vacuum-after", type=float, default=None,

@@ -1,0 +1,62 @@
+"""Log every call a ``fleet worker`` process makes to claim (BENCHMARKS.md, "the worker's calls").
+
+Put this folder on ``PYTHONPATH`` and set ``CYCLE_LOG_DIR``: Python imports this module at
+start-up in every process, and in a ``fleet worker`` process it wraps
+``fleet.queue.finish_and_claim`` (the worker looks it up at each call; a call with no outcomes
+claims alone). Twice a second the process appends its calls to ``$CYCLE_LOG_DIR/cycles-<pid>.txt``,
+one line each:
+
+    <unix time the call started> <ms it took> <outcomes written> <messages asked> <claimed>
+
+``python bench/queue_probes.py sustained-trace --cycle-log`` sets both and reads the files back:
+how many calls the worker made, how long they took and how full they came back, around the
+late messages. Other processes are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+_DIR = os.environ.get("CYCLE_LOG_DIR")
+
+
+def _install(directory: str) -> None:
+    import fleet.queue
+
+    calls: list[tuple[float, float, int, int, int]] = []
+    finish_and_claim = fleet.queue.finish_and_claim
+
+    async def logged(db, worker_id, limit, lease_seconds, outcomes, **kwargs):  # type: ignore[no-untyped-def]
+        started, clock = time.time(), time.perf_counter()
+        finished, claimed = await finish_and_claim(
+            db, worker_id, limit, lease_seconds, outcomes, **kwargs
+        )
+        calls.append(
+            (started, (time.perf_counter() - clock) * 1000, len(outcomes), limit, len(claimed))
+        )
+        return finished, claimed
+
+    fleet.queue.finish_and_claim = logged
+
+    def write_twice_a_second(path: str) -> None:
+        while True:
+            time.sleep(0.5)
+            taken = calls[:]
+            del calls[: len(taken)]
+            with open(path, "a") as out:
+                out.writelines(
+                    f"{at:.6f} {ms:.3f} {written} {asked} {claimed}\n"
+                    for at, ms, written, asked, claimed in taken
+                )
+
+    threading.Thread(
+        target=write_twice_a_second, args=(os.path.join(directory, f"cycles-{os.getpid()}.txt"),),
+        daemon=True, name="cycle-log",
+    ).start()
+
+
+if _DIR and sys.argv[1:2] == ["worker"]:
+    _install(_DIR)
