@@ -368,10 +368,11 @@ $$;
 -- "Has the session a live head?" is asked in three places below (the election at an
 -- enqueue's commit, promote_heads, headless_sessions for the repairs), each written out as two
 -- index probes: the session's earliest waiting message (messages_session_waiting), and
--- whether it is the head; a message running (messages_running). A session's live head is always its earliest live
--- message: heads are elected and promoted in id order, only a head is ever claimed, and every
--- way back to 'queued' (retry, release, rescue, unpark) starts from a head. So a waiting
--- head, if any, is the earliest waiting message, and a running message is the head.
+-- whether it is the head; a message running (messages_running). A session's live head is
+-- always its earliest live message: heads are elected and promoted in id order, only a head
+-- is ever claimed, and every way back to 'queued' (retry, release, rescue, unpark) starts
+-- from a head. So a waiting head, if any, is the earliest waiting message, and a running
+-- message is the head.
 --
 -- In a WHERE clause each probe is a subquery with LIMIT 1 (scalar or LATERAL), never NOT
 -- EXISTS. The planner turns NOT EXISTS there into an anti join planned on the table's
@@ -655,8 +656,7 @@ $$;
 
 -- Which of these sessions look headless without locking anything: waiting messages, the
 -- earliest of them not the head, and nothing running (the live-head probes above). An answer
--- as of this statement's snapshot: callers that act on it lock and look again
--- (promote_heads).
+-- as of this statement's snapshot: callers that act on it lock and look again (promote_heads).
 CREATE OR REPLACE FUNCTION fleet.headless_sessions(sessions text[]) RETURNS SETOF text
 LANGUAGE sql STABLE AS $$
     SELECT w.session_id
@@ -678,11 +678,10 @@ $$;
 -- a first look without locks keeps all but the first from locking the session (a FOR UPDATE
 -- that a worker finishing the session's head would wait for): only sessions that look
 -- headless (headless_sessions) are locked and promoted, promote_heads looking again under the
--- lock. A session
--- that looks headed needs nothing: a waiting head stays one until claimed, and a running
--- head's finish promotes its successor under the session's lock with a snapshot taken after
--- that lock, so it sees every message committed before this look (the notifying enqueue's
--- included).
+-- lock. A session that looks headed needs nothing: a waiting head stays one until claimed,
+-- and a running head's finish promotes its successor under the session's lock with a
+-- snapshot taken after that lock, so it sees every message committed before this look (the
+-- notifying enqueue's included).
 CREATE OR REPLACE FUNCTION fleet.repair_sessions(sessions text[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
