@@ -743,10 +743,14 @@ def _print_catch_up(
     first, so by then the backlog was gone). Returns (went on, caught up)."""
     prompt = [t["enqueued"] for t in times
               if t["enqueued"] >= continued and (t["claimed"] - t["enqueued"]) * 1000 <= 10]
-    caught_up = min(prompt, default=t0 + times[-1]["enqueued"] - times[0]["enqueued"])
-    print(f"  worker stopped from {stopped - t0:+.2f} to {continued - t0:+.2f} s; caught up at"
-          f" {caught_up - t0:+.2f} s, {caught_up - continued:.2f} s after it went on (the first"
-          " message enqueued after that was claimed within 10 ms)")
+    paused = f"  worker stopped from {stopped - t0:+.2f} to {continued - t0:+.2f} s;"
+    if not prompt:
+        last = times[-1]["enqueued"]
+        print(f"{paused} not caught up by the run's last message ({last - t0:+.2f} s)")
+        return continued, last
+    caught_up = min(prompt)
+    print(f"{paused} caught up at {caught_up - t0:+.2f} s, {caught_up - continued:.2f} s after"
+          " it went on (the first message enqueued after that was claimed within 10 ms)")
     return continued, caught_up
 
 
@@ -780,8 +784,9 @@ def _print_calls(
     if catching_up is not None and catching_up[1] - catching_up[0] >= 0.2:
         went_on, caught_up = catching_up
         backlog = [c for c in calls if went_on <= c[0] <= caught_up]
-        print(f"  while it caught up, {caught_up - went_on:.2f} s: {describe(backlog)};"
-              f" {sum(c[4] for c in backlog) / (caught_up - went_on):,.0f} claimed a second")
+        print(f"  while it worked off the backlog, {caught_up - went_on:.2f} s:"
+              f" {describe(backlog)}; {sum(c[4] for c in backlog) / (caught_up - went_on):,.0f}"
+              " claimed a second")
     shown = sorted({t + d for t in (int((at - t0) * 10) for at in late_at) for d in range(-3, 4)})
     for tenth in shown:
         if tenths.get(tenth):

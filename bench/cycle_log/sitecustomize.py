@@ -2,9 +2,9 @@
 
 Put this folder on ``PYTHONPATH`` and set ``CYCLE_LOG_DIR``: Python imports this module at
 start-up in every process, and in a ``fleet worker`` process it wraps
-``fleet.queue.finish_and_claim`` (the worker looks it up at each call; a call with no outcomes
-claims alone). Twice a second the process appends its calls to ``$CYCLE_LOG_DIR/cycles-<pid>.txt``,
-one line each:
+``fleet.queue.finish_and_claim``, which the worker looks up at each call (with no outcomes to
+write it only claims). Twice a second the process appends its calls to
+``$CYCLE_LOG_DIR/cycles-<pid>.txt``, one line each:
 
     <unix time the call started> <ms it took> <outcomes written> <messages asked> <claimed>
 
@@ -19,6 +19,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
 
 _DIR = os.environ.get("CYCLE_LOG_DIR")
 
@@ -29,7 +31,14 @@ def _install(directory: str) -> None:
     calls: list[tuple[float, float, int, int, int]] = []
     finish_and_claim = fleet.queue.finish_and_claim
 
-    async def logged(db, worker_id, limit, lease_seconds, outcomes, **kwargs):  # type: ignore[no-untyped-def]
+    async def logged(
+        db: Any,
+        worker_id: str,
+        limit: int,
+        lease_seconds: float,
+        outcomes: Sequence[Any],
+        **kwargs: Any,
+    ) -> tuple[set[int], list[Any]]:
         started, clock = time.time(), time.perf_counter()
         finished, claimed = await finish_and_claim(
             db, worker_id, limit, lease_seconds, outcomes, **kwargs
