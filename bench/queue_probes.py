@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
 import contextlib
 import datetime
@@ -718,10 +719,10 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
     _print_wal_spikes(wal, t0, args.seconds)
     if fsyncs is not None:
         during = [(at - t0, ms) for at, ms in fsyncs.flushes if 0 <= at - t0 <= args.seconds + 0.1]
-        took = sorted(ms for _, ms in during) or [float("nan")]
+        took = sorted(ms / 1000 for _, ms in during)
         print(f"  fdatasync of a probe file beside the data: {len(during)} flushes, p50"
-              f" {took[len(took) // 2]:.2f} ms, p90 {took[int(0.9 * len(took))]:.2f} ms;"
-              f" over 4 ms {sum(ms > 4 for ms in took)} times:",
+              f" {bench._ms(took, 0.5)} ms, p90 {bench._ms(took, 0.9)} ms;"
+              f" over 4 ms {sum(ms > 4 for _, ms in during)} times:",
               ", ".join(f"{at:+.2f} s {ms:.0f} ms" for at, ms in during if ms > 4))
     during = [share for at, share in steal if t0 <= at <= t0 + args.seconds]
     if during:
@@ -764,7 +765,9 @@ def _print_calls(
     """The worker's calls (bench/cycle_log) per 0.1 s: how many, how many messages they
     claimed and how many came back full (a backlog), and how long they took; for the whole
     run, while it caught up after a pause (its rate with a backlog, the producer still
-    sending), and each tenth of a second from 0.3 s before the late messages to 0.3 s after."""
+    sending), and each tenth of a second from 0.3 s before the late messages to 0.3 s after.
+    For the first two also how busy its pipeline was: calls in flight on average, and the
+    time from one call's end to the next call's start (the worker's turnaround)."""
     calls = [tuple(map(float, line.split())) for line in path.read_text().splitlines()]
     calls = [c for c in calls if t0 <= c[0] <= t0 + seconds]
     tenths: dict[int, list[tuple[float, ...]]] = collections.defaultdict(list)
@@ -772,21 +775,29 @@ def _print_calls(
         tenths[int((call[0] - t0) * 10)].append(call)
 
     def describe(group: list[tuple[float, ...]]) -> str:
-        took = sorted(c[1] for c in group)
+        took = sorted(c[1] / 1000 for c in group)
         return (f"{len(group)} calls, {sum(c[4] for c in group):,.0f} claimed,"
-                f" {sum(c[4] == c[3] for c in group)} full, call p50 {took[len(took) // 2]:.2f}"
-                f" ms, max {took[-1]:.2f} ms")
+                f" {sum(c[4] == c[3] for c in group)} full, call p50 {bench._ms(took, 0.5)}"
+                f" ms, max {bench._ms(took, 1.0)} ms")
+
+    def pipeline(group: list[tuple[float, ...]], span: float) -> str:
+        starts = sorted(c[0] for c in group)
+        gaps = sorted(starts[i] - end for end in (c[0] + c[1] / 1000 for c in group)
+                      if (i := bisect.bisect_left(starts, end)) < len(starts))
+        return (f"{sum(c[1] for c in group) / 1000 / span:.2f} calls in flight on average,"
+                f" a call's end to the next call's start p50 {bench._ms(gaps, 0.5)} ms,"
+                f" p90 {bench._ms(gaps, 0.9)} ms")
 
     if calls:
         print(f"  the worker's calls over the run, per 0.1 s: {len(calls) / seconds / 10:.0f}"
               f" calls, {sum(c[4] for c in calls) / seconds / 10:.0f} claimed; in all:"
-              f" {describe(calls)}")
+              f" {describe(calls)}; {pipeline(calls, seconds)}")
     if catching_up is not None and catching_up[1] - catching_up[0] >= 0.2:
         went_on, caught_up = catching_up
         backlog = [c for c in calls if went_on <= c[0] <= caught_up]
         print(f"  while it worked off the backlog, {caught_up - went_on:.2f} s:"
               f" {describe(backlog)}; {sum(c[4] for c in backlog) / (caught_up - went_on):,.0f}"
-              " claimed a second")
+              f" claimed a second; {pipeline(backlog, caught_up - went_on)}")
     shown = sorted({t + d for t in (int((at - t0) * 10) for at in late_at) for d in range(-3, 4)})
     for tenth in shown:
         if tenths.get(tenth):

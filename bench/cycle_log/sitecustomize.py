@@ -3,7 +3,7 @@
 Put this folder on ``PYTHONPATH`` and set ``CYCLE_LOG_DIR``: Python imports this module at
 start-up in every process, and in a ``fleet worker`` process it wraps
 ``fleet.queue.finish_and_claim``, which the worker looks up at each call (with no outcomes to
-write it only claims). Twice a second the process appends its calls to
+write it only claims). Twice a second, and as it exits, the process appends its calls to
 ``$CYCLE_LOG_DIR/cycles-<pid>.txt``, one line each:
 
     <unix time the call started> <ms it took> <outcomes written> <messages asked> <claimed>
@@ -15,6 +15,7 @@ late messages. Other processes are left alone.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -50,21 +51,25 @@ def _install(directory: str) -> None:
 
     fleet.queue.finish_and_claim = logged
 
-    def write_twice_a_second(path: str) -> None:
+    path = os.path.join(directory, f"cycles-{os.getpid()}.txt")
+
+    def write() -> None:
+        taken = calls[:]
+        del calls[: len(taken)]
+        with open(path, "a") as out:
+            out.writelines(
+                f"{at:.6f} {ms:.3f} {written} {asked} {claimed}\n"
+                for at, ms, written, asked, claimed in taken
+            )
+
+    def write_twice_a_second() -> None:
         while True:
             time.sleep(0.5)
-            taken = calls[:]
-            del calls[: len(taken)]
-            with open(path, "a") as out:
-                out.writelines(
-                    f"{at:.6f} {ms:.3f} {written} {asked} {claimed}\n"
-                    for at, ms, written, asked, claimed in taken
-                )
+            write()
 
-    threading.Thread(
-        target=write_twice_a_second, args=(os.path.join(directory, f"cycles-{os.getpid()}.txt"),),
-        daemon=True, name="cycle-log",
-    ).start()
+    threading.Thread(target=write_twice_a_second, daemon=True, name="cycle-log").start()
+    # The calls of the last half second: a worker stopped with SIGTERM exits normally.
+    atexit.register(write)
 
 
 if _DIR and sys.argv[1:2] == ["worker"]:
