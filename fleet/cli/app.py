@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 from pydantic import BaseModel
 
+from fleet.errors import InvalidInput
 from fleet.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -75,8 +76,6 @@ def run_on_connection(
 
 def check_retention_days(days: int) -> None:
     """``--older-than DAYS`` of the prune commands (messages, audit log): 1 to 36500."""
-    from fleet.errors import InvalidInput
-
     if not 1 <= days <= MAX_RETENTION_DAYS:
         raise InvalidInput(f"--older-than must be between 1 and {MAX_RETENTION_DAYS} days")
 
