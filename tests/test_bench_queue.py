@@ -136,3 +136,25 @@ def test_a_missed_scaling_target_says_what_the_cores_allow(capsys) -> None:
     assert ("target 2 processes >= 1.8x one (no-op handlers): MISSED (the machine's cores"
             " leave room for 1.44x at most: one process kept 1.39 of them busy)") in lines
     assert "target 2 processes >= 1.8x one (50 ms handlers): MISSED" in lines
+
+
+def test_the_sustained_rate_is_the_one_the_report_gives() -> None:
+    """The producer's rate is rounded to 0.1/s as the report's ``target_rate`` is, whether it
+    was given (``--sustain-rate``) or is half a measured peak; below 0.1/s is refused."""
+    from pydantic import ValidationError
+
+    from fleet.bench.queue import DrainResult, QueueBench, QueueBenchConfig
+    from fleet.settings import Settings
+
+    given = QueueBench(Settings(), QueueBenchConfig(sustain_rate=1234.56))
+    assert given._sustain_rate("pgfleet") == 1234.6
+    measured = QueueBench(Settings(), QueueBenchConfig())
+    measured.report.drains.append(DrainResult(
+        system="pgqueuer", runner="in-process", layout="no sessions", messages=10,
+        sessions=None, batch=10, concurrency=None, processes=1, messages_per_second=3629.0,
+        steady_messages_per_second=3629.07, wall_seconds=1.0, rates=[3629.0],
+        worker_cpu_us=1.0, postgres_cpu_us=None, all_done=True, load_before=0.0,
+        steal_percent=[0.0]))
+    assert measured._sustain_rate("pgqueuer") == 1814.5
+    with pytest.raises(ValidationError, match="sustain_rate"):
+        QueueBenchConfig(sustain_rate=0.04)

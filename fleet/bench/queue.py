@@ -187,8 +187,9 @@ class QueueBenchConfig(BaseModel):
     (agent turns) and not the queue's CPU bound a process."""
     sustain_seconds: float = Field(10.0, gt=0)
     """Length of each sustained-load run."""
-    sustain_rate: float | None = Field(None, gt=0)
-    """Messages/s of the sustained runs (both systems); default half of each one's own peak."""
+    sustain_rate: float | None = Field(None, ge=0.1)
+    """Messages/s of the sustained runs (both systems; used to 0.1/s); default half of each
+    one's own peak."""
     repeat: int = Field(1, ge=1)
     """Runs of each drain (the report keeps every rate and uses the median) and of each
     sustained run (the summary's p99 is over all their messages)."""
@@ -950,11 +951,11 @@ class QueueBench:
     # -- sustained load --
 
     def _sustain_rate(self, system: str) -> float:
-        """``--sustain-rate``, or half the system's single-process peak to 0.1 message a
-        second: the rate the report gives (``target_rate``, to 0.1) is then the one the
-        producer used, and ``int(target_rate * seconds)`` what it sent (a report said
+        """``--sustain-rate``, or half the system's single-process peak, to 0.1 message a
+        second either way: the rate the report gives (``target_rate``, to 0.1) is then the one
+        the producer used, and ``int(target_rate * seconds)`` what it sent (a report said
         1,815.0/s of a one-second run that had sent 1,814 messages)."""
-        return self.config.sustain_rate or round(self._peak(system) / 2, 1)
+        return round(self.config.sustain_rate or self._peak(system) / 2, 1)
 
     def _peak(self, system: str) -> float:
         """The single-process peak the sustained rate is half of."""
