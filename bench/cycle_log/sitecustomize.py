@@ -52,11 +52,14 @@ def _install(directory: str) -> None:
     fleet.queue.finish_and_claim = logged
 
     path = os.path.join(directory, f"cycles-{os.getpid()}.txt")
+    # The writer thread and the exit hook may both be writing at exit: one at a time, or both
+    # could take the same calls and log them twice.
+    writing = threading.Lock()
 
     def write() -> None:
-        taken = calls[:]
-        del calls[: len(taken)]
-        with open(path, "a") as out:
+        with writing, open(path, "a") as out:
+            taken = calls[:]
+            del calls[: len(taken)]
             out.writelines(
                 f"{at:.6f} {ms:.3f} {written} {asked} {claimed}\n"
                 for at, ms, written, asked, claimed in taken
