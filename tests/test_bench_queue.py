@@ -4,6 +4,7 @@ message of every phase ended done (the benchmark measures a queue that works, no
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -72,6 +73,15 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
     cores = one["steady_messages_per_second"] * (one["worker_cpu_us"] + one["postgres_cpu_us"])
     assert summary["one_process_cores"] == pytest.approx(cores / 1e6, abs=0.01)
     assert 0 < summary["scaling_ceiling"] <= 2
+    # The cores each in-process drain kept busy, ours and PgQueuer's, the same way.
+    for key, row in (("cores_pgqueuer", ("pgqueuer", "in-process", "no sessions")),
+                     ("cores_one_per_session", ("pgfleet", "in-process", "one-per-session")),
+                     ("cores_many_per_session", ("pgfleet", "in-process", "many-per-session"))):
+        drain = drains[row]
+        cpu_us = drain["worker_cpu_us"] + drain["postgres_cpu_us"]
+        assert summary[key] == pytest.approx(
+            drain["steady_messages_per_second"] * cpu_us / 1e6, abs=0.01)
+        assert 0 < summary[key] <= 1.25 * (os.cpu_count() or 1), (key, summary[key])
     assert drains[("pgfleet", "in-process", "one-per-session")]["concurrency"] == 20  # 2 x batch
     assert report["environment"]["pgqueuer"].startswith("1.6")
 

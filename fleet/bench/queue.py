@@ -1222,19 +1222,25 @@ class QueueBench:
 
     # -- summary --
 
-    def _scaling_ceiling(self, one: DrainResult) -> tuple[float, float] | None:
-        """How many cores one process's drain kept busy (its worker and its backends: steady
-        rate x CPU per message), and the scaling ratio the machine's cores leave room for
-        (at most ``processes``). When one process already uses most of the cores, no number
-        of processes can add up to much more: that is this machine's bound, not the queue's.
-        None when the server's CPU is not measured here."""
-        if one.postgres_cpu_us is None:
+    @staticmethod
+    def _cores(drain: DrainResult) -> float | None:
+        """How many cores a drain kept busy, its worker and its backends: steady rate x CPU
+        per message. None when the server's CPU is not measured here."""
+        if drain.postgres_cpu_us is None:
             return None
-        cores = one.steady_messages_per_second * (one.worker_cpu_us + one.postgres_cpu_us) / 1e6
-        if cores <= 0:
+        cpu_us = drain.worker_cpu_us + drain.postgres_cpu_us
+        return round(drain.steady_messages_per_second * cpu_us / 1e6, 2)
+
+    def _scaling_ceiling(self, one: DrainResult) -> tuple[float, float] | None:
+        """How many cores one process's drain kept busy, and the scaling ratio the machine's
+        cores leave room for (at most ``processes``). When one process already uses most of
+        the cores, no number of processes can add up to much more: that is this machine's
+        bound, not the queue's. None when the server's CPU is not measured here."""
+        cores = self._cores(one)
+        if not cores:
             return None
         machine = float(os.cpu_count() or 1)
-        return round(cores, 2), round(min(float(self.config.processes), machine / cores), 2)
+        return cores, round(min(float(self.config.processes), machine / cores), 2)
 
     def _summarise(self) -> None:
         drains = self.report.drains
@@ -1248,12 +1254,16 @@ class QueueBench:
 
         pgq = pick("pgqueuer", "in-process", "no sessions")
         if pgq is not None:
+            # The rate ratio is about the cores each drain keeps busy times the CPU ratio:
+            # PgQueuer's one connection alternates between its process and its backend.
+            summary["cores_pgqueuer"] = self._cores(pgq)
             for layout in ("one-per-session", "many-per-session"):
                 ours = pick("pgfleet", "in-process", layout)
                 if ours is not None and pgq.messages_per_second:
                     key = layout.replace("-", "_")
                     ratio = ours.messages_per_second / pgq.messages_per_second
                     summary[f"ratio_vs_pgqueuer_{key}"] = round(ratio, 2)
+                    summary[f"cores_{key}"] = self._cores(ours)
                     if ours.postgres_cpu_us and pgq.postgres_cpu_us is not None:
                         # CPU per message, PgQueuer's over ours: what the rate ratio would be on
                         # a machine the two saturate alone.
