@@ -22,6 +22,10 @@ phases report the rest). Each runs in a scratch database on the fleet's server, 
     python bench/queue_probes.py history-reads [--finished 1000000 3000000]
                                                [--approvals 100000 300000]
     python bench/queue_probes.py transport [--rounds 4] [--messages 20000]
+    python bench/queue_probes.py recheck-lock
+    python bench/queue_probes.py drain-waits [--processes 1 2] [--rounds 2] [--messages 60000]
+                                             [--sessions N] [--work-delay 0]
+                                             [--concurrency 20]
 
 Backend CPU is read from /proc for the connection's own backend, so the server must be local.
 """
@@ -1001,6 +1005,126 @@ async def transport(args: argparse.Namespace) -> None:
               " per message")
 
 
+#: The rows of fleet.messages that backends wait to lock, as they are now (their state).
+ROW_LOCK_WAITS = """
+SELECT m.state
+FROM pg_locks l
+JOIN pg_stat_activity w USING (pid)
+LEFT JOIN fleet.messages m ON m.ctid = format('(%s,%s)', l.page, l.tuple)::tid
+WHERE w.datname = current_database() AND w.wait_event_type = 'Lock'
+  AND l.locktype = 'tuple' AND l.granted AND l.relation = 'fleet.messages'::regclass
+"""
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """All CPU ticks of the machine and its idle ones (idle + iowait), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(t) for t in stat.readline().split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
+
+
+async def drain_waits(args: argparse.Namespace) -> None:
+    """What `fleet worker --drain` processes and their backends wait on: P no-op worker
+    processes (as the bench's scaling drains: concurrency 20, claims of 10; handlers that take
+    --work-delay) drain a backlog while `pg_stat_activity` is sampled every 10 ms for two
+    seconds mid-drain. Reports the rate, how many of the machine's cores were busy (the
+    sampling's own cost included), the backends per sample in each state and wait event, and
+    the state of the fleet.messages rows that backends waited to lock (recheck-lock shows
+    why running ones are waited for)."""
+    cores = os.cpu_count() or 1
+    async with scratch() as (url, conn):
+        me = conn.get_server_pid()
+        for rnd in range(args.rounds):
+            for processes in args.processes:
+                sessions = args.sessions or args.messages
+                await bench.fill(conn, args.messages, sessions)
+                env = dict(os.environ, DATABASE_URL=url, FLEET_LOG_LEVEL="WARNING")
+                command = ["fleet", "worker", "--handler", "noop", "--drain", "--concurrency",
+                           str(args.concurrency), "--claim-batch", "10",
+                           "--work-delay", str(args.work_delay)]
+                workers = [bench._Process(command, env) for _ in range(processes)]
+                waits: collections.Counter[str] = collections.Counter()
+                locked_rows: collections.Counter[str] = collections.Counter()
+                samples = 0
+                try:
+                    await asyncio.sleep(1.0)
+                    ticks, idle = _machine_ticks()
+                    end = time.monotonic() + 2.0
+                    while time.monotonic() < end:
+                        rows = await conn.fetch(
+                            "SELECT state, wait_event_type, wait_event FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> $1"
+                            " AND backend_type = 'client backend'", me)
+                        samples += 1
+                        for row in rows:
+                            waits[f"{row['state']} {row['wait_event_type'] or 'CPU'}"
+                                  f":{row['wait_event'] or '-'}"] += 1
+                        if any(row["wait_event_type"] == "Lock" for row in rows):
+                            for lock in await conn.fetch(ROW_LOCK_WAITS):
+                                locked_rows[f"{lock['state']} row" if lock["state"]
+                                            else "row version no longer live"] += 1
+                        await asyncio.sleep(0.01)
+                    ticks_after, idle_after = _machine_ticks()
+                    if not await conn.fetchval(
+                            "SELECT EXISTS (SELECT 1 FROM fleet.messages WHERE state = 'queued')"):
+                        print("  (the drain ended before the sampling did: give more --messages)")
+                    for worker in workers:
+                        if await worker.wait(bench.PHASE_TIMEOUT) != 0:
+                            raise RuntimeError(f"fleet worker failed: {worker.tail()}")
+                finally:
+                    for worker in workers:
+                        worker.finish()
+                rate, _, ok = await bench.drain_stats(conn, args.messages)
+                assert ok, "not every message ended done"
+                busy = cores * (1 - (idle_after - idle) / max(ticks_after - ticks, 1))
+                print(f"round {rnd + 1}, {processes} process(es), {args.messages // sessions}"
+                      f" per session, handlers of {args.work_delay * 1000:g} ms: {rate:,.0f}/s,"
+                      f" {busy:.2f} of {cores} cores busy; backends per sample ({samples}"
+                      " samples):", flush=True)
+                for what, n in waits.most_common():
+                    if n / samples >= 0.005:
+                        print(f"    {n / samples:.2f} {what}")
+                for what, n in locked_rows.most_common():
+                    print(f"    waiting on a {what}: {n} of the samples' waiters")
+
+
+async def recheck_lock(_: argparse.Namespace) -> None:
+    """The row lock behind drain-waits' waits, step by step: claim B looks for a head while
+    claim A holds message 1 uncommitted; A commits; B's recheck of message 1 (now running)
+    rejects it and B takes message 2. Does B still hold a lock on message 1? A finish of
+    message 1 is then tried with a 500 ms lock_timeout. B waits here (no SKIP LOCKED) only to
+    order the steps; with SKIP LOCKED, a claim whose snapshot is older than A's commit locks
+    the row the same way."""
+    async with scratch() as (url, conn):
+        await conn.execute("SELECT fleet.enqueue('s1', 'one'), fleet.enqueue('s2', 'two')")
+        a, b = await asyncpg.connect(url), await asyncpg.connect(url)
+        try:
+            first, second = a.transaction(), b.transaction()
+            await first.start()
+            await a.execute(
+                "UPDATE fleet.messages SET state = 'running', lease_token = 1,"
+                " lease_expires_at = now() + interval '1 minute' WHERE id = 1")
+            await second.start()
+            claim = asyncio.ensure_future(b.fetch(
+                "SELECT id FROM fleet.messages WHERE state = 'queued' AND is_head"
+                " ORDER BY run_after, id LIMIT 1 FOR UPDATE"))
+            await asyncio.sleep(0.3)
+            await first.commit()
+            print(f"claim B took message {(await claim)[0]['id']} (message 1 failed its recheck)")
+            try:
+                await conn.execute(
+                    "SET lock_timeout = '500ms'; UPDATE fleet.messages SET state = 'done',"
+                    " reply = 'ok', is_head = false WHERE id = 1; RESET lock_timeout")
+                print("the finish of message 1 went through: B kept no lock on it")
+            except asyncpg.LockNotAvailableError:
+                print("the finish of message 1 waited 500 ms and gave up: B still holds a lock"
+                      " on the row it rejected, until B commits")
+            await second.rollback()
+        finally:
+            await a.close()
+            await b.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -1059,6 +1183,17 @@ def main() -> None:
                             " queue tables)")
     trace.add_argument("--vacuum-cost-delay", type=float, default=2.0,
                        help="that VACUUM's cost delay in ms (autovacuum's default: 2)")
+    commands.add_parser("recheck-lock")
+    waited = commands.add_parser("drain-waits")
+    waited.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    waited.add_argument("--rounds", type=int, default=2)
+    waited.add_argument("--messages", type=int, default=60_000)
+    waited.add_argument("--sessions", type=int, default=None,
+                        help="sessions the messages are spread over (default: one each)")
+    waited.add_argument("--work-delay", type=float, default=0.0,
+                        help="each handler's time in seconds (fleet worker --work-delay)")
+    waited.add_argument("--concurrency", type=int, default=20,
+                        help="each worker's messages in flight (fleet worker --concurrency)")
     args = parser.parse_args()
     probe = {"enqueue-cost": enqueue_cost, "session-id-check": session_id_check,
              "first-call": first_call, "after-vacuum": after_vacuum, "heartbeat": heartbeat,
@@ -1066,7 +1201,8 @@ def main() -> None:
              "sustained-trace": sustained_trace, "cycle-cost": cycle_cost,
              "cycle-split": cycle_split, "cycle-ceiling": cycle_ceiling,
              "repair-heads": repair_heads, "stale-stats": stale_stats, "soak": soak,
-             "history-reads": history_reads, "transport": transport}[args.command]
+             "history-reads": history_reads, "transport": transport,
+             "drain-waits": drain_waits, "recheck-lock": recheck_lock}[args.command]
     if args.command == "transport":  # its drains are the bench's, so is its event loop
         from fleet.cli.app import run
 

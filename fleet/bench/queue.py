@@ -347,6 +347,27 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
+async def fill(conn: asyncpg.Connection, messages: int, sessions: int) -> None:
+    """An empty queue, then ``messages`` no-op messages over ``sessions`` sessions
+    (interleaved), analyzed and checkpointed: the backlog every pgfleet drain starts from."""
+    await conn.execute(FLEET_RESET)
+    for first in range(1, messages + 1, ENQUEUE_CHUNK):
+        last = min(first + ENQUEUE_CHUNK - 1, messages)
+        await conn.fetchval(FLEET_BULK_ENQUEUE, first, last, sessions)
+    await conn.execute("ANALYZE fleet.messages")
+    await _checkpoint(conn)
+
+
+async def drain_stats(conn: asyncpg.Connection, messages: int) -> tuple[float, float, bool]:
+    """A drain of ``messages`` fleet messages, from the table: its rate (first claim to last
+    finish), its steady rate (the middle 80% of completions) and whether all ended done."""
+    row = await conn.fetchrow(FLEET_DRAIN_STATS)
+    ok = row["total"] == messages and row["done"] == messages
+    window = max(row["window_seconds"] or 0.0, 1e-6)
+    steady = max(row["steady_seconds"] or 0.0, 1e-6)
+    return messages / window, 0.8 * messages / steady, ok
+
+
 async def _checkpoint(conn: asyncpg.Connection) -> None:
     """Start each timed phase without a pending checkpoint from the previous one's writes."""
     with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
@@ -734,20 +755,11 @@ class QueueBench:
 
     async def _fleet_fill(self, messages: int, sessions: int) -> None:
         assert self.conn is not None
-        await self.conn.execute(FLEET_RESET)
-        for first in range(1, messages + 1, ENQUEUE_CHUNK):
-            last = min(first + ENQUEUE_CHUNK - 1, messages)
-            await self.conn.fetchval(FLEET_BULK_ENQUEUE, first, last, sessions)
-        await self.conn.execute("ANALYZE fleet.messages")
-        await _checkpoint(self.conn)
+        await fill(self.conn, messages, sessions)
 
     async def _fleet_drain_stats(self, messages: int) -> tuple[float, float, bool]:
         assert self.conn is not None
-        row = await self.conn.fetchrow(FLEET_DRAIN_STATS)
-        ok = row["total"] == messages and row["done"] == messages
-        window = max(row["window_seconds"] or 0.0, 1e-6)
-        steady = max(row["steady_seconds"] or 0.0, 1e-6)
-        return messages / window, 0.8 * messages / steady, ok
+        return await drain_stats(self.conn, messages)
 
     async def _fleet_drain_once(
         self,
