@@ -544,10 +544,11 @@ async def sustained_trace(args: argparse.Namespace) -> None:
     add = bench.QueueBench._add_sustained
     produce = bench._produce
 
-    def keep(self: bench.QueueBench, system, rate, achieved, commits, times, *rest) -> None:
+    def keep(self: bench.QueueBench, system, rate, achieved, commits, times, *rest,
+             **named) -> None:
         captured["times"] = times
         captured["commits"] = commits
-        add(self, system, rate, achieved, commits, times, *rest)
+        add(self, system, rate, achieved, commits, times, *rest, **named)
 
     async def produce_with_worker(rate: float, seconds: float, send: Any) -> Any:
         # Each run produces twice: the unmeasured warm-up, then the measured load.

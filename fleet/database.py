@@ -17,7 +17,9 @@ from fleet import json_codec
 from fleet.settings import Settings
 
 #: Errors that mean "the database is away for now" (down, restarting, at its connection
-#: limit, or a pooled connection broken by its restart): back off and try again.
+#: limit, or a pooled connection broken by its restart), or that it rolled the transaction
+#: back for another's sake (SQLSTATE class 40: a deadlock, a serialization failure): back off
+#: and try again. A worker that exited on a deadlock would leave its messages to lease expiry.
 #: ``InternalClientError`` is asyncpg's "cannot switch to state ...; another operation is in
 #: progress", raised by a pooled connection whose server shut down mid-operation (seen in the
 #: agent chaos suite right after a PostgreSQL restart, on a worker's retry write).
@@ -30,6 +32,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
+    asyncpg.TransactionRollbackError,
 )
 
 

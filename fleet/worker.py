@@ -66,6 +66,9 @@ POLL_ONLY_REPAIR_INTERVAL = 30.0
 #: Connections of a worker's pool (claims, outcome writes, heartbeats, rescues; RELIABILITY.md
 #: counts them): two claims can be in flight beside the completer and the heartbeat.
 POOL_SIZE = 4
+#: How soon an outcome whose session was busy (another head change under way) is written
+#: again, in seconds: such a lock is held for the rest of a commit, not longer.
+DEFERRED_RETRY_SECONDS = 0.005
 
 
 class _Stopped(Exception):
@@ -276,6 +279,10 @@ class Worker:
             if still_running:
                 await asyncio.wait(still_running)
         await self._flush_outcomes()
+        deadline = time.monotonic() + grace
+        while self._pending and time.monotonic() < deadline:  # deferred ones (_settle)
+            await asyncio.sleep(DEFERRED_RETRY_SECONDS)
+            await self._flush_outcomes()
         leftover = dict(self.held)
         if leftover:
             try:
@@ -396,7 +403,7 @@ class Worker:
         except BaseException:
             self._pending = batch + self._pending
             raise
-        self._account(batch, accepted)
+        await self._settle(batch, accepted)
         return claimed
 
     async def _write_outcomes(
@@ -661,8 +668,32 @@ class Worker:
         except BaseException:
             self._pending = batch + self._pending
             raise
-        self._account(batch, accepted)
+        await self._settle(batch, accepted)
         self._wakeup.set()  # a successor may have been promoted: claim it
+
+    async def _settle(self, batch: list[Outcome], accepted: set[int]) -> None:
+        """Account for a written batch. An outcome the database did not take was either
+        refused (its lease taken over: fencing) or deferred: its session was locked by another
+        head change under way (an enqueue's election at commit), which the finish does not
+        wait for (``fleet.finish_messages``). The lease tells them apart: a deferred outcome's
+        is still ours, and it is written again shortly, with the next call."""
+        refused = [o for o in batch if o.message_id not in accepted]
+        deferred: set[int] = set()
+        if refused:
+            leases = [(o.message_id, o.lease_token) for o in refused]
+            try:
+                deferred = set(await queue.heartbeat(self.pool, leases, self.lease_seconds))
+            except TRANSIENT as exc:  # cannot tell: write them again, fencing decides then
+                log.warning("checking %d unwritten outcomes failed (%s)", len(refused), exc)
+                deferred = {o.message_id for o in refused}
+        if deferred:
+            log.debug("%d outcomes wait for their sessions' locks", len(deferred))
+            self._pending = [o for o in batch if o.message_id in deferred] + self._pending
+            loop = asyncio.get_running_loop()
+            self._retry_at = max(self._retry_at, time.monotonic() + DEFERRED_RETRY_SECONDS)
+            loop.call_later(DEFERRED_RETRY_SECONDS, self._wakeup.set)
+            loop.call_later(DEFERRED_RETRY_SECONDS, self._pending_event.set)
+        self._account([o for o in batch if o.message_id not in deferred], accepted)
 
     def _account(self, batch: list[Outcome], accepted: set[int]) -> None:
         """Outcomes written: their leases are no longer held; refused ones were taken over."""

@@ -2,10 +2,14 @@
 -- whenever its content changes, after the numbered migrations, under the migration lock.
 --
 -- Locking rule: whoever changes which message is a session's head holds the session's row lock
--- in fleet.sessions (SELECT ... FOR UPDATE) while doing it. Enqueue takes it at COMMIT time only
--- (a deferred trigger), so a caller's long transaction never blocks the workers. Row locks rather
--- than advisory locks: they live in the tuple, so a bulk enqueue of 100k sessions in one
--- transaction cannot exhaust the shared lock table, and they behave the same behind PgBouncer.
+-- in fleet.sessions (SELECT ... FOR NO KEY UPDATE) while doing it. Enqueue takes it at COMMIT
+-- time only (a deferred trigger), so a caller's long transaction never blocks the workers. Row
+-- locks rather than advisory locks: they live in the tuple, so a bulk enqueue of 100k sessions
+-- in one transaction cannot exhaust the shared lock table, and they behave the same behind
+-- PgBouncer. NO KEY UPDATE, never FOR UPDATE: the INSERT of a message holds a KEY SHARE lock on
+-- its session (the foreign key) until its transaction ends, which FOR UPDATE waits for and NO
+-- KEY UPDATE does not. With FOR UPDATE, two open transactions that had each enqueued into the
+-- same session deadlocked at their commits, each election waiting for the other's KEY SHARE.
 
 -- enqueue --------------------------------------------------------------------------------------
 
@@ -215,6 +219,7 @@ DECLARE
     heads     integer;
     ids       bigint[];
     turn      integer := 0;
+    pos       bigint;     -- a position in the array
     bad       record;
 BEGIN
     IF messages IS NULL OR jsonb_typeof(messages) <> 'array' THEN
@@ -293,8 +298,12 @@ BEGIN
     SELECT coalesce(array_agg(session_id), '{}') INTO fresh FROM created;
 
     -- The first message of each created session is its head at once (see fleet.enqueue); the
-    -- others are elected at commit by the trigger. Rows are inserted in the array's order, and
-    -- identity values are drawn as rows are inserted, so ids ascend in that order.
+    -- others are elected at commit by the trigger. Rows are inserted in session order, each
+    -- session's in the array's order, and identity values are drawn as rows are inserted, so
+    -- ids ascend in that order: a session's messages keep their order, and the elections at
+    -- commit, one per row in insertion order, take their sessions' locks in session order, as
+    -- a finish and every other enqueue_many do (in the array's order, two batches naming the
+    -- same live sessions in different orders deadlocked at their commits).
     WITH inserted AS (
         INSERT INTO fleet.messages AS m
             (session_id, body, customer_id, dedupe_key, metadata, agent, variables, max_attempts,
@@ -307,7 +316,7 @@ BEGIN
         FROM unnest(sids, bodies, customers, keys, metas, agent_of, vars, tries, repeated)
              WITH ORDINALITY AS u(sid, body, customer, k, meta, agent, vars, tries, rep, n)
         WHERE NOT u.rep
-        ORDER BY u.n
+        ORDER BY u.sid, u.n
         ON CONFLICT (dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
         RETURNING m.id, m.dedupe_key, m.is_head)
     SELECT array_agg(id ORDER BY id) FILTER (WHERE dedupe_key IS NULL), count(*),
@@ -328,19 +337,22 @@ BEGIN
         PERFORM pg_notify('fleet_wakeup', '');  -- delivered at commit, once
     END IF;
 
-    IF NOT keyed THEN
-        RETURN keyless;
+    IF NOT keyed THEN  -- the ids, drawn in session order, given back in the array's order
+        RETURN ARRAY(SELECT keyless[p.r]
+                     FROM (SELECT u.n, row_number() OVER (ORDER BY u.sid, u.n) AS r
+                           FROM unnest(sids) WITH ORDINALITY AS u(sid, n)) AS p
+                     ORDER BY p.n);
     END IF;
     -- Ids in the array's order: a key's id as found before the insert, else by its key now
-    -- (inserted by this call or a concurrent one); the others in turn from the keyless ids.
+    -- (inserted by this call or a concurrent one); the others from the keyless ids, which were
+    -- drawn in session order.
     ids := ARRAY(SELECT coalesce(known[u.n],
                                  (SELECT m.id FROM fleet.messages m WHERE m.dedupe_key = u.k))
                  FROM unnest(keys) WITH ORDINALITY AS u(k, n) ORDER BY u.n);
-    FOR i IN 1 .. total LOOP
-        IF keys[i] IS NULL THEN
-            turn := turn + 1;
-            ids[i] := keyless[turn];
-        END IF;
+    FOR pos IN SELECT u.n FROM unnest(sids, keys) WITH ORDINALITY AS u(sid, k, n)
+               WHERE u.k IS NULL ORDER BY u.sid, u.n LOOP
+        turn := turn + 1;
+        ids[pos] := keyless[turn];
     END LOOP;
     RETURN ids;
 END
@@ -406,7 +418,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     earliest record;
 BEGIN
-    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR UPDATE;
+    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR NO KEY UPDATE;
     IF NOT EXISTS (SELECT 1 FROM fleet.messages r
                    WHERE r.session_id = NEW.session_id AND r.state = 'running') THEN
         SELECT m.id, m.is_head INTO earliest FROM fleet.messages m
@@ -480,6 +492,14 @@ $$;
 -- guarded by its lease token (fencing): a worker that lost its lease changes nothing. Returns
 -- the ids that were actually finished.
 --
+-- A message whose session another transaction holds locked is not finished now: the finish
+-- skips that lock rather than wait for it, and the worker, seeing its lease still held, writes
+-- the outcome again with its next call. The holder is a head change in progress, most often
+-- an enqueue's election at commit, which takes its sessions' locks one message at a time in
+-- the order they were enqueued; a finish takes its sessions' locks in session order, so a
+-- finish that waited could wait for a transaction waiting for it (a deadlock, seen when a
+-- producer enqueued into several live sessions at once while workers finished their heads).
+--
 -- Written so that the generic plan PL/pgSQL caches after a few calls is the right one for any
 -- batch: every statement reaches fleet.messages through `id = ANY (...)` (the primary key),
 -- and the outcome of each row is looked up by its position in the arrays. An earlier version
@@ -494,6 +514,7 @@ CREATE OR REPLACE FUNCTION fleet.finish_messages(
 LANGUAGE plpgsql
 AS $$
 DECLARE
+    locked     text[];    -- the sessions whose locks this call holds (the others are busy)
     finished   bigint[];
     touched    text[];
     awaited    bigint[];  -- finished messages someone waits on (reply_awaited)
@@ -501,15 +522,17 @@ DECLARE
 BEGIN
     -- = ANY (ARRAY(...)) rather than IN (SELECT ...): the lock is taken through the primary
     -- key, never by hashing a sequential scan of every session.
-    -- NO KEY UPDATE: it excludes other finishes and the head election at an enqueue's commit
-    -- (FOR UPDATE) as before, but not the KEY SHARE lock an INSERT into fleet.messages takes
-    -- on its session for the foreign key, so an enqueue into a session whose head is finishing
-    -- does not wait for the worker's transaction (now a claim too).
-    PERFORM 1 FROM fleet.sessions s
-    WHERE s.session_id = ANY (ARRAY(SELECT m.session_id FROM fleet.messages m
-                                    WHERE m.id = ANY (ids)))
-    ORDER BY s.session_id
-    FOR NO KEY UPDATE OF s;
+    -- NO KEY UPDATE (the locking rule, above): it excludes other finishes and the head
+    -- election at an enqueue's commit, but not the KEY SHARE lock an INSERT into fleet.messages
+    -- takes on its session for the foreign key, so an enqueue into a session whose head is
+    -- finishing does not wait for the worker's transaction (now a claim too).
+    -- SKIP LOCKED: a busy session's message is left for the worker's next call (above).
+    locked := ARRAY(
+        SELECT s.session_id FROM fleet.sessions s
+        WHERE s.session_id = ANY (ARRAY(SELECT m.session_id FROM fleet.messages m
+                                        WHERE m.id = ANY (ids)))
+        ORDER BY s.session_id
+        FOR NO KEY UPDATE OF s SKIP LOCKED);
 
     WITH done AS (
         UPDATE fleet.messages m
@@ -520,6 +543,7 @@ BEGIN
             is_head = false, lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
         WHERE m.id = ANY (ids) AND m.state = 'running'
           AND m.lease_token = tokens[array_position(ids, m.id)]
+          AND m.session_id = ANY (locked)
         RETURNING m.id, m.session_id, m.reply_awaited
     )
     SELECT array_agg(id), array_agg(DISTINCT session_id),
@@ -635,7 +659,7 @@ BEGIN
     IF sid IS NULL THEN
         RETURN false;
     END IF;
-    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = sid FOR UPDATE;
+    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = sid FOR NO KEY UPDATE;
     UPDATE fleet.messages m
     SET state = new_state, reply = coalesce(new_reply, m.reply), error = new_error,
         finished_at = clock_timestamp(), is_head = false,
@@ -675,7 +699,7 @@ $$;
 -- statement sees every commit. Returns the heads it made.
 --
 -- Every listening worker hears a fleet_repair and calls this at its next maintenance pass, so
--- a first look without locks keeps all but the first from locking the session (a FOR UPDATE
+-- a first look without locks keeps all but the first from locking the session (a lock
 -- that a worker finishing the session's head would wait for): only sessions that look
 -- headless (headless_sessions) are locked and promoted, promote_heads looking again under the
 -- lock. A session that looks headed needs nothing: a waiting head stays one until claimed,
@@ -691,7 +715,7 @@ BEGIN
         RETURN 0;
     END IF;
     PERFORM 1 FROM fleet.sessions s WHERE s.session_id = ANY (headless)
-    ORDER BY s.session_id FOR UPDATE OF s;
+    ORDER BY s.session_id FOR NO KEY UPDATE OF s;
     RETURN fleet.promote_heads(headless);
 END
 $$;

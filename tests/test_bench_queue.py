@@ -46,8 +46,9 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
         assert len(drain["steal_percent"]) == 1 and 0 <= drain["steal_percent"][0] <= 100
     assert drains[("pgfleet", "in-process", "many-per-session")]["sessions"] == 15
 
-    sustained = {s["system"]: s for s in report["sustained"]}
-    assert set(sustained) == {"pgfleet", "pgqueuer"}
+    sustained = {(s["system"], s["layout"]): s for s in report["sustained"]}
+    assert set(sustained) == {("pgfleet", "one-per-session"), ("pgfleet", "many-per-session"),
+                              ("pgqueuer", "no sessions")}
     for run in sustained.values():
         assert run["all_done"] is True, run
         assert run["messages"] >= int(run["target_rate"] * 1)
@@ -67,6 +68,7 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
     summary = report["summary"]
     assert {"ratio_vs_pgqueuer_one_per_session", "ratio_vs_pgqueuer_many_per_session",
             "scaling_steady", "scaling_steady_with_work", "sustained_p99_ms",
+            "sustained_p99_ms_many_per_session", "sustained_p99_ms_pgqueuer",
             "targets_met", "one_process_cores", "scaling_ceiling"} <= set(summary)
     # The room the cores leave: one process's cores from its own rate and CPU per message.
     one = drains[("pgfleet", "1 process(es)", "one-per-session")]
@@ -95,14 +97,19 @@ def test_bench_queue_without_pgqueuer_or_explain(fleet_env: dict[str, str]) -> N
     )
     assert report["all_done"] is True
     assert {d["system"] for d in report["drains"]} == {"pgfleet"}
-    # --repeat runs the sustained phase again too; the summary's p99 is over both runs.
-    assert [s["system"] for s in report["sustained"]] == ["pgfleet", "pgfleet"]
-    assert {s["target_rate"] for s in report["sustained"]} == {150}
+    # --repeat runs the sustained phase again too, both layouts at the same rate; each summary
+    # p99 is over its layout's runs.
+    sustained = report["sustained"]
+    assert [(s["system"], s["layout"]) for s in sustained] == [
+        ("pgfleet", "one-per-session"), ("pgfleet", "many-per-session")] * 2
+    assert {s["target_rate"] for s in sustained} == {150}
     # Each run counts its own 75 messages, not the warm-up's 150 sent before it.
-    assert [s["messages"] for s in report["sustained"]] == [75, 75]
+    assert [s["messages"] for s in sustained] == [75] * 4
     summary = report["summary"]
-    assert summary["sustained_p99_ms_per_run"] == [s["p99_ms"] for s in report["sustained"]]
-    assert 0 < summary["sustained_p99_ms"] <= max(s["max_ms"] for s in report["sustained"])
+    for suffix, layout in (("", "one-per-session"), ("_many_per_session", "many-per-session")):
+        runs = [s for s in sustained if s["layout"] == layout]
+        assert summary[f"sustained_p99_ms_per_run{suffix}"] == [s["p99_ms"] for s in runs]
+        assert 0 < summary[f"sustained_p99_ms{suffix}"] <= max(s["max_ms"] for s in runs)
     assert {d["concurrency"] for d in report["drains"]} == {5}
     assert not any("handlers" in d["runner"] for d in report["drains"])
     assert report["claim_plans"] == []

@@ -262,6 +262,115 @@ async def test_rolled_back_enqueue_leaves_nothing(conn: asyncpg.Connection):
     assert await queue.claim(conn, "w", 10, 30) == []
 
 
+async def test_open_transactions_enqueueing_into_one_session_both_commit(conn, db_url):
+    """Two transactions that have each enqueued into the same live session both commit, and
+    the session keeps one head. Each INSERT holds a KEY SHARE lock on the session (the foreign
+    key) until its transaction ends; an election that took FOR UPDATE at commit waited for the
+    other's KEY SHARE, and the other's election for its own: a deadlock, one of them aborted."""
+    await queue.enqueue(conn, "live", "first")
+    first, second = await asyncpg.connect(db_url), await asyncpg.connect(db_url)
+    try:
+        one, two = first.transaction(), second.transaction()
+        await one.start()
+        await two.start()
+        a = await queue.enqueue(first, "live", "a")
+        b = await queue.enqueue(second, "live", "b")
+        await asyncio.wait_for(asyncio.gather(one.commit(), two.commit()), timeout=5)
+        assert await conn.fetchval(
+            "SELECT count(*) FROM fleet.messages WHERE session_id = 'live' AND is_head") == 1
+        assert {a, b} <= {r["id"] for r in await conn.fetch("SELECT id FROM fleet.messages")}
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_finish_skips_a_busy_session_and_the_lease_stays(conn, db_url):
+    """A finish does not wait for a session another transaction holds locked (a head change
+    under way: an election at an enqueue's commit takes its sessions' locks in enqueue order,
+    a finish in session order, so waiting could deadlock). The message stays running under
+    its lease, and the same outcome is taken once the session is free."""
+    await queue.enqueue(conn, "a", "x")
+    await queue.enqueue(conn, "b", "y")
+    claimed = {m.session_id: m for m in await queue.claim(conn, "w", 10, 30)}
+    outcomes = [Outcome(message_id=m.id, lease_token=m.lease_token, state="done", reply="ok")
+                for m in claimed.values()]
+    holder = await asyncpg.connect(db_url)
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT 1 FROM fleet.sessions WHERE session_id = 'b' FOR NO KEY UPDATE")
+            finished = await asyncio.wait_for(queue.finish(conn, outcomes), timeout=5)
+            assert finished == {claimed["a"].id}
+            busy = claimed["b"]
+            assert await queue.heartbeat(conn, [(busy.id, busy.lease_token)], 30) == {
+                busy.id: None}
+        assert await queue.finish(conn, outcomes) == {claimed["b"].id}
+    finally:
+        await holder.close()
+
+
+async def test_a_worker_writes_an_outcome_again_once_its_session_is_free(conn, db_url, settings):
+    """The worker side of a skipped finish: the outcome of a message whose session is locked
+    is not taken for a lost lease; the message stays running under the worker's lease and
+    ends done, once, with its reply, when the lock goes."""
+    message_id = await queue.enqueue(conn, "busy", "hello")
+    holder = await asyncpg.connect(db_url)
+    try:
+        worker = Worker(settings, NoopHandler(), concurrency=2, claim_batch=2)
+        async with running(worker):
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM fleet.sessions WHERE session_id = 'busy' FOR NO KEY UPDATE")
+                await wait_until(lambda: conn.fetchval(
+                    "SELECT state = 'running' FROM fleet.messages WHERE id = $1", message_id))
+                await asyncio.sleep(0.3)  # the handler is long done: its outcome waits
+                assert await conn.fetchval(
+                    "SELECT state FROM fleet.messages WHERE id = $1", message_id) == "running"
+            await wait_until(lambda: conn.fetchval(
+                "SELECT state = 'done' FROM fleet.messages WHERE id = $1", message_id))
+    finally:
+        await holder.close()
+    row = await conn.fetchrow(
+        "SELECT reply, attempts, takeovers FROM fleet.messages WHERE id = $1", message_id)
+    assert dict(row) == {"reply": "ok", "attempts": 1, "takeovers": 0}
+
+
+async def test_a_producer_enqueueing_into_many_live_sessions_never_deadlocks_a_worker(
+    conn, settings
+):
+    """Two producers whose batches name the same live sessions in opposite orders, beside a
+    worker finishing those sessions' heads: every message is done once and no transaction
+    fails. The elections at a batch's commit take their sessions' locks one row at a time;
+    while rows were inserted in the batch's order, the two producers, and a producer and the
+    worker's finish (session order), took the same locks in different orders and deadlocked."""
+    sessions = [f"live-{i}" for i in range(12)]
+    for session in sessions:
+        await queue.enqueue(conn, session, "first")
+    rounds = 150
+
+    async def produce(db: asyncpg.Connection, reverse: bool) -> None:
+        for round_ in range(rounds):
+            order = sessions[::-1] if (round_ % 2) == reverse else sessions
+            await queue.enqueue_many(db, [{"session_id": s, "body": "m"} for s in order])
+
+    worker = Worker(settings, NoopHandler(), concurrency=12, claim_batch=12)
+    other = await asyncpg.connect(settings.database_url)
+    try:
+        async with running(worker):
+            await asyncio.gather(produce(conn, False), produce(other, True))
+            await wait_until(lambda: _all_done(conn), timeout=60)
+    finally:
+        await other.close()
+    total = 12 * (1 + 2 * rounds)
+    assert await conn.fetchval(
+        "SELECT count(*) FROM fleet.messages WHERE state = 'done' AND reply = 'ok'") == total
+
+
+async def _all_done(conn: asyncpg.Connection) -> bool:
+    return not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM fleet.messages WHERE state <> 'done')")
+
+
 async def test_a_message_inserted_and_deleted_in_one_transaction_leaves_no_session(
     conn: asyncpg.Connection,
 ):

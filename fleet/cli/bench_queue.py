@@ -108,6 +108,7 @@ def _print(report: Any) -> None:
         [s.model_dump() for s in report.sustained],
         [
             "system",
+            "layout",
             "target_rate",
             "achieved_rate",
             "messages_per_commit",
