@@ -136,6 +136,8 @@ class Worker:
         self._to_repair: set[str] = set()
         self._pending: list[Outcome] = []
         self._pending_event = asyncio.Event()
+        #: Outcomes the database did not take, while their leases are asked about (_settle)
+        self._rechecks: set[asyncio.Task[None]] = set()
         #: The completer's writes and shutdown's last one, one at a time: shutdown never
         #: releases a lease whose outcome is being written (the release could win). The
         #: producer's cycles have ended by then (shutdown waits for them first).
@@ -280,8 +282,9 @@ class Worker:
                 await asyncio.wait(still_running)
         await self._flush_outcomes()
         deadline = time.monotonic() + grace
-        while self._pending and time.monotonic() < deadline:  # deferred ones (_settle)
-            await asyncio.sleep(DEFERRED_RETRY_SECONDS)
+        while (self._pending or self._rechecks) and time.monotonic() < deadline:  # (_settle)
+            if self._rechecks:
+                await asyncio.wait(set(self._rechecks), timeout=max(deadline - time.monotonic(), 0))
             await self._flush_outcomes()
         leftover = dict(self.held)
         if leftover:
@@ -388,6 +391,7 @@ class Worker:
             self._cycles
             or self.in_flight
             or self._pending
+            or self._rechecks
             or self._backlog
             or time.monotonic() < self._retry_at
         )
@@ -403,7 +407,7 @@ class Worker:
         except BaseException:
             self._pending = batch + self._pending
             raise
-        await self._settle(batch, accepted)
+        self._settle(batch, accepted)
         return claimed
 
     async def _write_outcomes(
@@ -668,32 +672,38 @@ class Worker:
         except BaseException:
             self._pending = batch + self._pending
             raise
-        await self._settle(batch, accepted)
+        self._settle(batch, accepted)
         self._wakeup.set()  # a successor may have been promoted: claim it
 
-    async def _settle(self, batch: list[Outcome], accepted: set[int]) -> None:
+    def _settle(self, batch: list[Outcome], accepted: set[int]) -> None:
         """Account for a written batch. An outcome the database did not take was either
         refused (its lease taken over: fencing) or deferred: its session was locked by another
         head change under way (an enqueue's election at commit), which the finish does not
-        wait for (``fleet.finish_messages``). The lease tells them apart: a deferred outcome's
-        is still ours, and it is written again shortly, with the next call."""
+        wait for (``fleet.finish_messages``). Which one, its lease tells, asked apart from the
+        cycle (the messages just claimed start meanwhile)."""
+        self._account([o for o in batch if o.message_id in accepted], accepted)
         refused = [o for o in batch if o.message_id not in accepted]
-        deferred: set[int] = set()
         if refused:
-            leases = [(o.message_id, o.lease_token) for o in refused]
-            try:
-                deferred = set(await queue.heartbeat(self.pool, leases, self.lease_seconds))
-            except TRANSIENT as exc:  # cannot tell: write them again, fencing decides then
-                log.warning("checking %d unwritten outcomes failed (%s)", len(refused), exc)
-                deferred = {o.message_id for o in refused}
+            task = asyncio.create_task(self._recheck(refused), name="recheck")
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
+
+    async def _recheck(self, refused: list[Outcome]) -> None:
+        """Outcomes whose lease is still ours go back to be written again after
+        ``DEFERRED_RETRY_SECONDS``; the rest were taken over."""
+        leases = [(o.message_id, o.lease_token) for o in refused]
+        try:
+            held = set(await queue.heartbeat(self.pool, leases, self.lease_seconds))
+        except TRANSIENT as exc:  # cannot tell: write them again, fencing decides then
+            log.warning("checking %d unwritten outcomes failed (%s)", len(refused), exc)
+            held = {o.message_id for o in refused}
+        self._account([o for o in refused if o.message_id not in held], set())
+        deferred = [o for o in refused if o.message_id in held]
         if deferred:
             log.debug("%d outcomes wait for their sessions' locks", len(deferred))
-            self._pending = [o for o in batch if o.message_id in deferred] + self._pending
-            loop = asyncio.get_running_loop()
-            self._retry_at = max(self._retry_at, time.monotonic() + DEFERRED_RETRY_SECONDS)
-            loop.call_later(DEFERRED_RETRY_SECONDS, self._wakeup.set)
-            loop.call_later(DEFERRED_RETRY_SECONDS, self._pending_event.set)
-        self._account([o for o in batch if o.message_id not in deferred], accepted)
+            await asyncio.sleep(DEFERRED_RETRY_SECONDS)
+            for outcome in deferred:
+                self._queue_outcome(outcome)
 
     def _account(self, batch: list[Outcome], accepted: set[int]) -> None:
         """Outcomes written: their leases are no longer held; refused ones were taken over."""

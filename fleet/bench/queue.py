@@ -967,15 +967,21 @@ class QueueBench:
 
     # -- sustained load --
 
-    def _sustain_rate(self, system: str) -> float:
-        """``--sustain-rate``, or half the system's single-process peak, to 0.1 message a
-        second either way: the rate the report gives (``target_rate``, to 0.1) is then the one
-        the producer used, and ``int(target_rate * seconds)`` what it sent (a report said
-        1,815.0/s of a one-second run that had sent 1,814 messages)."""
-        return round(self.config.sustain_rate or self._peak(system) / 2, 1)
+    def _sustain_rate(self, system: str, layout: Layout = "one-per-session") -> float:
+        """``--sustain-rate``, or half the system's single-process peak in that layout, to 0.1
+        message a second either way: the rate the report gives (``target_rate``, to 0.1) is
+        then the one the producer used, and ``int(target_rate * seconds)`` what it sent (a
+        report said 1,815.0/s of a one-second run that had sent 1,814 messages)."""
+        return round(self.config.sustain_rate or self._peak(system, layout) / 2, 1)
 
-    def _peak(self, system: str) -> float:
-        """The single-process peak the sustained rate is half of."""
+    def _peak(self, system: str, layout: Layout = "one-per-session") -> float:
+        """The single-process peak the sustained rate is half of. Many per session: the
+        in-process drain of that layout (the worker processes drain one per session only);
+        one message costs more there (the election at its enqueue's commit, the promotion)."""
+        if layout == "many-per-session":
+            picks = [d for d in self.report.drains
+                     if (d.system, d.runner, d.layout) == (system, "in-process", layout)]
+            return max(d.steady_messages_per_second for d in picks)
         if system == "pgfleet":
             picks = [d for d in self.report.drains if d.system == system and d.processes == 1]
             picks = [d for d in picks if d.runner == _runner(1, 0.0)] or picks  # no-op, own process
@@ -1010,9 +1016,9 @@ class QueueBench:
 
     async def _fleet_sustained(self, layout: Layout = "one-per-session") -> None:
         """One sustained run: each message in a new session, or (many-per-session) spread over
-        ``sessions`` sessions in turn, at the same rate: half the one-per-session peak."""
+        ``sessions`` sessions in turn, at half that layout's peak."""
         assert self.conn is not None
-        rate = self._sustain_rate("pgfleet")
+        rate = self._sustain_rate("pgfleet", layout)
         seconds = self.config.sustain_seconds
         sessions = self.config.sessions if layout == "many-per-session" else None
         spread = f", over {sessions} sessions" if sessions else ", one per session"
