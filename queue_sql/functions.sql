@@ -217,9 +217,6 @@ DECLARE
     expected  integer;    -- messages to insert: those whose key was not seen before
     written   integer;
     heads     integer;
-    ids       bigint[];
-    turn      integer := 0;
-    pos       bigint;     -- a position in the array
     bad       record;
 BEGIN
     IF messages IS NULL OR jsonb_typeof(messages) <> 'array' THEN
@@ -337,24 +334,17 @@ BEGIN
         PERFORM pg_notify('fleet_wakeup', '');  -- delivered at commit, once
     END IF;
 
-    IF NOT keyed THEN  -- the ids, drawn in session order, given back in the array's order
-        RETURN ARRAY(SELECT keyless[p.r]
-                     FROM (SELECT u.n, row_number() OVER (ORDER BY u.sid, u.n) AS r
-                           FROM unnest(sids) WITH ORDINALITY AS u(sid, n)) AS p
-                     ORDER BY p.n);
-    END IF;
-    -- Ids in the array's order: a key's id as found before the insert, else by its key now
-    -- (inserted by this call or a concurrent one); the others from the keyless ids, which were
-    -- drawn in session order.
-    ids := ARRAY(SELECT coalesce(known[u.n],
-                                 (SELECT m.id FROM fleet.messages m WHERE m.dedupe_key = u.k))
-                 FROM unnest(keys) WITH ORDINALITY AS u(k, n) ORDER BY u.n);
-    FOR pos IN SELECT u.n FROM unnest(sids, keys) WITH ORDINALITY AS u(sid, k, n)
-               WHERE u.k IS NULL ORDER BY u.sid, u.n LOOP
-        turn := turn + 1;
-        ids[pos] := keyless[turn];
-    END LOOP;
-    RETURN ids;
+    -- Ids in the array's order. A message without a key takes its turn among the keyless ids,
+    -- which were drawn in session order; one with a key, the key's id as found before the
+    -- insert, else by its key now (inserted by this call or a concurrent one).
+    RETURN ARRAY(
+        SELECT CASE WHEN u.k IS NULL THEN keyless[u.turn]
+                    ELSE coalesce(known[u.n], (SELECT m.id FROM fleet.messages m
+                                               WHERE m.dedupe_key = u.k)) END
+        FROM (SELECT e.k, e.n,
+                     row_number() OVER (PARTITION BY e.k IS NULL ORDER BY e.sid, e.n) AS turn
+              FROM unnest(sids, keys) WITH ORDINALITY AS e(sid, k, n)) AS u
+        ORDER BY u.n);
 END
 $$;
 
