@@ -335,14 +335,15 @@ async def test_a_worker_writes_an_outcome_again_once_its_session_is_free(conn, d
     assert dict(row) == {"reply": "ok", "attempts": 1, "takeovers": 0}
 
 
-async def test_a_producer_enqueueing_into_many_live_sessions_never_deadlocks_a_worker(
+async def test_batches_into_the_same_live_sessions_deadlock_neither_each_other_nor_a_worker(
     conn, settings
 ):
     """Two producers whose batches name the same live sessions in opposite orders, beside a
-    worker finishing those sessions' heads: every message is done once and no transaction
-    fails. The elections at a batch's commit take their sessions' locks one row at a time;
-    while rows were inserted in the batch's order, the two producers, and a producer and the
-    worker's finish (session order), took the same locks in different orders and deadlocked."""
+    worker finishing those sessions' heads: no transaction fails, and every message is done
+    once, each session's in enqueue order without overlap. The elections at a batch's commit
+    take their sessions' locks one row at a time; while rows were inserted in the batch's
+    order, the two producers, and a producer and the worker's finish (session order), took
+    the same locks in different orders and deadlocked."""
     sessions = [f"live-{i}" for i in range(12)]
     for session in sessions:
         await queue.enqueue(conn, session, "first")
@@ -361,9 +362,14 @@ async def test_a_producer_enqueueing_into_many_live_sessions_never_deadlocks_a_w
             await wait_until(lambda: _all_done(conn), timeout=60)
     finally:
         await other.close()
-    total = 12 * (1 + 2 * rounds)
-    assert await conn.fetchval(
-        "SELECT count(*) FROM fleet.messages WHERE state = 'done' AND reply = 'ok'") == total
+    rows = await conn.fetch(
+        "SELECT session_id, reply, attempts, claimed_at, finished_at FROM fleet.messages"
+        " ORDER BY session_id, id")
+    assert len(rows) == 12 * (1 + 2 * rounds)
+    assert all(r["reply"] == "ok" and r["attempts"] == 1 for r in rows)
+    for earlier, later in itertools.pairwise(rows):
+        if earlier["session_id"] == later["session_id"]:
+            assert earlier["finished_at"] <= later["claimed_at"], (earlier, later)
 
 
 async def _all_done(conn: asyncpg.Connection) -> bool:

@@ -16,8 +16,8 @@ fleet's own data. The phases:
 * **sustained**: an open-loop producer enqueues at half the measured single-process peak
   while one worker process runs (each transaction carries the messages that fell due since the
   last one, in one ``fleet.enqueue_many``: one at a time at low rates, more when commits are
-  slow), each message in a new session and then, at the same rate, spread over ``S`` sessions
-  in turn (a message then waits behind its session's previous one); the enqueue-to-claim
+  slow), each message in a new session and then spread over ``S`` sessions in turn (a message
+  then waits behind its session's previous one), at half that layout's peak; the enqueue-to-claim
   latency (``claimed_at - enqueued_at``) percentiles come from ``fleet.messages``. PgQueuer
   gets the same treatment at half its own peak (``picked`` minus ``queued`` in its log).
   ``--repeat`` repeats these runs too; the summary's p99 is over every message of every run.
@@ -666,7 +666,8 @@ class QueueBench:
         self._startup_cpu: float | None = None
         self.postmaster: psutil.Process | None = None
         self.report = QueueBenchReport(config=config, environment={})
-        #: Enqueue-to-claim seconds of every message of every sustained run, per system.
+        #: Enqueue-to-claim seconds of every message of every sustained run, per system and
+        #: layout.
         self._latencies: dict[tuple[str, Layout], list[float]] = collections.defaultdict(list)
 
     # -- top level --
