@@ -38,6 +38,7 @@ from fleet.mcp_client import CustomerDataUnavailable
 from fleet.mcp_wire import HTTPStatusError, _Stale
 from tests.logged_tracebacks import Tolerated, untolerated
 from tests.processes import start_fleet, stop, wait_until
+from tests.session_order import assert_session_order
 
 pytestmark = pytest.mark.slow
 
@@ -233,12 +234,7 @@ async def _check_queue_invariants(url: str, total: int, sessions: int) -> dict[s
         else:
             assert r["state"] == "dead" and r["error"], r
             assert "lease" not in r["error"].lower(), r  # losing a worker is not a failure
-    sessions_seen = 0
-    for _, group in itertools.groupby(rows, key=lambda r: r["session_id"]):
-        sessions_seen += 1
-        for earlier, later in itertools.pairwise(list(group)):
-            assert earlier["finished_at"] <= later["claimed_at"], (earlier, later)
-    assert sessions_seen == sessions
+    assert assert_session_order(rows) == sessions
     return {
         "states": dict(states),
         "takeovers": sum(r["takeovers"] for r in rows),

@@ -9,12 +9,12 @@ budget"); here three workers share a limit smaller than what one of them wants.
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from pathlib import Path
 
 from tests.mcp_process import _admin
 from tests.processes import start_fleet, stop, wait_until
+from tests.session_order import assert_session_order
 from tests.urls import as_login
 
 LIMIT = 3
@@ -64,10 +64,8 @@ async def test_workers_over_a_connection_limit_slow_down_but_finish_every_messag
     assert codes == [0, 0, 0]
     assert "error:" not in logs and "Traceback" not in logs
     assert "too many connections" in logs  # the limit really bit
-    rows = await conn.fetch("SELECT session_id, state, reply, error, claimed_at, finished_at"
+    rows = await conn.fetch("SELECT id, session_id, state, reply, error, claimed_at, finished_at"
                             " FROM fleet.messages ORDER BY session_id, id")
     assert [r["state"] for r in rows] == ["done"] * total
     assert all(r["reply"] == "ok" for r in rows)
-    for _, group in itertools.groupby(rows, key=lambda r: r["session_id"]):
-        for earlier, later in itertools.pairwise(list(group)):
-            assert earlier["finished_at"] <= later["claimed_at"]
+    assert_session_order(rows)

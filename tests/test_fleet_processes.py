@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import asyncpg
 import pytest
 
 from tests.processes import ROOT, fleet, fleet_json, start_fleet, stop, wait_until
+from tests.session_order import assert_session_order
 
 
 async def _counts(conn: asyncpg.Connection) -> dict[str, int]:
@@ -48,14 +48,7 @@ async def test_three_workers_process_600_messages_once_each_in_session_order(
     assert len(rows) == 600
     assert all(r["state"] == "done" and r["reply"] == "ok" for r in rows)
     assert all(r["attempts"] == 1 and r["takeovers"] == 0 for r in rows)  # processed once each
-    by_session: dict[str, list[asyncpg.Record]] = {}
-    for r in rows:
-        by_session.setdefault(r["session_id"], []).append(r)
-    assert len(by_session) == 40
-    for session_rows in by_session.values():
-        for earlier, later in itertools.pairwise(session_rows):
-            # In enqueue order, and the next one starts only after the previous one finished.
-            assert earlier["finished_at"] <= later["claimed_at"]
+    assert assert_session_order(rows) == 40
     owners = await conn.fetchval("SELECT count(*) FROM fleet.workers")
     assert owners == 0  # all three unregistered on SIGTERM
     for i in range(3):

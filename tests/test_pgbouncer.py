@@ -9,7 +9,6 @@ connections so the pooler must really share server connections between them.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import asyncpg
@@ -17,6 +16,7 @@ import pytest
 
 from tests.pgbouncer import SKIP_REASON, pgbouncer_binary, running_pgbouncer
 from tests.processes import start_fleet, stop, wait_until
+from tests.session_order import assert_session_order
 
 pytestmark = pytest.mark.skipif(pgbouncer_binary() is None, reason=SKIP_REASON)
 
@@ -75,10 +75,8 @@ async def test_poll_only_workers_through_pgbouncer_keep_session_order(
     # SERVER_POOL server connections: the pooler, not the fleet, bounded the database's load.
     assert 1 <= len(peak) <= SERVER_POOL, peak
     rows = await conn.fetch(
-        "SELECT session_id, state, reply, attempts, claimed_at, finished_at"
+        "SELECT id, session_id, state, reply, attempts, claimed_at, finished_at"
         " FROM fleet.messages ORDER BY session_id, id")
     assert len(rows) == total
     assert all(r["state"] == "done" and r["reply"] == "ok" and r["attempts"] == 1 for r in rows)
-    for _, group in itertools.groupby(rows, key=lambda r: r["session_id"]):
-        for earlier, later in itertools.pairwise(list(group)):
-            assert earlier["finished_at"] <= later["claimed_at"]
+    assert_session_order(rows)

@@ -19,6 +19,7 @@ from fleet.queue import ClaimedMessage, Outcome
 from fleet.sql import queries
 from fleet.worker import Worker, retry_delay
 from tests.processes import wait_until
+from tests.session_order import assert_session_order
 from tests.workers import expire_lease, listening, running
 
 
@@ -363,13 +364,11 @@ async def test_batches_into_the_same_live_sessions_deadlock_neither_each_other_n
     finally:
         await other.close()
     rows = await conn.fetch(
-        "SELECT session_id, reply, attempts, claimed_at, finished_at FROM fleet.messages"
+        "SELECT id, session_id, reply, attempts, claimed_at, finished_at FROM fleet.messages"
         " ORDER BY session_id, id")
     assert len(rows) == 12 * (1 + 2 * rounds)
     assert all(r["reply"] == "ok" and r["attempts"] == 1 for r in rows)
-    for earlier, later in itertools.pairwise(rows):
-        if earlier["session_id"] == later["session_id"]:
-            assert earlier["finished_at"] <= later["claimed_at"], (earlier, later)
+    assert assert_session_order(rows) == 12
 
 
 async def _all_done(conn: asyncpg.Connection) -> bool:
