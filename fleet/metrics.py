@@ -78,6 +78,11 @@ LEASE_TAKEOVERS = Counter(
     "fleet_lease_takeovers_total", "Messages rescued from a worker whose lease expired"
 )
 LEASES_LOST = Counter("fleet_leases_lost_total", "Leases this worker found taken over")
+OUTCOMES_DEFERRED = Counter(
+    "fleet_outcomes_deferred_total",
+    "Outcomes written again later: their session was locked by another head change (an"
+    " enqueue's election at commit), which a finish does not wait for",
+)
 WAKEUPS = Counter("fleet_wakeups_total", "Producer wake-ups, by source", ["source"])
 QUEUE_WAIT = Histogram("fleet_queue_wait_seconds", "Enqueue to claim", buckets=_LATENCY_BUCKETS)
 TURN_DURATION = Histogram(

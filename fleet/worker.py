@@ -701,6 +701,7 @@ class Worker:
         deferred = [o for o in refused if o.message_id in held]
         if deferred:
             log.debug("%d outcomes wait for their sessions' locks", len(deferred))
+            metrics.OUTCOMES_DEFERRED.inc(len(deferred))
             await asyncio.sleep(DEFERRED_RETRY_SECONDS)
             for outcome in deferred:
                 self._queue_outcome(outcome)

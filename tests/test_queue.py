@@ -313,7 +313,14 @@ async def test_a_finish_skips_a_busy_session_and_the_lease_stays(conn, db_url):
 async def test_a_worker_writes_an_outcome_again_once_its_session_is_free(conn, db_url, settings):
     """The worker side of a skipped finish: the outcome of a message whose session is locked
     is not taken for a lost lease; the message stays running under the worker's lease and
-    ends done, once, with its reply, when the lock goes."""
+    ends done, once, with its reply, when the lock goes. The deferrals are counted."""
+    from prometheus_client import REGISTRY
+
+    def count(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    deferred_before, lost_before = (count("fleet_outcomes_deferred_total"),
+                                    count("fleet_leases_lost_total"))
     message_id = await queue.enqueue(conn, "busy", "hello")
     holder = await asyncpg.connect(db_url)
     try:
@@ -334,6 +341,8 @@ async def test_a_worker_writes_an_outcome_again_once_its_session_is_free(conn, d
     row = await conn.fetchrow(
         "SELECT reply, attempts, takeovers FROM fleet.messages WHERE id = $1", message_id)
     assert dict(row) == {"reply": "ok", "attempts": 1, "takeovers": 0}
+    assert count("fleet_outcomes_deferred_total") > deferred_before  # one a 5 ms retry
+    assert count("fleet_leases_lost_total") == lost_before
 
 
 async def test_batches_into_the_same_live_sessions_deadlock_neither_each_other_nor_a_worker(

@@ -33,8 +33,8 @@ def bench_queue_command(
         10.0, "--sustain-seconds", min=0.1, help="Length of each sustained-load run."
     ),
     sustain_rate: float | None = typer.Option(
-        None, "--sustain-rate", min=1.0,
-        help="Sustained messages/s, used to 0.1 (default: half of the peak).",
+        None, "--sustain-rate", min=0.1,
+        help="Sustained messages/s, at least 0.1, used to 0.1 (default: half of the peak).",
     ),
     repeat: int = typer.Option(
         1, "--repeat", min=1, help="Runs of each drain (median reported) and sustained run."
