@@ -190,7 +190,7 @@ class QueueBenchConfig(BaseModel):
     sustain_seconds: float = Field(10.0, gt=0)
     """Length of each sustained-load run."""
     sustain_rate: float | None = Field(None, ge=0.1)
-    """Messages/s of the sustained runs (both systems; used to 0.1/s); default half of each
+    """Messages/s of the sustained runs (both systems; rounded to 0.1/s); default half of each
     one's own peak."""
     repeat: int = Field(1, ge=1)
     """Runs of each drain (the report keeps every rate and uses the median) and of each

@@ -34,7 +34,7 @@ def bench_queue_command(
     ),
     sustain_rate: float | None = typer.Option(
         None, "--sustain-rate", min=0.1,
-        help="Sustained messages/s, at least 0.1, used to 0.1 (default: half of the peak).",
+        help="Sustained messages/s, at least 0.1, rounded to 0.1 (default: half of the peak).",
     ),
     repeat: int = typer.Option(
         1, "--repeat", min=1, help="Runs of each drain (median reported) and sustained run."
