@@ -21,9 +21,12 @@ The pieces, each an asyncio task started and stopped the same way:
   (the agent) is told through its lease and stops before its next model or tool call; any
   other handler's task is cancelled. One lease period later a turn still running is cancelled
   regardless.
-* **maintenance**: gives expired leases of dead workers back to the queue, repairs lost heads
-  (the sessions ``fleet_repair`` named, at its next pass; every waiting message, as a safety
-  net, every few minutes), keeps this worker's row in ``fleet.workers`` fresh.
+* **repairer** (beside the listener): gives each session ``fleet_repair`` names its head, if it
+  has none, as soon as the NOTIFY comes: an enqueue in a REPEATABLE READ or SERIALIZABLE
+  transaction leaves its session's head election to the workers (``queue_sql/functions.sql``).
+* **maintenance**: gives expired leases of dead workers back to the queue, repairs heads no
+  worker heard of (reading every waiting message, every few minutes), keeps this worker's row
+  in ``fleet.workers`` fresh.
 
 Shutdown (SIGTERM/SIGINT): stop claiming, let handlers finish within the grace period, cancel
 the rest and release their messages so another worker takes them at once.
@@ -132,8 +135,9 @@ class Worker:
         self._children: dict[int, set[int]] = {}
         #: set by a ``fleet_cancel`` NOTIFY for a message in flight: heartbeat now
         self._heartbeat_now = asyncio.Event()
-        #: sessions ``fleet_repair`` NOTIFYs named, for the maintenance loop's next pass
+        #: sessions ``fleet_repair`` NOTIFYs named, for the repairer; set when there are some
         self._to_repair: set[str] = set()
+        self._repair_due = asyncio.Event()
         self._pending: list[Outcome] = []
         self._pending_event = asyncio.Event()
         #: Outcomes the database did not take, while their leases are asked about (_settle)
@@ -205,6 +209,7 @@ class Worker:
         ]
         if not self.poll_only:
             self._tasks.append(asyncio.create_task(self._listen_loop(), name="listener"))
+            self._tasks.append(asyncio.create_task(self._repair_loop(), name="repairer"))
         try:
             await self._produce_loop()
         finally:
@@ -786,14 +791,6 @@ class Worker:
         full_repair_every = POLL_ONLY_REPAIR_INTERVAL if self.poll_only else FULL_REPAIR_INTERVAL
         while True:
             try:
-                if self._to_repair:
-                    sessions, self._to_repair = self._to_repair, set()
-                    try:
-                        if await queue.repair_sessions(self.pool, list(sessions)):
-                            self._wakeup.set()
-                    except BaseException:
-                        self._to_repair |= sessions
-                        raise
                 rescued = await queue.rescue_expired(self.pool)
                 if rescued:
                     metrics.LEASE_TAKEOVERS.inc(len(rescued))
@@ -828,10 +825,28 @@ class Worker:
         self._wakeup.set()
 
     def _on_repair_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        """A session an enqueue's election may have left without a head: look at it with the
-        maintenance loop's next pass."""
+        """A session whose enqueue left its head election to the workers: look at it now."""
         if payload:
             self._to_repair.add(payload)
+            self._repair_due.set()
+
+    async def _repair_loop(self) -> None:
+        """Give the sessions ``fleet_repair`` named a head if they have none (every listening
+        worker hears each one; all but the first find the session headed without locking it,
+        ``fleet.repair_sessions``). Those a failed call did not repair are tried again after a
+        poll interval."""
+        while True:
+            await self._repair_due.wait()
+            self._repair_due.clear()
+            sessions, self._to_repair = self._to_repair, set()
+            try:
+                if await queue.repair_sessions(self.pool, sorted(sessions)):
+                    self._wakeup.set()
+            except TRANSIENT as exc:
+                log.warning("repairing %d sessions failed (%s)", len(sessions), exc)
+                self._to_repair |= sessions
+                await asyncio.sleep(self.poll_interval)
+                self._repair_due.set()
 
     def _on_cancel_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         """A running message was asked to stop: if it is ours, heartbeat now (the heartbeat

@@ -368,13 +368,25 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- "Has the session a live head?" is asked in three places below (the election at an
--- enqueue's commit, promote_heads, headless_sessions for the repairs), each written out as two
--- index probes: the session's earliest waiting message (messages_session_waiting), and
--- whether it is the head; a message running (messages_running). A session's live head is
--- always its earliest live message: heads are elected and promoted in id order, only a head
--- is ever claimed, and every way back to 'queued' (retry, release, rescue, unpark) starts
--- from a head. So a waiting head, if any, is the earliest waiting message, and a running
--- message is the head.
+-- enqueue's commit, promote_heads, headless_sessions for the repairs), each written out as
+-- three index probes: whether a message is running (messages_running); whether the session's
+-- earliest waiting message (messages_session_waiting) is the head; and whether a later waiting
+-- message is the head. A session has at most one head: heads are
+-- made only under the session's row lock, by a statement that sees every commit (READ
+-- COMMITTED), and only when these probes find none. A running message is the head (only heads
+-- are claimed, and a head keeps the mark until it finishes).
+--
+-- The head is most often the session's earliest live message, but not always: ids are drawn
+-- when a message is inserted and heads are made when it commits, so a message whose
+-- transaction commits after a later message of its session has become the head waits behind
+-- that head (and is the next one after it: the finish promotes the earliest waiting message).
+-- Concurrent transactions' messages go in the order their commits made them visible. The third
+-- probe is for that case: without it, the election at the late commit took the session's
+-- earliest waiting message, not the head, for a session without one and made it a second head
+-- (two messages of one session claimable at once). It reads the session's waiting messages
+-- after the earliest one by one, but runs only when the earliest is not the head (written to
+-- depend on it, so the planner cannot run it first): for an idle session (its waiting
+-- messages are the ones just enqueued) or a headless one.
 --
 -- In a WHERE clause each probe is a subquery with LIMIT 1 (scalar or LATERAL), never NOT
 -- EXISTS. The planner turns NOT EXISTS there into an anti join planned on the table's
@@ -398,39 +410,45 @@ $$;
 --
 -- Under READ COMMITTED each statement below reads what was committed when it started, after
 -- the session's row lock: the answer is current. Under REPEATABLE READ or SERIALIZABLE they
--- read the transaction's first snapshot, so a head that finished since (and, not seeing this
--- message, promoted nobody) still looks live, and this message would wait with no head. When
--- such a transaction elects nobody it asks, at its commit, for the session to be looked at
--- again (fleet_repair, the session id as payload): a listening worker calls
--- fleet.repair_sessions for it with a fresh snapshot.
+-- would read the transaction's first snapshot, blind to what committed since: a head made by
+-- another transaction (whose election would then have made this message a second head), or a
+-- head that finished (leaving this message to wait with no head). So such a transaction
+-- elects nobody: at its commit it names the session on fleet_repair, and a listening worker
+-- calls fleet.repair_sessions for it at once, with a fresh snapshot (the periodic
+-- repair_heads catches what no worker heard).
 CREATE OR REPLACE FUNCTION fleet.elect_head_at_commit() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     earliest record;
 BEGIN
-    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR NO KEY UPDATE;
-    IF NOT EXISTS (SELECT 1 FROM fleet.messages r
-                   WHERE r.session_id = NEW.session_id AND r.state = 'running') THEN
-        SELECT m.id, m.is_head INTO earliest FROM fleet.messages m
-        WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'awaiting_approval')
-        ORDER BY m.id LIMIT 1;
-        IF NOT FOUND THEN
-            RETURN NULL;  -- nothing waiting: deleted or cancelled in its own transaction
-        END IF;
-        IF NOT earliest.is_head THEN
-            -- No head: the earliest waiting message becomes it. Identical notifications in
-            -- one transaction collapse into one: a bulk enqueue wakes the fleet once, and a
-            -- message queued behind a busy head wakes nobody.
-            UPDATE fleet.messages SET is_head = true WHERE id = earliest.id;
-            PERFORM pg_notify('fleet_wakeup', '');
-            RETURN NULL;
-        END IF;
-    END IF;
-    -- The session has a live head.
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         -- Identical notifications of one transaction collapse: once per session.
         PERFORM pg_notify('fleet_repair', NEW.session_id);
+        RETURN NULL;
     END IF;
+    PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR NO KEY UPDATE;
+    -- The live-head probes (above), the running one first: a message enqueued behind a busy
+    -- head, the most common case, costs one probe.
+    IF EXISTS (SELECT 1 FROM fleet.messages r
+               WHERE r.session_id = NEW.session_id AND r.state = 'running') THEN
+        RETURN NULL;
+    END IF;
+    SELECT m.id, m.is_head INTO earliest FROM fleet.messages m
+    WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'awaiting_approval')
+    ORDER BY m.id LIMIT 1;
+    IF NOT FOUND OR earliest.is_head THEN
+        RETURN NULL;  -- nothing waiting (deleted or cancelled in its own transaction), or headed
+    END IF;
+    IF EXISTS (SELECT 1 FROM fleet.messages h
+               WHERE h.session_id = NEW.session_id AND h.id > earliest.id
+                 AND h.state IN ('queued', 'awaiting_approval') AND h.is_head) THEN
+        RETURN NULL;  -- a later message is the head (committed before this one)
+    END IF;
+    -- No head: the earliest waiting message becomes it. Identical notifications in one
+    -- transaction collapse into one: a bulk enqueue wakes the fleet once, and a message queued
+    -- behind a busy head wakes nobody.
+    UPDATE fleet.messages SET is_head = true WHERE id = earliest.id;
+    PERFORM pg_notify('fleet_wakeup', '');
     RETURN NULL;
 END
 $$;
@@ -443,8 +461,9 @@ CREATE CONSTRAINT TRIGGER messages_elect_head
 
 -- promotion after a head finishes ----------------------------------------------------------------
 
--- Make the earliest live message of each given session its head, for sessions that have none
--- (so have nothing running: the earliest waiting one). Callers hold the sessions' row locks.
+-- Make the earliest waiting message of each given session its head, for sessions that have
+-- none (nothing running, no waiting head: the live-head probes above). Callers hold the
+-- sessions' row locks.
 CREATE OR REPLACE FUNCTION fleet.promote_heads(sessions text[]) RETURNS integer
 LANGUAGE sql AS $$
     WITH next AS (
@@ -457,6 +476,10 @@ LANGUAGE sql AS $$
         WHERE NOT e.is_head
           AND (SELECT true FROM fleet.messages r
                WHERE r.session_id = s.session_id AND r.state = 'running' LIMIT 1) IS NULL
+          AND (SELECT true FROM fleet.messages h
+               WHERE h.session_id = s.session_id AND h.id > e.id
+                 AND h.state IN ('queued', 'awaiting_approval') AND h.is_head
+               ORDER BY h.id LIMIT 1) IS NULL
     ), promoted AS (
         UPDATE fleet.messages m SET is_head = true
         FROM next WHERE m.id = next.id
@@ -668,27 +691,32 @@ BEGIN
 END
 $$;
 
--- Which of these sessions look headless without locking anything: waiting messages, the
--- earliest of them not the head, and nothing running (the live-head probes above). An answer
+-- Which of these sessions look headless without locking anything: waiting messages, none of
+-- them the head, and nothing running (the live-head probes above). An answer
 -- as of this statement's snapshot: callers that act on it lock and look again (promote_heads).
 CREATE OR REPLACE FUNCTION fleet.headless_sessions(sessions text[]) RETURNS SETOF text
 LANGUAGE sql STABLE AS $$
     SELECT w.session_id
     FROM unnest(sessions) AS w(session_id)
-    WHERE NOT (SELECT e.is_head FROM fleet.messages e
-               WHERE e.session_id = w.session_id
-                 AND e.state IN ('queued', 'awaiting_approval')
-               ORDER BY e.id LIMIT 1)
+    CROSS JOIN LATERAL (SELECT e.id, e.is_head FROM fleet.messages e
+                        WHERE e.session_id = w.session_id
+                          AND e.state IN ('queued', 'awaiting_approval')
+                        ORDER BY e.id LIMIT 1) AS e
+    WHERE NOT e.is_head
       AND (SELECT true FROM fleet.messages r
            WHERE r.session_id = w.session_id AND r.state = 'running' LIMIT 1) IS NULL
+      AND (SELECT true FROM fleet.messages h
+           WHERE h.session_id = w.session_id AND h.id > e.id
+             AND h.state IN ('queued', 'awaiting_approval') AND h.is_head
+           ORDER BY h.id LIMIT 1) IS NULL
 $$;
 
 -- Give these sessions a head if they have waiting messages and none (nothing running, no
--- waiting head): what a REPEATABLE READ / SERIALIZABLE enqueue's election may have missed
+-- waiting head): the election a REPEATABLE READ / SERIALIZABLE enqueue leaves to the workers
 -- (fleet_repair, above). Run under READ COMMITTED, after the sessions' row locks, each
 -- statement sees every commit. Returns the heads it made.
 --
--- Every listening worker hears a fleet_repair and calls this at its next maintenance pass, so
+-- Every listening worker hears a fleet_repair and calls this as soon as it hears it, so
 -- a first look without locks keeps all but the first from locking the session (a lock
 -- that a worker finishing the session's head would wait for): only sessions that look
 -- headless (headless_sessions) are locked and promoted, promote_heads looking again under the

@@ -628,6 +628,79 @@ async def test_a_head_lost_to_a_repeatable_read_enqueue_is_repaired(conn, db_url
         assert await queue.repair_heads(conn) == 0
 
 
+async def _heads(conn: asyncpg.Connection, session: str) -> list[int]:
+    return [r["id"] for r in await conn.fetch(
+        "SELECT id FROM fleet.messages WHERE session_id = $1 AND is_head ORDER BY id", session)]
+
+
+async def _idle_session(conn: asyncpg.Connection, session: str) -> None:
+    """A session that exists and has nothing live: its one message enqueued, run, done."""
+    await queue.enqueue(conn, session, "opens the session")
+    [opener] = await queue.claim(conn, "w", 10, 30)
+    assert await queue.finish(conn, [Outcome(
+        message_id=opener.id, lease_token=opener.lease_token, state="done", reply="ok",
+    )]) == {opener.id}
+
+
+async def _run_one(conn: asyncpg.Connection) -> list[int]:
+    """Claim what is claimable, finish it; the ids claimed."""
+    claimed = await queue.claim(conn, "w", 10, 30)
+    await queue.finish(conn, [Outcome(message_id=c.id, lease_token=c.lease_token, state="done",
+                                      reply="ok") for c in claimed])
+    return [c.id for c in claimed]
+
+
+async def test_a_message_committing_after_a_later_one_became_head_waits_behind_it(conn, db_url):
+    """Ids are drawn at insert, heads made at commit: a message whose transaction commits after
+    a later message of its session has become the head waits behind that head and runs next.
+    The session never has two heads: the election at the late commit took the session's
+    earliest waiting message, not the head, for a session without one, and made it a second
+    head (both claimable at once). A cancel and the repairs, which ask the same question, make
+    no second head either."""
+    session = "late-commit"
+    await _idle_session(conn, session)
+    early_conn = await asyncpg.connect(db_url)
+    try:
+        async with early_conn.transaction():
+            early = await queue.enqueue(early_conn, session, "smaller id, commits second")
+            later = await queue.enqueue(conn, session, "larger id, commits first")
+    finally:
+        await early_conn.close()
+    assert early < later
+    assert await _heads(conn, session) == [later]
+
+    cancelled = await queue.enqueue(conn, session, "cancelled while both wait")
+    assert await queue.cancel(conn, cancelled, "test")  # promote_heads looks at the session
+    assert await queue.repair_sessions(conn, [session]) == 0
+    assert await queue.repair_heads(conn) == 0
+    assert await _heads(conn, session) == [later]
+
+    assert await _run_one(conn) == [later]  # alone: the other waits behind it
+    assert await _run_one(conn) == [early]
+    assert await _run_one(conn) == []
+
+
+async def test_a_repeatable_read_enqueue_never_makes_a_second_head(conn, db_url):
+    """A REPEATABLE READ transaction reads the snapshot it began with: its election at commit
+    did not see a head another transaction had made since, and made its own message a second
+    one. Such an enqueue now leaves the election to the workers (fleet_repair): its message
+    waits behind the head, and a repair finds the session headed."""
+    session = "rr-second-head"
+    await _idle_session(conn, session)
+    late = await asyncpg.connect(db_url)
+    try:
+        async with late.transaction(isolation="repeatable_read"):
+            await late.fetchval("SELECT count(*) FROM fleet.messages")  # its snapshot, now
+            first = await queue.enqueue(conn, session, "made head by its own commit")
+            second = await queue.enqueue(late, session, "enqueued on the older snapshot")
+    finally:
+        await late.close()
+    assert await _heads(conn, session) == [first]
+    assert await queue.repair_sessions(conn, [session]) == 0
+    assert await _run_one(conn) == [first]
+    assert await _run_one(conn) == [second]
+
+
 async def test_repairing_a_session_that_has_its_head_takes_no_lock(conn, db_url):
     """Every listening worker hears a fleet_repair and calls repair_sessions: those that come
     after the first find the session headed and must not queue for its row lock behind a
