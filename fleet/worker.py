@@ -135,7 +135,7 @@ class Worker:
         self._children: dict[int, set[int]] = {}
         #: set by a ``fleet_cancel`` NOTIFY for a message in flight: heartbeat now
         self._heartbeat_now = asyncio.Event()
-        #: sessions ``fleet_repair`` NOTIFYs named, for the repairer; set when there are some
+        #: sessions ``fleet_repair`` NOTIFYs named, for the repairer (which ``_repair_due`` wakes)
         self._to_repair: set[str] = set()
         self._repair_due = asyncio.Event()
         self._pending: list[Outcome] = []
