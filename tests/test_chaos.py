@@ -38,7 +38,7 @@ from fleet.mcp_client import CustomerDataUnavailable
 from fleet.mcp_wire import HTTPStatusError, _Stale
 from tests.logged_tracebacks import Tolerated, untolerated
 from tests.processes import start_fleet, stop, wait_until
-from tests.session_order import assert_session_order
+from tests.session_order import assert_session_order, sessions_with_two_heads
 
 pytestmark = pytest.mark.slow
 
@@ -255,6 +255,8 @@ async def test_chaos_noop_fleet_loses_nothing_and_keeps_session_order(
     fleet = Fleet(env, tmp_path, workers=3, handler="noop",
                   worker_args=["--work-delay", "0.1", "--concurrency", "8"])
     stop_chaos = asyncio.Event()
+    stop_watch = asyncio.Event()
+    two_heads = asyncio.create_task(sessions_with_two_heads(db_url, stop_watch, every=0.05))
     try:
         load = asyncio.create_task(_enqueue_load(db_url, total, sessions, seconds, tally,
                                                  lambda i: f"message {i}"))
@@ -270,7 +272,9 @@ async def test_chaos_noop_fleet_loses_nothing_and_keeps_session_order(
                          message="the last replacements to register")
     finally:
         stop_chaos.set()
+        stop_watch.set()
         codes = fleet.stop_all()
+    assert await two_heads == set()  # sampled all along, server restart included
     summary = await _check_queue_invariants(db_url, total, sessions)
     assert summary["states"] == {"done": total}  # the noop handler never fails
     assert codes == [0] * len(codes)  # the survivors drained and exited cleanly

@@ -19,7 +19,7 @@ from fleet.queue import ClaimedMessage, Outcome
 from fleet.sql import queries
 from fleet.worker import Worker, retry_delay
 from tests.processes import wait_until
-from tests.session_order import assert_session_order
+from tests.session_order import assert_session_order, sessions_with_two_heads
 from tests.workers import expire_lease, listening, running
 
 
@@ -366,12 +366,16 @@ async def test_batches_into_the_same_live_sessions_deadlock_neither_each_other_n
 
     worker = Worker(settings, NoopHandler(), concurrency=12, claim_batch=12)
     other = await asyncpg.connect(settings.database_url)
+    stop = asyncio.Event()
+    watch = asyncio.create_task(sessions_with_two_heads(settings.database_url, stop))
     try:
         async with running(worker):
             await asyncio.gather(produce(conn, False), produce(other, True))
             await wait_until(lambda: _all_done(conn), timeout=60)
     finally:
+        stop.set()
         await other.close()
+    assert await watch == set()
     rows = await conn.fetch(
         "SELECT id, session_id, reply, attempts, claimed_at, finished_at FROM fleet.messages"
         " ORDER BY session_id, id")
