@@ -50,7 +50,7 @@ import asyncpg
 
 from fleet import approvals, audit, metrics, queue, tracing
 from fleet.database import TRANSIENT, connect, create_pool, resolve_url
-from fleet.errors import LeaseLost, PermanentHandlerError, TurnCancelled
+from fleet.errors import ConfigurationError, LeaseLost, PermanentHandlerError, TurnCancelled
 from fleet.handlers import Handler, Lease, Parked, Reply
 from fleet.queue import ClaimedMessage, Outcome
 from fleet.settings import Settings
@@ -76,6 +76,22 @@ DEFERRED_RETRY_SECONDS = 0.005
 
 class _Stopped(Exception):
     """Asked to stop while waiting for the database at start-up."""
+
+
+async def _require_read_committed(pool: asyncpg.Pool) -> None:
+    """The queue's functions take a session's row lock and then read what committed before
+    it, which each statement of a READ COMMITTED transaction does and a REPEATABLE READ one
+    does not (it reads the snapshot its transaction began with): a finish would miss a
+    message enqueued just before it and leave its session without a head. The worker's
+    statements run in their own transactions at the database's default isolation, so a
+    default other than READ COMMITTED is refused at start rather than lose heads."""
+    isolation = await pool.fetchval("SELECT current_setting('transaction_isolation')")
+    if isolation != "read committed":
+        raise ConfigurationError(
+            f"the database's default_transaction_isolation is {isolation!r}; fleet workers"
+            " need 'read committed' (set it for their role: ALTER ROLE ... SET"
+            " default_transaction_isolation = 'read committed')"
+        )
 
 
 def retry_delay(attempt: int, base: float, cap: float) -> float:
@@ -237,10 +253,16 @@ class Worker:
         # No session reset on release: the queue's statements and Lease.transaction() leave
         # no session state, and the reset's round trip sat on every claim. Connections are
         # kept while idle and opened ahead of need (_fill_pool), not in the middle of a burst.
-        return await create_pool(
+        pool = await create_pool(
             self.settings, "fleet-worker", url=self.url, min_size=1, max_size=POOL_SIZE,
             reset_sessions=False, keep_idle=True,
         )
+        try:
+            await _require_read_committed(pool)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
 
     async def _fill_pool(self) -> None:
         """Open the pool's other connections before the first claim, as far as the database

@@ -705,6 +705,25 @@ async def test_a_repeatable_read_enqueue_never_makes_a_second_head(conn, db_url)
     assert await _run_one(conn) == [second]
 
 
+async def test_a_worker_refuses_a_database_whose_default_isolation_is_not_read_committed(
+    conn, settings
+):
+    """Under REPEATABLE READ a finish reads the snapshot its transaction began with, not what
+    committed before it took the session's lock, and misses a message enqueued in between
+    (its session would wait for a head until the periodic repair). A worker started on such
+    a database says so and claims nothing."""
+    from fleet.errors import ConfigurationError
+
+    database = await conn.fetchval("SELECT current_database()")
+    await conn.execute(f'ALTER DATABASE "{database}"'
+                       " SET default_transaction_isolation = 'repeatable read'")
+    await queue.enqueue(conn, "isolation", "waits")
+    with pytest.raises(ConfigurationError,
+                       match="default_transaction_isolation is 'repeatable read'"):
+        await asyncio.wait_for(Worker(settings, NoopHandler(), concurrency=2).run(), 30)
+    assert await conn.fetchval("SELECT state FROM fleet.messages") == "queued"
+
+
 async def test_repairing_a_session_that_has_its_head_takes_no_lock(conn, db_url):
     """Every listening worker hears a fleet_repair and calls repair_sessions: those that come
     after the first find the session headed and must not queue for its row lock behind a
