@@ -369,12 +369,18 @@ $$;
 
 -- "Has the session a live head?" is asked in three places below (the election at an
 -- enqueue's commit, promote_heads, headless_sessions for the repairs), each written out as
--- three index probes: whether a message is running (messages_running); whether the session's
--- earliest waiting message (messages_session_waiting) is the head; and whether a later waiting
--- message is the head. A session has at most one head: heads are
--- made only under the session's row lock, by a statement that sees every commit (READ
--- COMMITTED), and only when these probes find none. A running message is the head (only heads
--- are claimed, and a head keeps the mark until it finishes).
+-- three index probes in ONE statement: whether a message is running (messages_running);
+-- whether the session's earliest waiting message (messages_session_waiting) is the head; and
+-- whether a later waiting message is the head. A session has at most one head: heads are made
+-- only under the session's row lock, by a statement that sees every commit (READ COMMITTED),
+-- and only when these probes find none. A running message is the head (only heads are
+-- claimed, and a head keeps the mark until it finishes).
+--
+-- One statement, so one snapshot: the head moves between waiting and running without the
+-- session's lock (a claim, a retry, a release, a lease rescue, a park and its decision), so
+-- probes made by separate statements could each miss it, the running one before a claim
+-- committed and the waiting one after, and make a second head. The election at commit did
+-- that until 2026-12-07 (the ninth session), found by a stress run that sampled heads.
 --
 -- The head is most often the session's earliest live message, but not always: ids are drawn
 -- when a message is inserted and heads are made when it commits, so a message whose
@@ -382,11 +388,10 @@ $$;
 -- that head (and is the next one after it: the finish promotes the earliest waiting message).
 -- Concurrent transactions' messages go in the order their commits made them visible. The third
 -- probe is for that case: without it, the election at the late commit took the session's
--- earliest waiting message, not the head, for a session without one and made it a second head
--- (two messages of one session claimable at once). It reads the session's waiting messages
--- after the earliest one by one, but runs only when the earliest is not the head (written to
--- depend on it, so the planner cannot run it first): for an idle session (its waiting
--- messages are the ones just enqueued) or a headless one.
+-- earliest waiting message, not the head, for a session without one and made it a second head.
+-- It reads the session's waiting messages after the earliest one by one, but runs only when
+-- the earliest is not the head (written to depend on it, so the planner cannot run it first):
+-- for an idle session (its waiting messages are the ones just enqueued) or a headless one.
 --
 -- In a WHERE clause each probe is a subquery with LIMIT 1 (scalar or LATERAL), never NOT
 -- EXISTS. The planner turns NOT EXISTS there into an anti join planned on the table's
@@ -419,7 +424,7 @@ $$;
 CREATE OR REPLACE FUNCTION fleet.elect_head_at_commit() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    earliest record;
+    next_head bigint;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         -- Identical notifications of one transaction collapse: once per session.
@@ -427,28 +432,29 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR NO KEY UPDATE;
-    -- The live-head probes (above), the running one first: a message enqueued behind a busy
-    -- head, the most common case, costs one probe.
-    IF EXISTS (SELECT 1 FROM fleet.messages r
-               WHERE r.session_id = NEW.session_id AND r.state = 'running') THEN
-        RETURN NULL;
+    -- The live-head probes (above) in one statement: the earliest waiting message, if the
+    -- session has no head. The running probe needs nothing from the row, so it is evaluated
+    -- once before anything else (a message enqueued behind a busy head, the most common case,
+    -- costs that one probe).
+    SELECT e.id INTO next_head
+    FROM (SELECT m.id, m.is_head FROM fleet.messages m
+          WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'awaiting_approval')
+          ORDER BY m.id LIMIT 1) AS e
+    WHERE NOT e.is_head
+      AND (SELECT true FROM fleet.messages r
+           WHERE r.session_id = NEW.session_id AND r.state = 'running' LIMIT 1) IS NULL
+      AND (SELECT true FROM fleet.messages h
+           WHERE h.session_id = NEW.session_id AND h.id > e.id
+             AND h.state IN ('queued', 'awaiting_approval') AND h.is_head
+           ORDER BY h.id LIMIT 1) IS NULL;
+    IF FOUND THEN
+        -- No head: the earliest waiting message becomes it (no other can appear meanwhile:
+        -- making one takes the lock held here). Identical notifications in one transaction
+        -- collapse into one: a bulk enqueue wakes the fleet once, and a message queued behind
+        -- a busy head wakes nobody.
+        UPDATE fleet.messages SET is_head = true WHERE id = next_head;
+        PERFORM pg_notify('fleet_wakeup', '');
     END IF;
-    SELECT m.id, m.is_head INTO earliest FROM fleet.messages m
-    WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'awaiting_approval')
-    ORDER BY m.id LIMIT 1;
-    IF NOT FOUND OR earliest.is_head THEN
-        RETURN NULL;  -- nothing waiting (deleted or cancelled in its own transaction), or headed
-    END IF;
-    IF EXISTS (SELECT 1 FROM fleet.messages h
-               WHERE h.session_id = NEW.session_id AND h.id > earliest.id
-                 AND h.state IN ('queued', 'awaiting_approval') AND h.is_head) THEN
-        RETURN NULL;  -- a later message is the head (committed before this one)
-    END IF;
-    -- No head: the earliest waiting message becomes it. Identical notifications in one
-    -- transaction collapse into one: a bulk enqueue wakes the fleet once, and a message queued
-    -- behind a busy head wakes nobody.
-    UPDATE fleet.messages SET is_head = true WHERE id = earliest.id;
-    PERFORM pg_notify('fleet_wakeup', '');
     RETURN NULL;
 END
 $$;

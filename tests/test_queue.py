@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import random
 import re
 import time
 import unicodedata
@@ -382,6 +383,62 @@ async def test_batches_into_the_same_live_sessions_deadlock_neither_each_other_n
     assert len(rows) == 12 * (1 + 2 * rounds)
     assert all(r["reply"] == "ok" and r["attempts"] == 1 for r in rows)
     assert assert_session_order(rows) == 12
+
+
+async def test_producers_racing_a_worker_over_shared_sessions_never_make_two_heads(settings):
+    """Four producers enqueue into eight shared sessions (one at a time, two in one
+    transaction, batches of two sessions) while a worker claims and finishes their heads; a
+    sampler looks for a session with two heads all along. A head moves between waiting and
+    running without the session's lock (a claim), so an election that asked "is one running?"
+    and "is the earliest waiting one the head?" in two statements could see it in neither and
+    make a second head: seen here within seconds, with two messages of a session running at
+    once."""
+    sessions = [f"shared-{i}" for i in range(8)]
+    stop = asyncio.Event()
+    watch = asyncio.create_task(sessions_with_two_heads(settings.database_url, stop, every=0.005))
+    deadline = time.monotonic() + 8
+
+    async def produce(seed: int) -> None:
+        rnd = random.Random(seed)
+        db = await asyncpg.connect(settings.database_url)
+        try:
+            while time.monotonic() < deadline:
+                first, second = rnd.sample(sessions, 2)
+                kind = rnd.random()
+                if kind < 0.4:
+                    await queue.enqueue(db, first, "m")
+                elif kind < 0.7:
+                    async with db.transaction():
+                        await queue.enqueue(db, first, "m")
+                        await queue.enqueue(db, first, "m")
+                else:
+                    await queue.enqueue_many(db, [{"session_id": s, "body": "m"}
+                                                  for s in sorted((first, second))])
+                await asyncio.sleep(rnd.random() * 0.002)
+        finally:
+            await db.close()
+
+    worker = Worker(settings, NoopHandler(), concurrency=8, claim_batch=4)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with running(worker):
+            await asyncio.gather(*(produce(seed) for seed in range(4)))
+            await wait_until(lambda: _all_done(conn), timeout=120)
+        stop.set()
+        assert await watch == set()
+        rows = await conn.fetch(
+            "SELECT id, session_id, attempts, claimed_at, finished_at FROM fleet.messages"
+            " ORDER BY session_id, id")
+    finally:
+        stop.set()
+        await conn.close()
+    assert all(r["attempts"] == 1 for r in rows)
+    overlapping = []  # in each session by claim time, a claim before the last one finished
+    for _, group in itertools.groupby(rows, key=lambda r: r["session_id"]):
+        ran = sorted(group, key=lambda r: r["claimed_at"])
+        overlapping += [(a["id"], b["id"]) for a, b in itertools.pairwise(ran)
+                        if b["claimed_at"] < a["finished_at"]]
+    assert overlapping == []
 
 
 async def _all_done(conn: asyncpg.Connection) -> bool:
