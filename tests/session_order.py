@@ -9,6 +9,8 @@ from typing import Any
 
 import asyncpg
 
+from fleet.database import TRANSIENT
+
 
 def assert_session_order(rows: Sequence[Mapping[str, Any]]) -> int:
     """Each session's messages ran one at a time, in enqueue order: every message was claimed
@@ -46,7 +48,9 @@ async def sessions_with_two_heads(url: str, stop: asyncio.Event, every: float = 
                     "SELECT coalesce(array_agg(session_id), '{}') FROM"
                     " (SELECT session_id FROM fleet.messages WHERE is_head"
                     "  GROUP BY session_id HAVING count(*) > 1) AS twice"))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except (*TRANSIENT, asyncpg.PostgresError):
+                if conn is not None:
+                    conn.terminate()
                 conn = None
             await asyncio.sleep(every)
     finally:
