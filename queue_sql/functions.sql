@@ -367,11 +367,11 @@ LANGUAGE sql STABLE AS $$
            OR m.state IN ('done', 'dead', 'cancelled'))
 $$;
 
--- "Has the session a live head?" is asked in three places below (the election at an
--- enqueue's commit, promote_heads, headless_sessions for the repairs), each written out as
--- three index probes in ONE statement: whether a message is running (messages_running);
--- whether the session's earliest waiting message (messages_session_waiting) is the head; and
--- whether a later waiting message is the head. A session has at most one head: heads are made
+-- "Has the session a live head?" is answered in one place, fleet.missing_heads below, for the
+-- election at an enqueue's commit, promote_heads and the repairs: three index probes in ONE
+-- statement: whether a message is running (messages_running); whether the session's earliest
+-- waiting message (messages_session_waiting) is the head; and whether a later waiting message
+-- is the head. A session has at most one head: heads are made
 -- only under the session's row lock, by a statement that sees every commit (READ COMMITTED),
 -- and only when these probes find none. A running message is the head (only heads are
 -- claimed, and a head keeps the mark until it finishes).
@@ -380,7 +380,8 @@ $$;
 -- session's lock (a claim, a retry, a release, a lease rescue, a park and its decision), so
 -- probes made by separate statements could each miss it, the running one before a claim
 -- committed and the waiting one after, and make a second head. The election at commit did
--- that until 2026-12-07 (the ninth session), found by a stress run that sampled heads.
+-- that until 2026-12-07 (the ninth session), found by a stress run that sampled heads; it
+-- now asks fleet.missing_heads like everyone else.
 --
 -- The head is most often the session's earliest live message, but not always: ids are drawn
 -- when a message is inserted and heads are made when it commits, so a message whose
@@ -400,9 +401,34 @@ $$;
 -- per message (444 million buffers, 151 s, holding back every vacuum meanwhile;
 -- bench/queue_probes.py stale-stats). A LIMIT 1 subquery is never made a join: it is planned as
 -- one lookup with the session id as its parameter, an index condition whatever the statistics
--- say. Not a SQL function either: PostgreSQL never inlines one whose body has a subquery, and
--- called per row it cost 436 ms on a 20,000-message backlog against 9 ms as joins
--- (repair-heads).
+-- say. fleet.missing_heads takes the whole array of sessions and is called once per statement,
+-- in FROM, where PostgreSQL inlines a one-SELECT SQL function: never per row, where a SQL
+-- function whose body has a subquery is not inlined, and cost 436 ms on a 20,000-message
+-- backlog against 9 ms as joins (repair-heads).
+
+-- For each of these sessions that has waiting messages and no head: the session, and its
+-- earliest waiting message, the head it lacks. Takes no lock, and answers as of the calling
+-- statement's snapshot; callers that make a head hold the session's row lock first (the
+-- election, promote_heads), so nobody else makes one meanwhile, and the repairs look first
+-- without it (repair_sessions).
+DROP FUNCTION IF EXISTS fleet.headless_sessions(text[]);  -- its name until 2026-12-07
+CREATE OR REPLACE FUNCTION fleet.missing_heads(sessions text[])
+RETURNS TABLE (session_id text, next_head bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT w.session_id, e.id
+    FROM unnest(sessions) AS w(session_id)
+    CROSS JOIN LATERAL (SELECT m.id, m.is_head FROM fleet.messages m
+                        WHERE m.session_id = w.session_id
+                          AND m.state IN ('queued', 'awaiting_approval')
+                        ORDER BY m.id LIMIT 1) AS e
+    WHERE NOT e.is_head
+      AND (SELECT true FROM fleet.messages r
+           WHERE r.session_id = w.session_id AND r.state = 'running' LIMIT 1) IS NULL
+      AND (SELECT true FROM fleet.messages h
+           WHERE h.session_id = w.session_id AND h.id > e.id
+             AND h.state IN ('queued', 'awaiting_approval') AND h.is_head
+           ORDER BY h.id LIMIT 1) IS NULL
+$$;
 
 -- head election at commit ----------------------------------------------------------------------
 
@@ -432,21 +458,10 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM 1 FROM fleet.sessions s WHERE s.session_id = NEW.session_id FOR NO KEY UPDATE;
-    -- The live-head probes (above) in one statement: the earliest waiting message, if the
-    -- session has no head. The running probe needs nothing from the row, so it is evaluated
-    -- once before anything else (a message enqueued behind a busy head, the most common case,
-    -- costs that one probe).
-    SELECT e.id INTO next_head
-    FROM (SELECT m.id, m.is_head FROM fleet.messages m
-          WHERE m.session_id = NEW.session_id AND m.state IN ('queued', 'awaiting_approval')
-          ORDER BY m.id LIMIT 1) AS e
-    WHERE NOT e.is_head
-      AND (SELECT true FROM fleet.messages r
-           WHERE r.session_id = NEW.session_id AND r.state = 'running' LIMIT 1) IS NULL
-      AND (SELECT true FROM fleet.messages h
-           WHERE h.session_id = NEW.session_id AND h.id > e.id
-             AND h.state IN ('queued', 'awaiting_approval') AND h.is_head
-           ORDER BY h.id LIMIT 1) IS NULL;
+    -- The running probe comes first in the plan (a filter on the session, before the earliest
+    -- waiting message is looked up): a message enqueued behind a busy head, the most common
+    -- case, costs that one probe.
+    SELECT h.next_head INTO next_head FROM fleet.missing_heads(ARRAY[NEW.session_id]) AS h;
     IF FOUND THEN
         -- No head: the earliest waiting message becomes it (no other can appear meanwhile:
         -- making one takes the lock held here). Identical notifications in one transaction
@@ -468,27 +483,13 @@ CREATE CONSTRAINT TRIGGER messages_elect_head
 -- promotion after a head finishes ----------------------------------------------------------------
 
 -- Make the earliest waiting message of each given session its head, for sessions that have
--- none (nothing running, no waiting head: the live-head probes above). Callers hold the
--- sessions' row locks.
+-- none (fleet.missing_heads). Callers hold the sessions' row locks.
 CREATE OR REPLACE FUNCTION fleet.promote_heads(sessions text[]) RETURNS integer
 LANGUAGE sql AS $$
-    WITH next AS (
-        SELECT e.id
-        FROM unnest(sessions) AS s(session_id)
-        CROSS JOIN LATERAL (SELECT m.id, m.is_head FROM fleet.messages m
-                            WHERE m.session_id = s.session_id
-                              AND m.state IN ('queued', 'awaiting_approval')
-                            ORDER BY m.id LIMIT 1) AS e
-        WHERE NOT e.is_head
-          AND (SELECT true FROM fleet.messages r
-               WHERE r.session_id = s.session_id AND r.state = 'running' LIMIT 1) IS NULL
-          AND (SELECT true FROM fleet.messages h
-               WHERE h.session_id = s.session_id AND h.id > e.id
-                 AND h.state IN ('queued', 'awaiting_approval') AND h.is_head
-               ORDER BY h.id LIMIT 1) IS NULL
-    ), promoted AS (
+    WITH promoted AS (
         UPDATE fleet.messages m SET is_head = true
-        FROM next WHERE m.id = next.id
+        FROM fleet.missing_heads(sessions) AS h
+        WHERE m.id = h.next_head
         RETURNING 1
     )
     SELECT count(*)::integer FROM promoted
@@ -697,26 +698,6 @@ BEGIN
 END
 $$;
 
--- Which of these sessions look headless without locking anything: waiting messages, none of
--- them the head, and nothing running (the live-head probes above). An answer
--- as of this statement's snapshot: callers that act on it lock and look again (promote_heads).
-CREATE OR REPLACE FUNCTION fleet.headless_sessions(sessions text[]) RETURNS SETOF text
-LANGUAGE sql STABLE AS $$
-    SELECT w.session_id
-    FROM unnest(sessions) AS w(session_id)
-    CROSS JOIN LATERAL (SELECT e.id, e.is_head FROM fleet.messages e
-                        WHERE e.session_id = w.session_id
-                          AND e.state IN ('queued', 'awaiting_approval')
-                        ORDER BY e.id LIMIT 1) AS e
-    WHERE NOT e.is_head
-      AND (SELECT true FROM fleet.messages r
-           WHERE r.session_id = w.session_id AND r.state = 'running' LIMIT 1) IS NULL
-      AND (SELECT true FROM fleet.messages h
-           WHERE h.session_id = w.session_id AND h.id > e.id
-             AND h.state IN ('queued', 'awaiting_approval') AND h.is_head
-           ORDER BY h.id LIMIT 1) IS NULL
-$$;
-
 -- Give these sessions a head if they have waiting messages and none (nothing running, no
 -- waiting head): the election a REPEATABLE READ / SERIALIZABLE enqueue leaves to the workers
 -- (fleet_repair, above). Run under READ COMMITTED, after the sessions' row locks, each
@@ -725,7 +706,7 @@ $$;
 -- Every listening worker hears a fleet_repair and calls this as soon as it hears it, so
 -- a first look without locks keeps all but the first from locking the session (a lock
 -- that a worker finishing the session's head would wait for): only sessions that look
--- headless (headless_sessions) are locked and promoted, promote_heads looking again under the
+-- headless (missing_heads) are locked and promoted, promote_heads looking again under the
 -- lock. A session that looks headed needs nothing: a waiting head stays one until claimed,
 -- and a running head's finish promotes its successor under the session's lock with a
 -- snapshot taken after that lock, so it sees every message committed before this look (the
@@ -733,7 +714,7 @@ $$;
 CREATE OR REPLACE FUNCTION fleet.repair_sessions(sessions text[]) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    headless text[] := ARRAY(SELECT fleet.headless_sessions(sessions));
+    headless text[] := ARRAY(SELECT h.session_id FROM fleet.missing_heads(sessions) AS h);
 BEGIN
     IF cardinality(headless) = 0 THEN
         RETURN 0;
@@ -754,9 +735,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     orphans text[];
 BEGIN
-    orphans := ARRAY(SELECT fleet.headless_sessions(ARRAY(
+    orphans := ARRAY(SELECT h.session_id
+                     FROM fleet.missing_heads(ARRAY(
                          SELECT DISTINCT q.session_id FROM fleet.messages q
-                         WHERE q.state = 'queued' AND NOT q.is_head))
+                         WHERE q.state = 'queued' AND NOT q.is_head)) AS h
                      LIMIT max_sessions);
     IF cardinality(orphans) = 0 THEN
         RETURN 0;
