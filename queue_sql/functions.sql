@@ -371,10 +371,11 @@ $$;
 -- election at an enqueue's commit, promote_heads and the repairs: three index probes in ONE
 -- statement: whether a message is running (messages_running); whether the session's earliest
 -- waiting message (messages_session_waiting) is the head; and whether a later waiting message
--- is the head. A session has at most one head: heads are made
--- only under the session's row lock, by a statement that sees every commit (READ COMMITTED),
--- and only when these probes find none. A running message is the head (only heads are
--- claimed, and a head keeps the mark until it finishes).
+-- is the head. A session has at most one head: heads are made only under the session's row
+-- lock, by a statement that sees every commit (READ COMMITTED), and only when these probes
+-- find none. A running message is the head (only heads are claimed, and a head keeps the mark
+-- until it finishes). A finish skips them (finish_messages): the message it finishes was the
+-- head, so it promotes the earliest waiting message.
 --
 -- One statement, so one snapshot: the head moves between waiting and running without the
 -- session's lock (a claim, a retry, a release, a lease rescue, a park and its decision), so

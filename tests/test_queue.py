@@ -385,7 +385,9 @@ async def test_batches_into_the_same_live_sessions_deadlock_neither_each_other_n
     assert assert_session_order(rows) == 12
 
 
-async def test_producers_racing_a_worker_over_shared_sessions_never_make_two_heads(settings):
+async def test_producers_racing_a_worker_over_shared_sessions_never_make_two_heads(
+    conn, settings
+):
     """Four producers enqueue into eight shared sessions (one at a time, two in one
     transaction, batches of two sessions) while a worker claims and finishes their heads; a
     sampler looks for a session with two heads all along. A head moves between waiting and
@@ -419,19 +421,16 @@ async def test_producers_racing_a_worker_over_shared_sessions_never_make_two_hea
             await db.close()
 
     worker = Worker(settings, NoopHandler(), concurrency=8, claim_batch=4)
-    conn = await asyncpg.connect(settings.database_url)
     try:
         async with running(worker):
             await asyncio.gather(*(produce(seed) for seed in range(4)))
             await wait_until(lambda: _all_done(conn), timeout=120)
-        stop.set()
-        assert await watch == set()
-        rows = await conn.fetch(
-            "SELECT id, session_id, attempts, claimed_at, finished_at FROM fleet.messages"
-            " ORDER BY session_id, id")
     finally:
         stop.set()
-        await conn.close()
+    assert await watch == set()
+    rows = await conn.fetch(
+        "SELECT id, session_id, attempts, claimed_at, finished_at FROM fleet.messages"
+        " ORDER BY session_id, id")
     assert all(r["attempts"] == 1 for r in rows)
     overlapping = []  # in each session by claim time, a claim before the last one finished
     for _, group in itertools.groupby(rows, key=lambda r: r["session_id"]):
@@ -694,21 +693,19 @@ async def _heads(conn: asyncpg.Connection, session: str) -> list[int]:
         "SELECT id FROM fleet.messages WHERE session_id = $1 AND is_head ORDER BY id", session)]
 
 
+async def _run_claimable(conn: asyncpg.Connection) -> list[int]:
+    """Claim what is claimable and finish it: the ids claimed."""
+    claimed = await queue.claim(conn, "w", 10, 30)
+    assert await queue.finish(conn, [Outcome(
+        message_id=c.id, lease_token=c.lease_token, state="done", reply="ok",
+    ) for c in claimed]) == {c.id for c in claimed}
+    return [c.id for c in claimed]
+
+
 async def _idle_session(conn: asyncpg.Connection, session: str) -> None:
     """A session that exists and has nothing live: its one message enqueued, run, done."""
-    await queue.enqueue(conn, session, "opens the session")
-    [opener] = await queue.claim(conn, "w", 10, 30)
-    assert await queue.finish(conn, [Outcome(
-        message_id=opener.id, lease_token=opener.lease_token, state="done", reply="ok",
-    )]) == {opener.id}
-
-
-async def _run_one(conn: asyncpg.Connection) -> list[int]:
-    """Claim what is claimable, finish it; the ids claimed."""
-    claimed = await queue.claim(conn, "w", 10, 30)
-    await queue.finish(conn, [Outcome(message_id=c.id, lease_token=c.lease_token, state="done",
-                                      reply="ok") for c in claimed])
-    return [c.id for c in claimed]
+    opener = await queue.enqueue(conn, session, "opens the session")
+    assert await _run_claimable(conn) == [opener]
 
 
 async def test_a_message_committing_after_a_later_one_became_head_waits_behind_it(conn, db_url):
@@ -736,9 +733,9 @@ async def test_a_message_committing_after_a_later_one_became_head_waits_behind_i
     assert await queue.repair_heads(conn) == 0
     assert await _heads(conn, session) == [later]
 
-    assert await _run_one(conn) == [later]  # alone: the other waits behind it
-    assert await _run_one(conn) == [early]
-    assert await _run_one(conn) == []
+    assert await _run_claimable(conn) == [later]  # alone: the other waits behind it
+    assert await _run_claimable(conn) == [early]
+    assert await _run_claimable(conn) == []
 
 
 async def test_a_repeatable_read_enqueue_never_makes_a_second_head(conn, db_url):
@@ -758,8 +755,8 @@ async def test_a_repeatable_read_enqueue_never_makes_a_second_head(conn, db_url)
         await late.close()
     assert await _heads(conn, session) == [first]
     assert await queue.repair_sessions(conn, [session]) == 0
-    assert await _run_one(conn) == [first]
-    assert await _run_one(conn) == [second]
+    assert await _run_claimable(conn) == [first]
+    assert await _run_claimable(conn) == [second]
 
 
 async def test_a_worker_refuses_a_database_whose_default_isolation_is_not_read_committed(
