@@ -58,10 +58,10 @@ RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.met
 -- name: heartbeat
 -- Extend the leases this worker still holds; returns the ids still held (the rest were lost)
 -- and, for each that someone asked to cancel, the reason given ('' when none).
+-- The rows are locked first, in id order (fleet.lock_leases).
 UPDATE fleet.messages m
 SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
-FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
-WHERE m.id = u.id AND m.lease_token = u.token AND m.state = 'running'
+WHERE m.id = ANY (ARRAY(SELECT fleet.lock_leases($1::bigint[], $2::bigint[])))
 RETURNING m.id,
           CASE WHEN m.cancel_requested_at IS NOT NULL
                THEN coalesce(m.cancel_reason, '') END AS cancel_reason;
@@ -86,12 +86,12 @@ WHERE id = $1 AND lease_token = $2 AND state = 'running'
 RETURNING id;
 
 -- name: release
--- Give messages back untouched (graceful shutdown): the attempt does not count.
+-- Give messages back untouched (graceful shutdown): the attempt does not count. The rows are
+-- locked first, in id order (fleet.lock_leases).
 UPDATE fleet.messages m
 SET state = 'queued', attempts = greatest(m.attempts - 1, 0), run_after = clock_timestamp(),
     lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
-FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
-WHERE m.id = u.id AND m.lease_token = u.token AND m.state = 'running'
+WHERE m.id = ANY (ARRAY(SELECT fleet.lock_leases($1::bigint[], $2::bigint[])))
 RETURNING m.id;
 
 -- name: rescue_expired

@@ -346,6 +346,54 @@ async def test_a_worker_writes_an_outcome_again_once_its_session_is_free(conn, d
     assert count("fleet_leases_lost_total") == lost_before
 
 
+class _HeldByTheTest(NoopHandler):
+    """Replies ``ok`` once the test sets the event named by the message's body."""
+
+    def __init__(self, events: dict[str, asyncio.Event]) -> None:
+        super().__init__()
+        self.events = events
+
+    async def handle(self, message, lease):
+        await self.events[message.body].wait()
+        return await super().handle(message, lease)
+
+
+async def test_a_heartbeat_leaves_out_the_outcomes_being_written(conn, db_url, settings):
+    """A heartbeat does not touch the messages whose outcomes the worker is writing: it would
+    wait for the write's row locks, and two statements locking each other's messages deadlock
+    (fleet.lock_leases). Here the write of one outcome is held up by a row lock the test
+    holds; the worker's heartbeats go on extending the other message's lease meanwhile."""
+    settings = settings.model_copy(update={"fleet_lease_seconds": 1.5})  # a beat every 0.5 s
+    events = {"written": asyncio.Event(), "running": asyncio.Event()}
+    written = await queue.enqueue(conn, "a", "written")
+    still_running = await queue.enqueue(conn, "b", "running")
+    lease_of_the_other = "SELECT lease_expires_at FROM fleet.messages WHERE id = $1"
+    holder = await asyncpg.connect(db_url)
+    try:
+        async with running(Worker(settings, _HeldByTheTest(events), concurrency=2)):
+            await wait_until(lambda: conn.fetchval(
+                "SELECT count(*) = 2 FROM fleet.messages WHERE state = 'running'"))
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE", written)
+                events["written"].set()  # its outcome's write now waits for the test's lock
+                await wait_until(lambda: conn.fetchval(
+                    "SELECT count(*) = 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND application_name = 'fleet-worker'"), interval=0.02)
+                before = await conn.fetchval(lease_of_the_other, still_running)
+                await wait_until(lambda: conn.fetchval(
+                    "SELECT lease_expires_at > $2 FROM fleet.messages WHERE id = $1",
+                    still_running, before), timeout=3, interval=0.05,
+                    message="a heartbeat of the other message while the write waits")
+            events["running"].set()
+            await wait_until(lambda: conn.fetchval(
+                "SELECT count(*) = 2 FROM fleet.messages WHERE state = 'done'"))
+    finally:
+        await holder.close()
+    rows = await conn.fetch("SELECT reply, attempts, takeovers FROM fleet.messages")
+    assert [dict(r) for r in rows] == [{"reply": "ok", "attempts": 1, "takeovers": 0}] * 2
+
+
 async def test_batches_into_the_same_live_sessions_deadlock_neither_each_other_nor_a_worker(
     conn, settings
 ):
@@ -602,6 +650,50 @@ async def test_a_heartbeat_is_a_hot_update(conn: asyncpg.Connection):
         assert await queue.heartbeat(conn, [(message.id, message.lease_token)], 30) == {
             message.id: None}
     assert await updates() == (updated + 10, hot + 10)
+
+
+@pytest.mark.parametrize("write", ["heartbeat", "release"])
+async def test_lease_writes_lock_their_messages_in_id_order(conn, db_url, write: str):
+    """A heartbeat (and the release at shutdown) locks the messages it holds in id order,
+    whatever order the leases come in and the rows lie on disk: two statements that lock
+    several messages each in opposite orders deadlock (fleet.lock_leases). The three messages'
+    rows lie on disk, their sessions sort (the running index's order) and their leases come in
+    reverse id order; the middle one is locked by another transaction. The write must have
+    locked the first and wait for the middle one, with the last not yet taken."""
+    ids = [await queue.enqueue(conn, f"order-{2 - i}", "x") for i in range(3)]
+    for offset, message_id in enumerate(ids):  # the last due first
+        await conn.execute("UPDATE fleet.messages SET run_after = now() - make_interval("
+                           "secs => $2) WHERE id = $1", message_id, float(offset))
+    claimed = [(await queue.claim(conn, "w", 1, 30))[0] for _ in ids]
+    assert [m.id for m in claimed] == ids[::-1]
+    leases = [(m.id, m.lease_token) for m in claimed]
+    first, middle, last = ids
+    async with (
+        asyncpg.create_pool(db_url, min_size=3, max_size=3) as pool,
+        pool.acquire() as blocker,
+        pool.acquire() as writer,
+        pool.acquire() as probe,
+    ):
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute("SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE", middle)
+        writing = asyncio.create_task(getattr(queue, write)(writer, leases, *(
+            [30] if write == "heartbeat" else [])))
+        try:
+            pid = writer.get_server_pid()
+            await wait_until(lambda: probe.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid))
+            async with probe.transaction():
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await probe.execute(
+                        "SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE NOWAIT", first)
+            async with probe.transaction():
+                await probe.execute(
+                    "SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE NOWAIT", last)
+        finally:
+            await blocking.rollback()
+            written = await asyncio.wait_for(writing, 10)
+    assert set(written) == set(ids)
 
 
 async def _call_buffers(conn: asyncpg.Connection, call: str) -> int:
