@@ -674,10 +674,10 @@ $$;
 -- a hash join's the table's). A worker's heartbeats run beside each other (the recheck of
 -- deferred outcomes, fleet/worker.py) and beside its release. Its outcome writes
 -- (finish_messages) lock in their own plan's order, so the worker leaves the messages whose
--- outcomes are being written out of its heartbeats, and the two never share a row. Found in a
--- chaos run (tests/test_chaos_handlers.py, 2026-12-07): PostgreSQL's deadlock detector broke
--- a heartbeat and a finish of one worker, each holding messages the other wanted, in about
--- one run in two; the claim and the heartbeat both failed after the detector's one second.
+-- outcomes are being written out of its heartbeats, and the two never share a row. Found by a
+-- chaos script (now tests/test_chaos_handlers.py; 2026-12-07, BENCHMARKS.md): PostgreSQL's
+-- deadlock detector broke a heartbeat and a finish of one worker, each holding messages the
+-- other wanted, in 4 of 6 runs; the claim and the heartbeat each lost the detector's second.
 CREATE OR REPLACE FUNCTION fleet.lock_leases(ids bigint[], tokens bigint[]) RETURNS SETOF bigint
 LANGUAGE sql AS $$
     SELECT l.id FROM fleet.messages l
