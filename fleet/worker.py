@@ -155,9 +155,6 @@ class Worker:
         self._to_repair: set[str] = set()
         self._repair_due = asyncio.Event()
         self._pending: list[Outcome] = []
-        #: Messages whose outcomes a call is writing now: left out of heartbeats (the write
-        #: holds their rows; fleet.lock_leases says why that matters)
-        self._writing: set[int] = set()
         self._pending_event = asyncio.Event()
         #: Outcomes the database did not take, while their leases are asked about (_settle)
         self._rechecks: set[asyncio.Task[None]] = set()
@@ -448,21 +445,16 @@ class Worker:
         ``message_sent``) are written in a transaction with the trails of those accepted under
         their leases, so a reply and its row commit together: BEGIN, the statement, the rows in
         a savepoint, COMMIT, round trips that are nothing next to an agent turn."""
-        writing = {outcome.message_id for outcome in batch}
-        self._writing |= writing
-        try:
-            if not any(outcome.trail for outcome in batch):
-                return await self._finish_and_claim_on(self.pool, batch, free)
-            assert self.pool is not None
-            async with self.pool.acquire() as conn, conn.transaction():
-                accepted, claimed = await self._finish_and_claim_on(conn, batch, free)
-                await audit.write_with_outcomes(
-                    conn,
-                    [o.trail for o in batch if o.trail is not None and o.message_id in accepted],
-                )
-            return accepted, claimed
-        finally:
-            self._writing -= writing
+        if not any(outcome.trail for outcome in batch):
+            return await self._finish_and_claim_on(self.pool, batch, free)
+        assert self.pool is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            accepted, claimed = await self._finish_and_claim_on(conn, batch, free)
+            await audit.write_with_outcomes(
+                conn,
+                [o.trail for o in batch if o.trail is not None and o.message_id in accepted],
+            )
+        return accepted, claimed
 
     async def _finish_and_claim_on(
         self, db: queue.Executor, batch: list[Outcome], free: int
@@ -768,9 +760,7 @@ class Worker:
             except TimeoutError:
                 pass
             self._heartbeat_now.clear()
-            # Not the leases whose outcomes are being written: the write decides them, and
-            # extending them would wait for its row locks (or deadlock with it).
-            leases = [(i, token) for i, token in self.held.items() if i not in self._writing]
+            leases = list(self.held.items())
             if not leases:
                 continue
             try:

@@ -667,25 +667,8 @@ BEGIN
 END
 $$;
 
--- Lock the running messages among `ids` that `tokens` (one per id) still hold, in id order, and
--- return their ids: the heartbeat and the release at shutdown lock through it before they write.
--- Two statements that each lock several messages deadlock when they take them in opposite
--- orders, and an UPDATE ... FROM locks in its plan's order (a nested loop's is its outer side's,
--- a hash join's the table's). A worker's heartbeats run beside each other (the recheck of
--- deferred outcomes, fleet/worker.py) and beside its release. Its outcome writes
--- (finish_messages) lock in their own plan's order, so the worker leaves the messages whose
--- outcomes are being written out of its heartbeats, and the two never share a row. Found by a
--- chaos script (now tests/test_chaos_handlers.py; 2026-12-07, BENCHMARKS.md): PostgreSQL's
--- deadlock detector broke a heartbeat and a finish of one worker, each holding messages the
--- other wanted, in 4 of 6 runs; the claim and the heartbeat each lost the detector's second.
-CREATE OR REPLACE FUNCTION fleet.lock_leases(ids bigint[], tokens bigint[]) RETURNS SETOF bigint
-LANGUAGE sql AS $$
-    SELECT l.id FROM fleet.messages l
-    WHERE l.id = ANY (ids) AND l.state = 'running'
-      AND l.lease_token = tokens[array_position(ids, l.id)]
-    ORDER BY l.id
-    FOR NO KEY UPDATE
-$$;
+DROP FUNCTION IF EXISTS fleet.lock_leases(bigint[], bigint[]);  -- 2026-12-07, replaced by the
+-- heartbeat's SKIP LOCKED (queries.sql)
 
 -- Finish messages that no worker holds (cancel a queued or parked message, expire an approval).
 CREATE OR REPLACE FUNCTION fleet.finish_unleased(

@@ -58,13 +58,35 @@ RETURNING m.id, m.session_id, m.agent, m.body, m.customer_id, m.variables, m.met
 -- name: heartbeat
 -- Extend the leases this worker still holds; returns the ids still held (the rest were lost)
 -- and, for each that someone asked to cancel, the reason given ('' when none).
--- The rows are locked first, in id order (fleet.lock_leases).
-UPDATE fleet.messages m
-SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
-WHERE m.id = ANY (ARRAY(SELECT fleet.lock_leases($1::bigint[], $2::bigint[])))
-RETURNING m.id,
-          CASE WHEN m.cancel_requested_at IS NOT NULL
-               THEN coalesce(m.cancel_reason, '') END AS cancel_reason;
+--
+-- Never waits for a row lock: a message that another transaction has locked (most often this
+-- worker's own write of its outcome, or a handler's Lease.transaction) is skipped, reported
+-- still held with no reason, and extended by the next heartbeat if still running. A heartbeat
+-- that waited could deadlock: it locks a worker's leases all at once, and the finish writing
+-- some of them locks them in its own plan's order (here the running index's, by session);
+-- PostgreSQL's deadlock detector broke such pairs in 4 of 6 runs of a chaos script
+-- (tests/test_chaos_handlers.py; BENCHMARKS.md, 2026-12-07). `mine`: the leases the snapshot
+-- shows held; `locked`: those of them locked now, the rest skipped.
+WITH mine AS (
+    SELECT l.id FROM fleet.messages l
+    WHERE l.id = ANY ($1::bigint[]) AND l.state = 'running'
+      AND l.lease_token = ($2::bigint[])[array_position($1::bigint[], l.id)]
+), locked AS (
+    SELECT l.id FROM fleet.messages l
+    WHERE l.id = ANY (ARRAY(SELECT id FROM mine)) AND l.state = 'running'
+      AND l.lease_token = ($2::bigint[])[array_position($1::bigint[], l.id)]
+    FOR NO KEY UPDATE SKIP LOCKED
+), extended AS (
+    UPDATE fleet.messages m
+    SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
+    WHERE m.id = ANY (ARRAY(SELECT id FROM locked))
+    RETURNING m.id,
+              CASE WHEN m.cancel_requested_at IS NOT NULL
+                   THEN coalesce(m.cancel_reason, '') END AS cancel_reason
+)
+SELECT id, cancel_reason FROM extended
+UNION ALL
+SELECT id, NULL FROM mine WHERE id <> ALL (ARRAY(SELECT id FROM locked));
 
 -- name: finish
 -- Finish messages (done/dead) under their lease tokens; returns the ids actually finished.
@@ -86,12 +108,12 @@ WHERE id = $1 AND lease_token = $2 AND state = 'running'
 RETURNING id;
 
 -- name: release
--- Give messages back untouched (graceful shutdown): the attempt does not count. The rows are
--- locked first, in id order (fleet.lock_leases).
+-- Give messages back untouched (graceful shutdown): the attempt does not count.
 UPDATE fleet.messages m
 SET state = 'queued', attempts = greatest(m.attempts - 1, 0), run_after = clock_timestamp(),
     lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
-WHERE m.id = ANY (ARRAY(SELECT fleet.lock_leases($1::bigint[], $2::bigint[])))
+FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
+WHERE m.id = u.id AND m.lease_token = u.token AND m.state = 'running'
 RETURNING m.id;
 
 -- name: rescue_expired

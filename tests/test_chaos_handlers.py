@@ -14,7 +14,7 @@ that no session ever has two heads or two running messages. Afterwards:
   are enqueued one after another, so they must run in that order), and no two messages of a
   session ran at once;
 * PostgreSQL detected no deadlock (the heartbeat and the finish of one worker once locked each
-  other's messages here: fleet.lock_leases);
+  other's messages here; queries.sql, heartbeat);
 * each kind of chaos happened (so the checks above were not passed by a quiet run).
 
 The suite is ``slow``; it runs in CI.

@@ -358,11 +358,11 @@ class _HeldByTheTest(NoopHandler):
         return await super().handle(message, lease)
 
 
-async def test_a_heartbeat_leaves_out_the_outcomes_being_written(conn, db_url, settings):
-    """A heartbeat does not touch the messages whose outcomes the worker is writing: it would
-    wait for the write's row locks, and two statements locking each other's messages deadlock
-    (fleet.lock_leases). Here the write of one outcome is held up by a row lock the test
-    holds; the worker's heartbeats go on extending the other message's lease meanwhile."""
+async def test_heartbeats_go_on_while_an_outcome_write_waits_for_a_lock(conn, db_url, settings):
+    """The worker side of a heartbeat that never waits: here the write of one outcome waits for
+    a row lock the test holds (as a finish can for another's), and the worker's heartbeats go
+    on extending its other message's lease meanwhile. A heartbeat that waited for the locked
+    message could deadlock with a finish (queries.sql, heartbeat)."""
     settings = settings.model_copy(update={"fleet_lease_seconds": 1.5})  # a beat every 0.5 s
     events = {"written": asyncio.Event(), "running": asyncio.Event()}
     written = await queue.enqueue(conn, "a", "written")
@@ -652,48 +652,28 @@ async def test_a_heartbeat_is_a_hot_update(conn: asyncpg.Connection):
     assert await updates() == (updated + 10, hot + 10)
 
 
-@pytest.mark.parametrize("write", ["heartbeat", "release"])
-async def test_lease_writes_lock_their_messages_in_id_order(conn, db_url, write: str):
-    """A heartbeat (and the release at shutdown) locks the messages it holds in id order,
-    whatever order the leases come in and the rows lie on disk: two statements that lock
-    several messages each in opposite orders deadlock (fleet.lock_leases). The three messages'
-    rows lie on disk, their sessions sort (the running index's order) and their leases come in
-    reverse id order; the middle one is locked by another transaction. The write must have
-    locked the first and wait for the middle one, with the last not yet taken."""
-    ids = [await queue.enqueue(conn, f"order-{2 - i}", "x") for i in range(3)]
-    for offset, message_id in enumerate(ids):  # the last due first
-        await conn.execute("UPDATE fleet.messages SET run_after = now() - make_interval("
-                           "secs => $2) WHERE id = $1", message_id, float(offset))
-    claimed = [(await queue.claim(conn, "w", 1, 30))[0] for _ in ids]
-    assert [m.id for m in claimed] == ids[::-1]
+async def test_a_heartbeat_never_waits_for_a_locked_message(conn, db_url):
+    """A heartbeat skips a message another transaction has locked (reported still held, not
+    extended) instead of waiting for it: a heartbeat that waited could deadlock with the
+    finish writing some of the same messages in another order (queries.sql, heartbeat)."""
+    ids = [await queue.enqueue(conn, f"hb-{i}", "x") for i in range(3)]
+    claimed = await queue.claim(conn, "w", 3, 30)
     leases = [(m.id, m.lease_token) for m in claimed]
-    first, middle, last = ids
-    async with (
-        asyncpg.create_pool(db_url, min_size=3, max_size=3) as pool,
-        pool.acquire() as blocker,
-        pool.acquire() as writer,
-        pool.acquire() as probe,
-    ):
-        blocking = blocker.transaction()
-        await blocking.start()
-        await blocker.execute("SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE", middle)
-        writing = asyncio.create_task(getattr(queue, write)(writer, leases, *(
-            [30] if write == "heartbeat" else [])))
-        try:
-            pid = writer.get_server_pid()
-            await wait_until(lambda: probe.fetchval(
-                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid))
-            async with probe.transaction():
-                with pytest.raises(asyncpg.LockNotAvailableError):
-                    await probe.execute(
-                        "SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE NOWAIT", first)
-            async with probe.transaction():
-                await probe.execute(
-                    "SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE NOWAIT", last)
-        finally:
-            await blocking.rollback()
-            written = await asyncio.wait_for(writing, 10)
-    assert set(written) == set(ids)
+    expiry = "SELECT id, lease_expires_at FROM fleet.messages WHERE id = ANY ($1)"
+    before = dict(await conn.fetch(expiry, ids))
+    locked = ids[1]
+    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool, \
+            pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE", locked)
+        held = await asyncio.wait_for(queue.heartbeat(conn, leases, 60), 5)
+        assert held == dict.fromkeys(ids)
+        after = dict(await conn.fetch(expiry, ids))
+        assert [after[i] > before[i] for i in ids] == [True, False, True]
+    # Free again: extended, and a lease lost meanwhile is not reported held.
+    await conn.execute("UPDATE fleet.messages SET lease_token = lease_token + 1000 WHERE id = $1",
+                       ids[2])
+    assert await queue.heartbeat(conn, leases, 60) == dict.fromkeys(ids[:2])
+    assert dict(await conn.fetch(expiry, ids))[locked] > before[locked]
 
 
 async def _call_buffers(conn: asyncpg.Connection, call: str) -> int:
