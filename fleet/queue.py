@@ -296,7 +296,9 @@ async def heartbeat(
     db: Executor, leases: Sequence[tuple[int, int]], lease_seconds: float
 ) -> dict[int, str | None]:
     """Extend leases; returns ``{message id: cancel reason}`` for the leases still ours: None
-    when no one asked to cancel it, the reason given ('' when none) when someone did."""
+    when no one asked to cancel it, the reason given ('' when none) when someone did. Never
+    waits for a row lock: a message another transaction holds locked is returned with None,
+    not extended this time (the heartbeat's SQL says why)."""
     if not leases:
         return {}
     ids, tokens = zip(*leases, strict=True)
