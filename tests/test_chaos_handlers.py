@@ -84,12 +84,14 @@ async def _produce(url: str, producer: int, until: float, tally: Counter[str]) -
     numbers = itertools.count()
 
     def new(session: str) -> dict[str, Any]:
-        return {"session_id": session, "body": "m", "max_attempts": 3,
+        # One in three gets a single attempt, so that some messages die for sure.
+        return {"session_id": session, "body": "m", "max_attempts": rnd.choice((1, 3, 3)),
                 "metadata": {"producer": producer, "n": next(numbers)}}
 
     async def enqueue(session: str) -> None:
         message = new(session)
-        await queue.enqueue(conn, session, "m", metadata=message["metadata"], max_attempts=3)
+        await queue.enqueue(conn, session, "m", metadata=message["metadata"],
+                            max_attempts=message["max_attempts"])
 
     try:
         while asyncio.get_running_loop().time() < until:

@@ -367,7 +367,6 @@ async def test_heartbeats_go_on_while_an_outcome_write_waits_for_a_lock(conn, db
     events = {"written": asyncio.Event(), "running": asyncio.Event()}
     written = await queue.enqueue(conn, "a", "written")
     still_running = await queue.enqueue(conn, "b", "running")
-    lease_of_the_other = "SELECT lease_expires_at FROM fleet.messages WHERE id = $1"
     holder = await asyncpg.connect(db_url)
     try:
         async with running(Worker(settings, _HeldByTheTest(events), concurrency=2)):
@@ -380,7 +379,8 @@ async def test_heartbeats_go_on_while_an_outcome_write_waits_for_a_lock(conn, db
                 await wait_until(lambda: conn.fetchval(
                     "SELECT count(*) = 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
                     " AND application_name = 'fleet-worker'"), interval=0.02)
-                before = await conn.fetchval(lease_of_the_other, still_running)
+                before = await conn.fetchval(
+                    "SELECT lease_expires_at FROM fleet.messages WHERE id = $1", still_running)
                 await wait_until(lambda: conn.fetchval(
                     "SELECT lease_expires_at > $2 FROM fleet.messages WHERE id = $1",
                     still_running, before), timeout=3, interval=0.05,
@@ -662,8 +662,11 @@ async def test_a_heartbeat_never_waits_for_a_locked_message(conn, db_url):
     expiry = "SELECT id, lease_expires_at FROM fleet.messages WHERE id = ANY ($1)"
     before = dict(await conn.fetch(expiry, ids))
     locked = ids[1]
-    async with asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool, \
-            pool.acquire() as blocker, blocker.transaction():
+    async with (
+        asyncpg.create_pool(db_url, min_size=1, max_size=1) as pool,
+        pool.acquire() as blocker,
+        blocker.transaction(),
+    ):
         await blocker.execute("SELECT 1 FROM fleet.messages WHERE id = $1 FOR UPDATE", locked)
         held = await asyncio.wait_for(queue.heartbeat(conn, leases, 60), 5)
         assert held == dict.fromkeys(ids)
