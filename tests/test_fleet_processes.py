@@ -84,6 +84,45 @@ async def test_kill_9_worker_messages_are_taken_over_after_lease_expiry(
         assert r["error"] is None
 
 
+async def test_a_worker_stopped_past_its_leases_cannot_overwrite_the_new_owner(
+    conn, fleet_env, tmp_path: Path
+):
+    """A real zombie: a worker process frozen (SIGSTOP) while it holds messages, for longer than
+    their leases. Another worker takes them over and finishes them; when the frozen one
+    resumes (SIGCONT), its handlers end and its heartbeat runs, and nothing it writes lands:
+    the new owner's results stay as they were (fencing by lease token)."""
+    ids = [await conn.fetchval("SELECT fleet.enqueue(session_id => $1, body => 'x')", f"z{i}")
+           for i in range(3)]
+    zombie = start_fleet("worker", "--handler", "noop", "--work-delay", "2", "--concurrency", "3",
+                         env=fleet_env, log=tmp_path / "zombie.log")
+    rescuer = None
+    try:
+        await wait_until(lambda: conn.fetchval(
+            "SELECT count(*) = 3 FROM fleet.messages WHERE state = 'running'"), timeout=30,
+            message="the zombie to hold all three")
+        zombie.send_signal(signal.SIGSTOP)
+        rescuer = start_fleet("worker", "--handler", "noop", "--work-delay", "0.05",
+                              env=fleet_env, log=tmp_path / "rescuer.log")
+        await wait_until(lambda: _all_done(conn, 3), timeout=30, message="the takeover")
+        taken_over = "SELECT id, state, reply, attempts, takeovers, finished_at FROM fleet.messages"
+        finished = [dict(r) for r in await conn.fetch(taken_over + " ORDER BY id")]
+        assert [(r["id"], r["takeovers"], r["attempts"]) for r in finished] == [
+            (i, 1, 1) for i in ids]
+        zombie.send_signal(signal.SIGCONT)
+        await wait_until(lambda: asyncio.to_thread(
+            lambda: "taken over" in (tmp_path / "zombie.log").read_text()
+            or "lease lost" in (tmp_path / "zombie.log").read_text()),
+            timeout=30, message="the zombie to find its leases gone")
+        await asyncio.sleep(1)  # anything it would still write
+        assert [dict(r) for r in await conn.fetch(taken_over + " ORDER BY id")] == finished
+    finally:
+        if zombie.poll() is None:
+            zombie.send_signal(signal.SIGCONT)
+        assert stop(zombie) == 0
+        if rescuer is not None:
+            stop(rescuer)
+
+
 @pytest.mark.parametrize(("work_delay", "expect"), [("1", "done"), ("30", "queued")])
 async def test_sigterm_drains_or_releases_in_flight_messages(
     conn, fleet_env, tmp_path: Path, work_delay: str, expect: str
