@@ -39,7 +39,7 @@ from typing import Any, Literal
 import asyncpg
 
 from fleet import metrics
-from fleet.database import TRANSIENT, create_pool
+from fleet.database import TRANSIENT, close_pool, create_pool
 from fleet.queue import Executor
 from fleet.settings import Settings
 from fleet.sql import queries
@@ -229,7 +229,7 @@ class AuditWriter:
         # Its statements are single INSERTs: no session state to reset on every release.
         self.pool = await create_pool(
             self.settings, "fleet-audit", url=self.url, min_size=1, max_size=self.pool_size,
-            reset_sessions=False,
+            reset_sessions=False, command_timeout=self.settings.fleet_lease_seconds,
         )
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
@@ -241,7 +241,7 @@ class AuditWriter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self.pool is not None:
-            await self.pool.close()
+            await close_pool(self.pool)
 
     async def write(self, turn: TurnAudit) -> bool:
         """Make the turn's rows so far durable; True when they were written."""

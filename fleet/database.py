@@ -116,6 +116,7 @@ async def create_pool(
     vector: bool = False,
     reset_sessions: bool = True,
     keep_idle: bool = False,
+    command_timeout: float | None = None,
 ) -> asyncpg.Pool:
     """A pool; ``vector=True`` registers pgvector's codec on each connection.
 
@@ -125,7 +126,10 @@ async def create_pool(
     back). The worker's claim paid it on every batch: measured, it was a third of the claim's
     latency (BENCHMARKS.md). ``keep_idle=True`` never closes a connection for being idle
     (asyncpg's default closes it after 300 s), so a burst after a quiet spell does not wait
-    for new backends.
+    for new backends. ``command_timeout`` bounds every statement: one that times out is
+    cancelled, and its connection closed if the cancellation is not acknowledged within as
+    long again (asyncpg), so a connection the network silently dropped fails instead of
+    waiting for TCP to give up (about 15 minutes on Linux).
     """
     pool = await asyncpg.create_pool(
         url or await resolve_url(settings),
@@ -134,7 +138,18 @@ async def create_pool(
         init=_init_vector if vector else _init_json,
         reset=None if reset_sessions else _keep_session,
         max_inactive_connection_lifetime=0 if keep_idle else 300.0,
+        command_timeout=command_timeout,
         **connection_kwargs(settings, application_name),
     )
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close ``pool`` politely, or terminate its connections when one cannot answer: a
+    connection the network dropped without a word never acknowledges the goodbye, and its
+    close fails after the pool's ``command_timeout`` (or waits forever without one)."""
+    try:
+        await pool.close()
+    except TRANSIENT:
+        pool.terminate()

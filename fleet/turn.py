@@ -53,7 +53,7 @@ from fleet import approvals, metrics
 from fleet.agent_builder import AgentBuilder, BuiltAgent
 from fleet.agents import ASK_PREFIX
 from fleet.audit import AuditWriter, TurnAudit, clip, now
-from fleet.database import create_pool, resolve_url
+from fleet.database import close_pool, create_pool, resolve_url
 from fleet.delegation import Delegator, delegation_depth
 from fleet.errors import ConfigurationError, FleetError, HandlerError, TurnCancelled
 from fleet.guardrails import REFUSAL
@@ -342,7 +342,7 @@ class AgentHandler:
             if self.audit is not None:
                 await self.audit.close()
             if self.pool is not None:
-                await self.pool.close()
+                await close_pool(self.pool)
             self.pool = self.audit = None
             raise
 
@@ -350,7 +350,7 @@ class AgentHandler:
         url = await resolve_url(self.settings)
         self.pool = await create_pool(  # no session state left behind: skip the reset
             self.settings, "fleet-agent", url=url, min_size=1, max_size=self.pool_size,
-            reset_sessions=False,
+            reset_sessions=False, command_timeout=self.settings.fleet_lease_seconds,
         )
         audit = AuditWriter(self.settings, url=url)
         await audit.start()
@@ -372,7 +372,7 @@ class AgentHandler:
         if self.audit is not None:
             await self.audit.close()
         if self.pool is not None:
-            await self.pool.close()
+            await close_pool(self.pool)
         await self.model.close()
 
     # -- one message ---------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from typing import TypeVar
 import asyncpg
 
 from fleet import approvals, audit, metrics, queue, tracing
-from fleet.database import TRANSIENT, connect, create_pool, resolve_url
+from fleet.database import TRANSIENT, close_pool, connect, create_pool, resolve_url
 from fleet.errors import ConfigurationError, LeaseLost, PermanentHandlerError, TurnCancelled
 from fleet.handlers import Handler, Lease, Parked, Reply
 from fleet.queue import ClaimedMessage, Outcome
@@ -253,9 +253,13 @@ class Worker:
         # No session reset on release: the queue's statements and Lease.transaction() leave
         # no session state, and the reset's round trip sat on every claim. Connections are
         # kept while idle and opened ahead of need (_fill_pool), not in the middle of a burst.
+        # No statement of the worker's may take longer than a lease (none needs to: claims and
+        # heartbeats never wait for a lock, a finish skips busy sessions): a connection the
+        # network dropped without a word (a failover, a NAT's expired entry) otherwise held a
+        # call, and with it the worker's claims, until TCP gave up.
         pool = await create_pool(
             self.settings, "fleet-worker", url=self.url, min_size=1, max_size=POOL_SIZE,
-            reset_sessions=False, keep_idle=True,
+            reset_sessions=False, keep_idle=True, command_timeout=self.lease_seconds,
         )
         try:
             await _require_read_committed(pool)
@@ -333,7 +337,7 @@ class Worker:
         except TRANSIENT:
             pass
         await self.handler.close()
-        await self.pool.close()
+        await close_pool(self.pool)
         log.info("worker %s stopped after %d messages", self.worker_id, self.processed)
 
     # -- producer ----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pydantic import Field, StrictInt
 from starlette.applications import Starlette
 
 from fleet import gc_policy, tracing
-from fleet.database import create_pool
+from fleet.database import close_pool, create_pool
 from fleet.embeddings import ModelSpec, aembed, model_spec, prepare_for_queries
 from fleet.errors import ConfigurationError, FleetError
 from fleet.settings import Settings
@@ -145,9 +145,10 @@ def build_server(settings: Settings, *, own_process: bool = False) -> MCPServer:
     @asynccontextmanager
     async def lifespan(_server: MCPServer) -> AsyncIterator[AppState]:
         # Its settings are per transaction (set_config(..., true)): no per-release reset.
-        pool = await create_pool(
+        pool = await create_pool(  # no statement outlives the call a client waits on
             settings, "fleet-mcp", min_size=1, max_size=settings.customer_data_pool_size,
             vector=True, reset_sessions=False,
+            command_timeout=settings.fleet_mcp_call_timeout_seconds,
         )
         try:
             if settings.fleet_embeddings == "local":
@@ -159,7 +160,7 @@ def build_server(settings: Settings, *, own_process: bool = False) -> MCPServer:
             log.info("customer-data ready (embeddings: %s)", model_spec(settings).name)
             yield AppState(pool=pool, settings=settings, spec=model_spec(settings))
         finally:
-            await pool.close()
+            await close_pool(pool)
 
     url = urlparse(settings.customer_data_url)
     server = MCPServer(
