@@ -206,7 +206,7 @@ class Worker:
             if started:
                 await self.handler.close()
             if self.pool is not None:
-                await self.pool.close()
+                await close_pool(self.pool)
             return
         metrics.WORKER_UP.inc()
         if self.on_ready is not None:
@@ -264,7 +264,7 @@ class Worker:
         try:
             await _require_read_committed(pool)
         except BaseException:
-            await pool.close()
+            await close_pool(pool)
             raise
         return pool
 
