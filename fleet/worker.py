@@ -183,6 +183,9 @@ class Worker:
         self.processed = 0
         # Metric children looked up once, not per message.
         self._turn_duration = metrics.TURN_DURATION.labels(handler.name)
+        #: How long each turn ended since the last _record_turns took (the metrics, a batch at
+        #: a time: metrics.observe_many).
+        self._turns_ended: list[float] = []
         self._completed_done = metrics.MESSAGES_COMPLETED.labels("done")
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -311,6 +314,7 @@ class Worker:
                 task.cancel()
             if still_running:
                 await asyncio.wait(still_running)
+        self._record_turns()
         await self._flush_outcomes()
         deadline = time.monotonic() + grace
         while (self._pending or self._rechecks) and time.monotonic() < deadline:  # (_settle)
@@ -373,6 +377,7 @@ class Worker:
         Told of new work with both calls under way, it looks again when one ends
         (``_new_work`` still set). An outcome needs no such care: the next call carries
         whatever is pending."""
+        self._record_turns()
         while time.monotonic() >= self._retry_at:
             free = min(self.concurrency - len(self.in_flight) - self._reserved, self.claim_batch)
             free = max(free, 0)
@@ -415,6 +420,15 @@ class Worker:
         self._backlog = free > 0 and len(claimed) == free
         if self._backlog or self._pending or self._new_work:
             self._wakeup.set()
+
+    def _record_turns(self) -> None:
+        """The turns that ended since the last call, into the metrics. A turn's end wakes the
+        producer, which calls this first thing (``_start_cycles``), so they are recorded
+        within one turn of its event loop; shutdown records the last ones."""
+        if self._turns_ended:
+            ended, self._turns_ended = self._turns_ended, []
+            metrics.observe_many(self._turn_duration, ended)
+            metrics.IN_FLIGHT.dec(len(ended))
 
     def _idle(self) -> bool:
         """Nothing claimed, running or to write, and the last claim found the queue empty."""
@@ -540,10 +554,11 @@ class Worker:
             return
         metrics.MESSAGES_CLAIMED.inc(len(claimed))
         metrics.IN_FLIGHT.inc(len(claimed))
+        metrics.observe_many(
+            metrics.QUEUE_WAIT,
+            [max((m.claimed_at - m.enqueued_at).total_seconds(), 0.0) for m in claimed],
+        )
         for message in claimed:
-            metrics.QUEUE_WAIT.observe(
-                max((message.claimed_at - message.enqueued_at).total_seconds(), 0.0)
-            )
             self._launch(message)
 
     def _launch(self, message: ClaimedMessage) -> asyncio.Task[None]:
@@ -607,8 +622,7 @@ class Worker:
         except Exception as exc:  # a failed attempt, whatever the handler raised
             await self._fail(message, exc)
         finally:
-            self._turn_duration.observe(time.monotonic() - started)
-            metrics.IN_FLIGHT.dec()
+            self._turns_ended.append(time.monotonic() - started)
             self.in_flight.pop(message.id, None)
             self._cancelling.pop(message.id, None)
             self.processed += 1

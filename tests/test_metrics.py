@@ -242,6 +242,42 @@ def test_every_known_label_value_exists_before_it_is_used():
         assert ("fleet_skill_activations_total", (("skill", skill),)) in found
 
 
+def test_observe_many_records_what_observe_would():
+    """The worker records a batch's queue waits and ended turns with metrics.observe_many,
+    which writes the histogram's fields itself: the samples must be observe()'s, bucket by
+    bucket (edges included), for an unlabelled histogram and a labelled child alike."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    values = [0.0, 0.001, 0.0010001, 0.004, 0.25, 0.25, 7.0, 300.0, 301.0, -0.5] * 3
+
+    def samples(registry: CollectorRegistry) -> dict[tuple, float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    for labels in ((), ("handler",)):
+        one_by_one, batched = CollectorRegistry(), CollectorRegistry()
+        kwargs = {"buckets": metrics.QUEUE_WAIT._upper_bounds[:-1], "labelnames": labels}
+        a = Histogram("h", "h", registry=one_by_one, **kwargs)
+        b = Histogram("h", "h", registry=batched, **kwargs)
+        if labels:
+            a, b = a.labels("noop"), b.labels("noop")
+        for value in values:
+            a.observe(value)
+        metrics.observe_many(b, values[:7])
+        metrics.observe_many(b, [])
+        metrics.observe_many(b, values[7:])
+        expected, got = samples(one_by_one), samples(batched)
+        assert got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value), key
+    with pytest.raises(ValueError):  # a labelled parent, as observe() says
+        metrics.observe_many(Histogram("p", "p", ["x"], registry=CollectorRegistry()), [1.0])
+
+
 def test_model_cost_and_tool_helpers():
     before_in = metrics.MODEL_TOKENS.labels("input")._value.get()
     before_cost = metrics.MODEL_COST._value.get()
