@@ -183,10 +183,10 @@ class Worker:
         self.processed = 0
         # Metric children looked up once, not per message.
         self._turn_duration = metrics.TURN_DURATION.labels(handler.name)
-        #: How long each turn ended since the last _record_turns took (the metrics, a batch at
-        #: a time: metrics.observe_many).
-        self._turns_ended: list[float] = []
         self._completed_done = metrics.MESSAGES_COMPLETED.labels("done")
+        #: The durations of the turns ended since the last _record_turns, which puts them in
+        #: the metrics a batch at a time (metrics.observe_many).
+        self._turns_ended: list[float] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
