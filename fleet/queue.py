@@ -109,8 +109,8 @@ class Message(BaseModel):
 class Outcome(NamedTuple):
     """How a claimed message ends: ``done`` with its reply, ``dead`` with its error, or
     ``cancelled`` on request while it ran. Made by the worker for every message, from values it
-    already holds, so nothing to validate: a named tuple (0.5 us; a frozen dataclass took 1.0,
-    a pydantic model's validation 1.2 more)."""
+    already holds, so nothing to validate: a named tuple, 0.5 us to build by hand against 1.0
+    for a frozen dataclass (a pydantic model's validation had cost 1.2 us more than that)."""
 
     message_id: int
     lease_token: int
