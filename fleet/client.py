@@ -13,6 +13,7 @@ fallback: a lost notification costs at most one poll interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -22,7 +23,7 @@ import asyncpg
 from pydantic import BaseModel
 
 from fleet import metrics, queue
-from fleet.database import connect, create_pool, resolve_url
+from fleet.database import TRANSIENT, close_pool, connect, create_pool, resolve_url
 from fleet.errors import InvalidInput, NotFound
 from fleet.outcomes import OutcomeWaits
 from fleet.queue import Message, NewMessage
@@ -56,10 +57,20 @@ class Client:
         *,
         settings: Settings | None = None,
         poll_interval: float = 0.5,
+        statement_timeout: float | None = 60.0,
     ) -> None:
+        """``statement_timeout``: the seconds any one statement of the client's may take
+        before it is cancelled and raises :class:`TimeoutError` (None: no limit). Without a
+        limit, a connection the network dropped without a word (a failover, a NAT's expired
+        entry) holds a call until TCP gives up, about 15 minutes on Linux, whatever timeout
+        the call itself was given. Raise it for :meth:`enqueue_many` batches of hundreds of
+        thousands of messages."""
+        if statement_timeout is not None and statement_timeout <= 0:
+            raise InvalidInput("statement_timeout must be positive (or None: no limit)")
         self.settings = settings or get_settings()
         self._database_url = database_url
         self.poll_interval = poll_interval
+        self.statement_timeout = statement_timeout
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._waits = OutcomeWaits()
@@ -68,7 +79,8 @@ class Client:
 
     async def __aenter__(self) -> Client:
         url = self._database_url or await resolve_url(self.settings)
-        self._pool = await create_pool(self.settings, "fleet-client", url=url, max_size=4)
+        self._pool = await create_pool(self.settings, "fleet-client", url=url, max_size=4,
+                                       command_timeout=self.statement_timeout)
         try:
             self._listener = await connect(self.settings, "fleet-client-listen", url=url)
             await self._listener.add_listener(queue.OUTCOME_CHANNEL, self._on_outcome)
@@ -78,9 +90,12 @@ class Client:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._listener is not None:
-            await self._listener.close()
+            # A connection the network dropped never answers the goodbye: close() gives up
+            # after the timeout and aborts it (asyncpg), which is all there is left to do.
+            with contextlib.suppress(*TRANSIENT):
+                await self._listener.close(timeout=self.statement_timeout or 5.0)
         if self._pool is not None:
-            await self._pool.close()
+            await close_pool(self._pool)
 
     def _on_outcome(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._waits.notified(payload)

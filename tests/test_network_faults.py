@@ -6,12 +6,15 @@ own timeouts (about two leases) and go on with new connections."""
 from __future__ import annotations
 
 import asyncio
+import time
 from urllib.parse import unquote, urlparse, urlunparse
 
 import asyncpg
 import pytest
 
 from fleet import queue
+from fleet.client import Client
+from fleet.errors import InvalidInput
 from fleet.handlers import NoopHandler
 from fleet.settings import Settings
 from fleet.worker import Worker
@@ -115,3 +118,37 @@ async def test_a_worker_whose_connections_go_silent_carries_on_with_new_ones(
             finally:
                 proxy.disconnect()  # else a worker stuck on them would hang the test
                 await task
+
+
+async def test_a_client_call_on_a_silent_connection_times_out_and_the_next_one_works(
+    settings: Settings, db_url: str
+):
+    """fleet.Client's statements have a time limit (statement_timeout): a call on a connection
+    the network dropped fails with TimeoutError instead of waiting for TCP to give up, the
+    next call gets a working connection, and leaving the client does not hang."""
+    async with SilentProxy(db_url) as proxy:
+        # For code without the limit: the connections are reset after 20 s, so a call stuck
+        # on them fails the assertions below instead of hanging the test.
+        reset = asyncio.get_running_loop().call_later(20, proxy.disconnect)
+        try:
+            async with Client(proxy.proxied_url, settings=settings,
+                              statement_timeout=1.0) as client:
+                first = await client.enqueue("silent-client", "before")
+                proxy.silence()
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await client.get_message(first)
+                assert time.monotonic() - started < 10
+                # The pool's silent connection was given up: a new one answers.
+                second = await client.enqueue("silent-client", "after")
+                assert (await client.get_message(second)).body == "after"
+                left_at = time.monotonic()
+            assert time.monotonic() - left_at < 10  # the silent listener did not hold it
+        finally:
+            reset.cancel()
+            proxy.disconnect()
+
+
+def test_a_client_statement_timeout_must_be_positive():
+    with pytest.raises(InvalidInput, match="statement_timeout"):
+        Client(statement_timeout=0)
