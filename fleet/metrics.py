@@ -144,7 +144,7 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     """``histogram.observe(value)`` for each of ``values``, in one pass: the bucket counts are
     summed first, then each bucket touched and the sum are written once. The worker records a
     claim batch's queue waits and its ended turns this way. One by one, each observation is
-    two locked writes (an mmap file's in multiprocess mode), about 1.5 us in a process: 5% of
+    two locked writes (an mmap file's in multiprocess mode), about 1.5 us in a process: 4% of
     what a no-op drain's worker spends on a message (BENCHMARKS.md, 2026-12-08).
 
     Uses the fields ``Histogram.observe`` itself uses (``_upper_bounds``, ``_buckets``,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from fleet.bench.queue import host_cpu_ticks, steal_percent_since
-from tests.processes import fleet_json
+from tests.processes import fleet, fleet_json
 
 
 def _bench(fleet_env: dict[str, str], *extra: str) -> dict[str, Any]:
@@ -46,9 +46,17 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
         assert len(drain["steal_percent"]) == 1 and 0 <= drain["steal_percent"][0] <= 100
     assert drains[("pgfleet", "in-process", "many-per-session")]["sessions"] == 15
 
+    # The peak loads came first, and each sustained run went at half its own.
+    peaks = {(p["system"], p["layout"]): p for p in report["peak_loads"]}
+    assert set(peaks) == {("pgfleet", "one-per-session"), ("pgfleet", "many-per-session"),
+                          ("pgqueuer", "no sessions")}
+    for peak in peaks.values():
+        assert peak["messages_per_second"] > 0 and len(peak["rates"]) == 1, peak
+        assert peak["waiting"] == 40  # twice the worker's in-flight cap (2 x --batch)
     sustained = {(s["system"], s["layout"]): s for s in report["sustained"]}
-    assert set(sustained) == {("pgfleet", "one-per-session"), ("pgfleet", "many-per-session"),
-                              ("pgqueuer", "no sessions")}
+    assert set(sustained) == set(peaks)
+    for key, run in sustained.items():
+        assert run["target_rate"] == round(peaks[key]["messages_per_second"] / 2, 1)
     for run in sustained.values():
         assert run["all_done"] is True, run
         assert run["messages"] >= int(run["target_rate"] * 1)
@@ -67,9 +75,12 @@ def test_bench_queue_smoke_with_pgqueuer(fleet_env: dict[str, str]) -> None:
 
     summary = report["summary"]
     assert {"ratio_vs_pgqueuer_one_per_session", "ratio_vs_pgqueuer_many_per_session",
+            "peak_load", "peak_load_many_per_session", "peak_load_pgqueuer",
+            "drain_peak_over_peak_load",
             "scaling_steady", "scaling_steady_with_work", "sustained_p99_ms",
             "sustained_p99_ms_many_per_session", "sustained_p99_ms_pgqueuer",
             "targets_met", "one_process_cores", "scaling_ceiling"} <= set(summary)
+    assert "p99 <= 10 ms at half peak load" in summary["targets_met"]
     # The room the cores leave: one process's cores from its own rate and CPU per message.
     one = drains[("pgfleet", "1 process(es)", "one-per-session")]
     cores = one["steady_messages_per_second"] * (one["worker_cpu_us"] + one["postgres_cpu_us"])
@@ -113,6 +124,7 @@ def test_bench_queue_without_pgqueuer_or_explain(fleet_env: dict[str, str]) -> N
     assert {d["concurrency"] for d in report["drains"]} == {5}
     assert not any("handlers" in d["runner"] for d in report["drains"])
     assert report["claim_plans"] == []
+    assert report["peak_loads"] == []  # a given rate needs no peak
     assert "ratio_vs_pgqueuer_one_per_session" not in report["summary"]
 
 
@@ -160,12 +172,17 @@ def test_the_sustained_rate_is_the_one_the_report_gives() -> None:
     was given (``--sustain-rate``) or is half a measured peak; below 0.1/s is refused."""
     from pydantic import ValidationError
 
-    from fleet.bench.queue import DrainResult, QueueBench, QueueBenchConfig
+    from fleet.bench.queue import DrainResult, PeakLoadResult, QueueBench, QueueBenchConfig
     from fleet.settings import Settings
 
     given = QueueBench(Settings(), QueueBenchConfig(sustain_rate=1234.56))
     assert given._sustain_rate("pgfleet") == 1234.6
-    measured = QueueBench(Settings(), QueueBenchConfig())
+    load = QueueBench(Settings(), QueueBenchConfig())
+    load.report.peak_loads.append(PeakLoadResult(
+        system="pgqueuer", layout="no sessions", messages_per_second=2871.4, rates=[2871.4],
+        waiting=40, load_before=0.0, steal_percent=[0.0]))
+    assert load._sustain_rate("pgqueuer") == 1435.7  # half the peak load, by default
+    measured = QueueBench(Settings(), QueueBenchConfig(sustain_peak="drain"))
     measured.report.drains.append(DrainResult(
         system="pgqueuer", runner="in-process", layout="no sessions", messages=10,
         sessions=None, batch=10, concurrency=None, processes=1, messages_per_second=3629.0,
@@ -175,3 +192,10 @@ def test_the_sustained_rate_is_the_one_the_report_gives() -> None:
     assert measured._sustain_rate("pgqueuer") == 1814.5
     with pytest.raises(ValidationError, match="sustain_rate"):
         QueueBenchConfig(sustain_rate=0.04)
+
+
+def test_an_unknown_sustain_peak_is_refused_in_one_sentence(fleet_env: dict[str, str]) -> None:
+    done = fleet("bench", "queue", "--sustain-peak", "highest", env=fleet_env, timeout=60)
+    assert done.returncode == 2, done
+    assert "unknown --sustain-peak 'highest'; expected load or drain" in done.stderr
+    assert "Traceback" not in done.stderr

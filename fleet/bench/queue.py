@@ -76,7 +76,15 @@ PHASE_TIMEOUT = 600.0
 #: showed in a measured second as a backlog. Both systems get it.
 SUSTAIN_WARMUP_SECONDS = 1.0
 
+#: Length of one peak-load run (after its warm-up), and its closed-loop producer's limits: it
+#: keeps about twice the worker's in-flight cap waiting (so a claim never finds less than a
+#: full batch), in transactions of at most PEAK_LOAD_PER_COMMIT messages (the sustained
+#: producer committed 7-18 a transaction near these rates: BENCHMARKS.md, 2026-12-08).
+PEAK_LOAD_SECONDS = 4.0
+PEAK_LOAD_PER_COMMIT = 16
+
 Layout = Literal["one-per-session", "many-per-session", "no sessions"]
+Peak = Literal["load", "drain"]
 
 # -- the harness's own SQL ---------------------------------------------------------------------
 
@@ -124,6 +132,10 @@ FROM fleet.messages WHERE id > $1 ORDER BY id
 """
 
 FLEET_UNFINISHED = "SELECT count(*) FROM fleet.messages WHERE state NOT IN ('done', 'dead')"
+FLEET_WAITING = "SELECT count(*) FROM fleet.messages WHERE state = 'queued'"
+FLEET_CLAIMED_BETWEEN = (
+    "SELECT count(*) FROM fleet.messages WHERE claimed_at >= $1 AND claimed_at < $2"
+)
 
 PGQ_RESET = "TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics RESTART IDENTITY"
 
@@ -163,6 +175,10 @@ ORDER BY q.job_id
 """
 
 PGQ_UNFINISHED = "SELECT count(*) FROM pgqueuer"
+PGQ_WAITING = "SELECT count(*) FROM pgqueuer WHERE status = 'queued'"
+PGQ_CLAIMED_BETWEEN = """
+SELECT count(*) FROM pgqueuer_log WHERE status = 'picked' AND created >= $1 AND created < $2
+"""
 
 
 # -- configuration and report ------------------------------------------------------------------
@@ -191,7 +207,13 @@ class QueueBenchConfig(BaseModel):
     """Length of each sustained-load run."""
     sustain_rate: float | None = Field(None, ge=0.1)
     """Messages/s of the sustained runs (both systems; rounded to 0.1/s); default half of each
-    one's own peak."""
+    one's own peak (``sustain_peak``)."""
+    sustain_peak: Peak = "load"
+    """Which peak the sustained rate is half of. ``load``: the peak load, the highest rate at
+    which a producer on the same machine enqueues and one worker process claims (measured by a
+    closed-loop run, ``peak_loads``). ``drain``: a drain's steady rate with no producer (the
+    method until 2026-12-08), near what the machine carries once the producer's own work is
+    added (BENCHMARKS.md)."""
     repeat: int = Field(1, ge=1)
     """Runs of each drain (the report keeps every rate and uses the median) and of each
     sustained run (the summary's p99 is over all their messages)."""
@@ -270,6 +292,18 @@ class SustainedResult(BaseModel):
     host slower) or not."""
 
 
+class PeakLoadResult(BaseModel):
+    system: Literal["pgfleet", "pgqueuer"]
+    layout: Layout
+    messages_per_second: float
+    """Median over the runs: messages the worker claimed a second while a closed-loop producer
+    on the same machine kept about ``waiting`` messages waiting for it."""
+    rates: list[float]
+    waiting: int
+    load_before: float
+    steal_percent: list[float]
+
+
 class ClaimPlan(BaseModel):
     case: str
     backlog: int
@@ -290,6 +324,7 @@ class QueueBenchReport(BaseModel):
     config: QueueBenchConfig
     environment: dict[str, Any]
     drains: list[DrainResult] = Field(default_factory=list)
+    peak_loads: list[PeakLoadResult] = Field(default_factory=list)
     sustained: list[SustainedResult] = Field(default_factory=list)
     claim_plans: list[ClaimPlan] = Field(default_factory=list)
     summary: dict[str, Any] = Field(default_factory=dict)
@@ -636,6 +671,34 @@ async def _produce(
     return total / (loop.time() - start), commits
 
 
+async def _produce_closed(
+    seconds: float,
+    send: Callable[[int, int], Awaitable[Any]],
+    waiting: Callable[[], Awaitable[int]],
+    keep_waiting: int,
+    first: int = 0,
+) -> int:
+    """Closed-loop producer, for the peak load: for ``seconds``, whenever fewer than
+    ``keep_waiting`` messages wait for the worker (``waiting()``), it sends the difference, in
+    transactions of at most PEAK_LOAD_PER_COMMIT messages. The worker then never waits for
+    work and the producer never runs ahead of it: the rate both sustain together on this
+    machine. Messages are numbered from ``first``; returns the number after the last sent."""
+    loop = asyncio.get_running_loop()
+    sent = first
+    with collector_paused():
+        end = loop.time() + seconds
+        while loop.time() < end:
+            room = keep_waiting - await waiting()
+            if room <= 0:
+                await asyncio.sleep(0.001)
+            while room > 0 and loop.time() < end:
+                batch = min(room, PEAK_LOAD_PER_COMMIT)
+                await send(sent, sent + batch)
+                sent += batch
+                room -= batch
+    return sent
+
+
 def _walk(plan: dict[str, Any]) -> list[dict[str, Any]]:
     nodes = [plan]
     for child in plan.get("Plans", []):
@@ -976,7 +1039,16 @@ class QueueBench:
         return round(self.config.sustain_rate or self._peak(system, layout) / 2, 1)
 
     def _peak(self, system: str, layout: Layout = "one-per-session") -> float:
-        """The single-process peak the sustained rate is half of. Many per session: the
+        """The single-process peak the sustained rate is half of: the peak load measured in
+        that layout (``sustain_peak = "load"``), or the drain's (``"drain"``)."""
+        if self.config.sustain_peak == "load":
+            layout = "no sessions" if system == "pgqueuer" else layout
+            [peak] = [p for p in self.report.peak_loads if (p.system, p.layout) == (system, layout)]
+            return peak.messages_per_second
+        return self._drain_peak(system, layout)
+
+    def _drain_peak(self, system: str, layout: Layout = "one-per-session") -> float:
+        """A single-process drain's steady rate (its best run's). Many per session: the
         in-process drain of that layout (the worker processes drain one per session only);
         one message costs more there (the election at its enqueue's commit, the promotion)."""
         if layout == "many-per-session":
@@ -993,13 +1065,45 @@ class QueueBench:
     async def _sustained(self) -> None:
         """The sustained runs, ``repeat`` of each system, round-robin. One run's p99 is decided
         by whether a background burst (an autovacuum, the host) lands in its few seconds, so
-        the summary's p99 is over every message of every run."""
+        the summary's p99 is over every message of every run. Their rates are half of the
+        peak loads, measured first (``repeat`` runs each, round-robin, median), unless a rate
+        was given or the drains' peaks were asked for."""
+        if self.config.sustain_rate is None and self.config.sustain_peak == "load":
+            rates: dict[tuple[str, Layout], list[float]] = collections.defaultdict(list)
+            steal: dict[tuple[str, Layout], list[float]] = collections.defaultdict(list)
+            load = _load()
+            for repeat in range(self.config.repeat):
+                self.progress(f"peak load {repeat + 1}/{self.config.repeat}")
+                measured = [(("pgfleet", layout), await self._fleet_run(layout, peak_load=True))
+                            for layout in ("one-per-session", "many-per-session")]
+                if not self.config.skip_pgqueuer:
+                    measured.append((("pgqueuer", "no sessions"),
+                                     await self._pgq_run(peak_load=True)))
+                for key, result in measured:
+                    assert result is not None  # a peak-load run's rate and steal
+                    rates[key].append(result[0])
+                    steal[key].append(result[1])
+            for (system, layout), runs in rates.items():
+                self.report.peak_loads.append(PeakLoadResult(
+                    system=system,  # type: ignore[arg-type]
+                    layout=layout,
+                    messages_per_second=round(statistics.median(runs), 1),
+                    rates=[round(r, 1) for r in runs],
+                    waiting=self._keep_waiting,
+                    load_before=load,
+                    steal_percent=steal[system, layout],
+                ))
         for repeat in range(self.config.repeat):
             self.progress(f"sustained {repeat + 1}/{self.config.repeat}")
-            await self._fleet_sustained("one-per-session")
-            await self._fleet_sustained("many-per-session")
+            await self._fleet_run("one-per-session")
+            await self._fleet_run("many-per-session")
             if not self.config.skip_pgqueuer:
-                await self._pgq_sustained()
+                await self._pgq_run()
+
+    @property
+    def _keep_waiting(self) -> int:
+        """Messages the peak load's producer keeps waiting: twice the worker's in-flight cap."""
+        return 2 * self._concurrency
 
     async def _fleet_history(self) -> None:
         """A warm queue, as after a while in production: ``messages`` finished messages of
@@ -1015,17 +1119,24 @@ class QueueBench:
         await self.conn.execute("VACUUM ANALYZE")
         await _checkpoint(self.conn)
 
-    async def _fleet_sustained(self, layout: Layout = "one-per-session") -> None:
+    async def _fleet_run(
+        self, layout: Layout = "one-per-session", *, peak_load: bool = False
+    ) -> tuple[float, float] | None:
         """One sustained run: each message in a new session, or (many-per-session) spread over
-        ``sessions`` sessions in turn, at half that layout's peak."""
+        ``sessions`` sessions in turn, at half that layout's peak. With ``peak_load``, a
+        peak-load run in that layout instead, which returns its rate and the host's steal."""
         assert self.conn is not None
-        rate = self._sustain_rate("pgfleet", layout)
         seconds = self.config.sustain_seconds
         sessions = self.config.sessions if layout == "many-per-session" else None
         spread = f", over {sessions} sessions" if sessions else ", one per session"
-        self.progress(
-            f"pgfleet sustained: {rate:,.0f} msg/s for {seconds:g}s{spread}, 1 worker process"
-        )
+        if peak_load:
+            rate = 0.0
+            self.progress(f"pgfleet peak load{spread}, 1 worker process")
+        else:
+            rate = self._sustain_rate("pgfleet", layout)
+            self.progress(
+                f"pgfleet sustained: {rate:,.0f} msg/s for {seconds:g}s{spread}, 1 worker process"
+            )
         await self._fleet_history()
         args = ["fleet", "worker", "--handler", "noop", *self._worker_limits]
         proc = _Process(args, self._env())
@@ -1045,22 +1156,35 @@ class QueueBench:
 
         try:
             await queue.enqueue(self.conn, "probe", BODY)  # the worker is up once it is done
+            if peak_load:
+                return await self._measure_peak_load(
+                    "pgfleet", proc, send("warm"), send("live"), FLEET_UNFINISHED,
+                    FLEET_WAITING, FLEET_CLAIMED_BETWEEN,
+                )
             await self._measure_sustained(
                 "pgfleet", layout, proc, rate, send("warm"), send("live"), FLEET_UNFINISHED,
                 "SELECT max(id) FROM fleet.messages", FLEET_LATENCY, FLEET_TIMES,
             )
+            return None
         finally:
             await pool.close()
             proc.finish()
 
-    async def _pgq_sustained(self) -> None:
+    async def _pgq_run(self, *, peak_load: bool = False) -> tuple[float, float] | None:
+        """PgQueuer's sustained run (or, with ``peak_load``, its peak-load run), as ours."""
         from pgqueuer.db import AsyncpgPoolDriver
         from pgqueuer.queries import Queries
 
         assert self.conn is not None
-        rate = self._sustain_rate("pgqueuer")
         seconds = self.config.sustain_seconds
-        self.progress(f"PgQueuer sustained: {rate:,.0f} jobs/s for {seconds:g}s, 1 worker process")
+        if peak_load:
+            rate = 0.0
+            self.progress("PgQueuer peak load, 1 worker process")
+        else:
+            rate = self._sustain_rate("pgqueuer")
+            self.progress(
+                f"PgQueuer sustained: {rate:,.0f} jobs/s for {seconds:g}s, 1 worker process"
+            )
         # Warm state, as after a while in production: the drains' log rows stay, analyzed.
         await self.conn.execute("VACUUM ANALYZE")  # the whole database, as for ours
         await _checkpoint(self.conn)
@@ -1080,10 +1204,16 @@ class QueueBench:
 
         try:
             await queries.enqueue(PGQ_ENTRYPOINT, BODY.encode())  # as for ours
+            if peak_load:
+                return await self._measure_peak_load(
+                    "pgqueuer", proc, send, send, PGQ_UNFINISHED, PGQ_WAITING,
+                    PGQ_CLAIMED_BETWEEN,
+                )
             await self._measure_sustained(
                 "pgqueuer", "no sessions", proc, rate, send, send, PGQ_UNFINISHED,
                 "SELECT max(job_id) FROM pgqueuer_log", PGQ_LATENCY, PGQ_TIMES,
             )
+            return None
         finally:
             await pool.close()
             proc.finish()
@@ -1134,6 +1264,48 @@ class QueueBench:
             system, rate, achieved, commits, times, seconds, row, load, cpu, worker_cpu,
             layout=layout,
         )
+
+    async def _measure_peak_load(
+        self,
+        system: Literal["pgfleet", "pgqueuer"],
+        proc: _Process,
+        warm_send: Callable[[int, int], Awaitable[Any]],
+        live_send: Callable[[int, int], Awaitable[Any]],
+        unfinished_sql: str,
+        waiting_sql: str,
+        claimed_sql: str,
+    ) -> tuple[float, float]:
+        """A peak-load run, once the worker ``proc`` runs and a probe message is enqueued: the
+        closed-loop producer (:func:`_produce_closed`) for the warm-up, then for
+        PEAK_LOAD_SECONDS, measured: the messages the worker claimed in those seconds, by the
+        database's clock, over their length. Returns that rate and the host's steal."""
+        assert self.conn is not None
+        conn = self.conn
+
+        async def worker_idle() -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"the {system} worker exited: {proc.tail()}")
+            return await conn.fetchval(unfinished_sql) == 0
+
+        async def waiting() -> int:
+            return await conn.fetchval(waiting_sql)
+
+        await _wait_for(worker_idle, f"the {system} worker to start", 60)
+        await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
+        sent = await _produce_closed(SUSTAIN_WARMUP_SECONDS, warm_send, waiting,
+                                     self._keep_waiting)
+        host_before = host_cpu_ticks()
+        started = await conn.fetchval("SELECT clock_timestamp()")
+        await _produce_closed(PEAK_LOAD_SECONDS, live_send, waiting, self._keep_waiting, sent)
+        ended = await conn.fetchval("SELECT clock_timestamp()")
+        stolen = steal_percent_since(host_before)
+        claimed = await conn.fetchval(claimed_sql, started, ended)
+        await _wait_for(worker_idle, f"the {system} peak-load messages to finish")
+        proc.terminate()
+        await proc.wait(60)
+        rate = claimed / (ended - started).total_seconds()
+        self.progress(f"  {rate:,.0f}/s, host steal {stolen:.1f}%")
+        return rate, stolen
 
     def _add_sustained(
         self,
@@ -1328,6 +1500,13 @@ class QueueBench:
         suffixes = {("pgfleet", "one-per-session"): "",
                     ("pgfleet", "many-per-session"): "_many_per_session",
                     ("pgqueuer", "no sessions"): "_pgqueuer"}
+        for peak in self.report.peak_loads:
+            suffix = suffixes[peak.system, peak.layout]
+            summary[f"peak_load{suffix}"] = peak.messages_per_second
+            drain_peak = self._drain_peak(peak.system, peak.layout)
+            # What the drain's peak, the sustained rate's base until 2026-12-08, is of it.
+            summary[f"drain_peak_over_peak_load{suffix}"] = round(
+                drain_peak / max(peak.messages_per_second, 1e-6), 2)
         for (system, layout), latencies in self._latencies.items():
             if latencies:
                 suffix = suffixes[system, layout]
@@ -1342,7 +1521,8 @@ class QueueBench:
         ours_p99 = [summary[k] for k in ("sustained_p99_ms", "sustained_p99_ms_many_per_session")
                     if k in summary]
         if ours_p99 and self.config.sustain_rate is None:
-            targets["p99 <= 10 ms at half peak"] = max(ours_p99) <= 10.0
+            half = "half peak load" if self.config.sustain_peak == "load" else "half drain peak"
+            targets[f"p99 <= 10 ms at {half}"] = max(ours_p99) <= 10.0
         scaling = f"{self.config.processes} processes >= 1.8x one"
         if "scaling_steady" in summary:
             targets[f"{scaling} (no-op handlers)"] = summary["scaling_steady"] >= 1.8

@@ -36,6 +36,11 @@ def bench_queue_command(
         None, "--sustain-rate", min=0.1,
         help="Sustained messages/s, at least 0.1, rounded to 0.1 (default: half of the peak).",
     ),
+    sustain_peak: str = typer.Option(
+        "load", "--sustain-peak",
+        help="Sustained rate: half the peak load ('load': producer and worker together) or"
+             " half a drain's peak ('drain', the method until 2026-12-08).",
+    ),
     repeat: int = typer.Option(
         1, "--repeat", min=1, help="Runs of each drain (median reported) and sustained run."
     ),
@@ -47,7 +52,10 @@ def bench_queue_command(
 ) -> None:
     """Drain and sustained-load benchmark in a scratch database (method: BENCHMARKS.md)."""
     from fleet.bench.queue import QueueBenchConfig, run_queue_bench
+    from fleet.errors import InvalidInput
 
+    if sustain_peak not in ("load", "drain"):
+        raise InvalidInput(f"unknown --sustain-peak {sustain_peak!r}; expected load or drain")
     setup_logging("WARNING")
     config = QueueBenchConfig(
         messages=messages,
@@ -58,6 +66,7 @@ def bench_queue_command(
         scaling_work_delay=scaling_work_delay,
         sustain_seconds=sustain_seconds,
         sustain_rate=sustain_rate,
+        sustain_peak=sustain_peak,
         repeat=repeat,
         explain_backlog=explain_backlog,
         skip_pgqueuer=skip_pgqueuer,
@@ -100,7 +109,17 @@ def _print(report: Any) -> None:
             "all_done",
         ],
     )
-    rate = "at half the single-process peak"
+    if report.peak_loads:
+        typer.echo(
+            "\nPeak load (messages/s one worker process claims while a producer on the same"
+            " machine keeps it busy; median of the runs)"
+        )
+        emit_table(
+            [p.model_dump() for p in report.peak_loads],
+            ["system", "layout", "messages_per_second", "rates", "waiting", "steal_percent"],
+        )
+    rate = ("at half the peak load" if report.config.sustain_peak == "load"
+            else "at half the single-process drain's peak")
     if report.config.sustain_rate:
         rate = f"at {report.config.sustain_rate:,.0f} messages/s"
     typer.echo(f"\nSustained load {rate} (enqueue -> claim)")
