@@ -662,7 +662,7 @@ async def _traced_run(args: argparse.Namespace, run: int, captured: dict[str, An
         if fsyncs is not None:
             fsyncs.start()
         try:
-            await qb._fleet_run()
+            await qb._fleet_sustained()
             vacuums = await qb.conn.fetch(
                 "SELECT relname, extract(epoch FROM last_autovacuum)::float8 AS vacuum,"
                 " extract(epoch FROM last_autoanalyze)::float8 AS analyze"

@@ -78,8 +78,9 @@ SUSTAIN_WARMUP_SECONDS = 1.0
 
 #: Length of one peak-load run (after its warm-up), and its closed-loop producer's limits: it
 #: keeps about twice the worker's in-flight cap waiting (so a claim never finds less than a
-#: full batch), in transactions of at most PEAK_LOAD_PER_COMMIT messages (the sustained
-#: producer committed 7-18 a transaction near these rates: BENCHMARKS.md, 2026-12-08).
+#: full batch), in transactions of at most PEAK_LOAD_PER_COMMIT messages (our sustained
+#: producer committed 7-21 a transaction at 6,300-7,700/s in 2026-12-08's runs; how many the
+#: closed-loop one commits at a time is not reported).
 PEAK_LOAD_SECONDS = 4.0
 PEAK_LOAD_PER_COMMIT = 16
 
@@ -438,6 +439,30 @@ async def scratch_database(settings: Settings) -> AsyncIterator[str]:
 
 def _bench_settings(settings: Settings, url: str) -> Settings:
     return settings.model_copy(update={"database_url": url})
+
+
+@dataclass(frozen=True)
+class _LoadRun:
+    """A worker process of one system under a producer's load (the peak-load and sustained
+    runs): its producer's two senders (warm-up and measured messages, numbered from 0) and
+    how to tell the worker has nothing left."""
+
+    system: Literal["pgfleet", "pgqueuer"]
+    conn: asyncpg.Connection
+    proc: _Process
+    warm_send: Callable[[int, int], Awaitable[Any]]
+    live_send: Callable[[int, int], Awaitable[Any]]
+    unfinished_sql: str
+
+    async def idle(self) -> bool:
+        if self.proc.popen.poll() is not None:
+            raise RuntimeError(f"the {self.system} worker exited: {self.proc.tail()}")
+        return await self.conn.fetchval(self.unfinished_sql) == 0
+
+    async def started(self) -> None:
+        """The worker has finished the probe message, and its LISTEN connection is up."""
+        await _wait_for(self.idle, f"the {self.system} worker to start", 60)
+        await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
 
 
 @dataclass(frozen=True)
@@ -1074,15 +1099,13 @@ class QueueBench:
             load = _load()
             for repeat in range(self.config.repeat):
                 self.progress(f"peak load {repeat + 1}/{self.config.repeat}")
-                measured = [(("pgfleet", layout), await self._fleet_run(layout, peak_load=True))
+                measured = [(("pgfleet", layout), await self._fleet_peak_load(layout))
                             for layout in ("one-per-session", "many-per-session")]
                 if not self.config.skip_pgqueuer:
-                    measured.append((("pgqueuer", "no sessions"),
-                                     await self._pgq_run(peak_load=True)))
-                for key, result in measured:
-                    assert result is not None  # a peak-load run's rate and steal
-                    rates[key].append(result[0])
-                    steal[key].append(result[1])
+                    measured.append((("pgqueuer", "no sessions"), await self._pgq_peak_load()))
+                for key, (rate, stolen) in measured:
+                    rates[key].append(rate)
+                    steal[key].append(stolen)
             for (system, layout), runs in rates.items():
                 self.report.peak_loads.append(PeakLoadResult(
                     system=system,  # type: ignore[arg-type]
@@ -1095,10 +1118,10 @@ class QueueBench:
                 ))
         for repeat in range(self.config.repeat):
             self.progress(f"sustained {repeat + 1}/{self.config.repeat}")
-            await self._fleet_run("one-per-session")
-            await self._fleet_run("many-per-session")
+            await self._fleet_sustained("one-per-session")
+            await self._fleet_sustained("many-per-session")
             if not self.config.skip_pgqueuer:
-                await self._pgq_run()
+                await self._pgq_sustained()
 
     @property
     def _keep_waiting(self) -> int:
@@ -1119,24 +1142,14 @@ class QueueBench:
         await self.conn.execute("VACUUM ANALYZE")
         await _checkpoint(self.conn)
 
-    async def _fleet_run(
-        self, layout: Layout = "one-per-session", *, peak_load: bool = False
-    ) -> tuple[float, float] | None:
-        """One sustained run: each message in a new session, or (many-per-session) spread over
-        ``sessions`` sessions in turn, at half that layout's peak. With ``peak_load``, a
-        peak-load run in that layout instead, which returns its rate and the host's steal."""
+    @contextlib.asynccontextmanager
+    async def _fleet_worker(self, layout: Layout) -> AsyncIterator[_LoadRun]:
+        """A warm queue and one ``fleet worker --handler noop`` process (the bench's limits),
+        with a producer whose messages go each in a new session, or (many-per-session) over
+        ``sessions`` sessions in turn; a probe message is enqueued (the worker is up once it
+        is done). The worker is stopped on exit."""
         assert self.conn is not None
-        seconds = self.config.sustain_seconds
         sessions = self.config.sessions if layout == "many-per-session" else None
-        spread = f", over {sessions} sessions" if sessions else ", one per session"
-        if peak_load:
-            rate = 0.0
-            self.progress(f"pgfleet peak load{spread}, 1 worker process")
-        else:
-            rate = self._sustain_rate("pgfleet", layout)
-            self.progress(
-                f"pgfleet sustained: {rate:,.0f} msg/s for {seconds:g}s{spread}, 1 worker process"
-            )
         await self._fleet_history()
         args = ["fleet", "worker", "--handler", "noop", *self._worker_limits]
         proc = _Process(args, self._env())
@@ -1155,36 +1168,20 @@ class QueueBench:
             )
 
         try:
-            await queue.enqueue(self.conn, "probe", BODY)  # the worker is up once it is done
-            if peak_load:
-                return await self._measure_peak_load(
-                    "pgfleet", proc, send("warm"), send("live"), FLEET_UNFINISHED,
-                    FLEET_WAITING, FLEET_CLAIMED_BETWEEN,
-                )
-            await self._measure_sustained(
-                "pgfleet", layout, proc, rate, send("warm"), send("live"), FLEET_UNFINISHED,
-                "SELECT max(id) FROM fleet.messages", FLEET_LATENCY, FLEET_TIMES,
-            )
-            return None
+            await queue.enqueue(self.conn, "probe", BODY)
+            yield _LoadRun("pgfleet", self.conn, proc, send("warm"), send("live"),
+                           FLEET_UNFINISHED)
         finally:
             await pool.close()
             proc.finish()
 
-    async def _pgq_run(self, *, peak_load: bool = False) -> tuple[float, float] | None:
-        """PgQueuer's sustained run (or, with ``peak_load``, its peak-load run), as ours."""
+    @contextlib.asynccontextmanager
+    async def _pgq_worker(self) -> AsyncIterator[_LoadRun]:
+        """PgQueuer's side of :meth:`_fleet_worker`: its worker process and its producer."""
         from pgqueuer.db import AsyncpgPoolDriver
         from pgqueuer.queries import Queries
 
         assert self.conn is not None
-        seconds = self.config.sustain_seconds
-        if peak_load:
-            rate = 0.0
-            self.progress("PgQueuer peak load, 1 worker process")
-        else:
-            rate = self._sustain_rate("pgqueuer")
-            self.progress(
-                f"PgQueuer sustained: {rate:,.0f} jobs/s for {seconds:g}s, 1 worker process"
-            )
         # Warm state, as after a while in production: the drains' log rows stay, analyzed.
         await self.conn.execute("VACUUM ANALYZE")  # the whole database, as for ours
         await _checkpoint(self.conn)
@@ -1204,57 +1201,73 @@ class QueueBench:
 
         try:
             await queries.enqueue(PGQ_ENTRYPOINT, BODY.encode())  # as for ours
-            if peak_load:
-                return await self._measure_peak_load(
-                    "pgqueuer", proc, send, send, PGQ_UNFINISHED, PGQ_WAITING,
-                    PGQ_CLAIMED_BETWEEN,
-                )
-            await self._measure_sustained(
-                "pgqueuer", "no sessions", proc, rate, send, send, PGQ_UNFINISHED,
-                "SELECT max(job_id) FROM pgqueuer_log", PGQ_LATENCY, PGQ_TIMES,
-            )
-            return None
+            yield _LoadRun("pgqueuer", self.conn, proc, send, send, PGQ_UNFINISHED)
         finally:
             await pool.close()
             proc.finish()
 
+    def _spread(self, layout: Layout) -> str:
+        """How a run of ours spreads its messages, for the progress lines."""
+        if layout == "many-per-session":
+            return f", over {self.config.sessions} sessions"
+        return ", one per session"
+
+    async def _fleet_sustained(self, layout: Layout = "one-per-session") -> None:
+        """One sustained run of ours, at half that layout's peak."""
+        rate = self._sustain_rate("pgfleet", layout)
+        spread = self._spread(layout)
+        self.progress(f"pgfleet sustained: {rate:,.0f} msg/s for "
+                      f"{self.config.sustain_seconds:g}s{spread}, 1 worker process")
+        async with self._fleet_worker(layout) as run:
+            await self._measure_sustained(run, layout, rate, "SELECT max(id) FROM fleet.messages",
+                                          FLEET_LATENCY, FLEET_TIMES)
+
+    async def _fleet_peak_load(self, layout: Layout) -> tuple[float, float]:
+        """One peak-load run of ours in that layout: its rate and the host's steal."""
+        spread = self._spread(layout)
+        self.progress(f"pgfleet peak load{spread}, 1 worker process")
+        async with self._fleet_worker(layout) as run:
+            return await self._measure_peak_load(run, FLEET_WAITING, FLEET_CLAIMED_BETWEEN)
+
+    async def _pgq_sustained(self) -> None:
+        rate = self._sustain_rate("pgqueuer")
+        self.progress(f"PgQueuer sustained: {rate:,.0f} jobs/s for "
+                      f"{self.config.sustain_seconds:g}s, 1 worker process")
+        async with self._pgq_worker() as run:
+            await self._measure_sustained(run, "no sessions", rate,
+                                          "SELECT max(job_id) FROM pgqueuer_log", PGQ_LATENCY,
+                                          PGQ_TIMES)
+
+    async def _pgq_peak_load(self) -> tuple[float, float]:
+        self.progress("PgQueuer peak load, 1 worker process")
+        async with self._pgq_worker() as run:
+            return await self._measure_peak_load(run, PGQ_WAITING, PGQ_CLAIMED_BETWEEN)
+
     async def _measure_sustained(
         self,
-        system: Literal["pgfleet", "pgqueuer"],
+        run: _LoadRun,
         layout: Layout,
-        proc: _Process,
         rate: float,
-        warm_send: Callable[[int, int], Awaitable[Any]],
-        live_send: Callable[[int, int], Awaitable[Any]],
-        unfinished_sql: str,
         last_id_sql: str,
         latency_sql: str,
         times_sql: str,
     ) -> None:
-        """What both systems' sustained runs share, once their worker ``proc`` runs and a probe
+        """What both systems' sustained runs share, once their worker runs and a probe
         message is enqueued: wait for the worker to finish the probe, one unmeasured second of
         load (``SUSTAIN_WARMUP_SECONDS``), then the measured run; the latencies are those of
         the messages after the warm-up's last id."""
-        assert self.conn is not None
-        conn = self.conn
+        conn, proc, system = run.conn, run.proc, run.system
         seconds = self.config.sustain_seconds
-
-        async def worker_idle() -> bool:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"the {system} worker exited: {proc.tail()}")
-            return await conn.fetchval(unfinished_sql) == 0
-
-        await _wait_for(worker_idle, f"the {system} worker to start", 60)
-        await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
-        await _produce(rate, SUSTAIN_WARMUP_SECONDS, warm_send)
-        await _wait_for(worker_idle, f"the {system} warm-up messages to finish")
+        await run.started()
+        await _produce(rate, SUSTAIN_WARMUP_SECONDS, run.warm_send)
+        await _wait_for(run.idle, f"the {system} warm-up messages to finish")
         measured_after = await conn.fetchval(last_id_sql)
         load = _load()
         worker = psutil.Process(proc.popen.pid)
         worker_before = sum(worker.cpu_times()[:2])
         async with self._cpu_meter(interval=1.0) as cpu:
-            achieved, commits = await _produce(rate, seconds, live_send)
-            await _wait_for(worker_idle, f"the {system} sustained-load messages to finish")
+            achieved, commits = await _produce(rate, seconds, run.live_send)
+            await _wait_for(run.idle, f"the {system} sustained-load messages to finish")
             worker_cpu = sum(worker.cpu_times()[:2]) - worker_before
         proc.terminate()
         await proc.wait(60)
@@ -1266,44 +1279,31 @@ class QueueBench:
         )
 
     async def _measure_peak_load(
-        self,
-        system: Literal["pgfleet", "pgqueuer"],
-        proc: _Process,
-        warm_send: Callable[[int, int], Awaitable[Any]],
-        live_send: Callable[[int, int], Awaitable[Any]],
-        unfinished_sql: str,
-        waiting_sql: str,
-        claimed_sql: str,
+        self, run: _LoadRun, waiting_sql: str, claimed_sql: str
     ) -> tuple[float, float]:
-        """A peak-load run, once the worker ``proc`` runs and a probe message is enqueued: the
+        """A peak-load run, once the worker runs and a probe message is enqueued: the
         closed-loop producer (:func:`_produce_closed`) for the warm-up, then for
         PEAK_LOAD_SECONDS, measured: the messages the worker claimed in those seconds, by the
         database's clock, over their length. Returns that rate and the host's steal."""
-        assert self.conn is not None
-        conn = self.conn
-
-        async def worker_idle() -> bool:
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"the {system} worker exited: {proc.tail()}")
-            return await conn.fetchval(unfinished_sql) == 0
+        conn = run.conn
 
         async def waiting() -> int:
             return await conn.fetchval(waiting_sql)
 
-        await _wait_for(worker_idle, f"the {system} worker to start", 60)
-        await asyncio.sleep(1.0)  # its LISTEN connection is up well within this
-        sent = await _produce_closed(SUSTAIN_WARMUP_SECONDS, warm_send, waiting,
+        await run.started()
+        sent = await _produce_closed(SUSTAIN_WARMUP_SECONDS, run.warm_send, waiting,
                                      self._keep_waiting)
         host_before = host_cpu_ticks()
         started = await conn.fetchval("SELECT clock_timestamp()")
-        await _produce_closed(PEAK_LOAD_SECONDS, live_send, waiting, self._keep_waiting, sent)
+        await _produce_closed(PEAK_LOAD_SECONDS, run.live_send, waiting, self._keep_waiting,
+                              sent)
         ended = await conn.fetchval("SELECT clock_timestamp()")
         stolen = steal_percent_since(host_before)
-        await _wait_for(worker_idle, f"the {system} peak-load messages to finish")
+        await _wait_for(run.idle, f"the {run.system} peak-load messages to finish")
         # Counted once everything has committed: a claim under way at the end counts too.
         claimed = await conn.fetchval(claimed_sql, started, ended)
-        proc.terminate()
-        await proc.wait(60)
+        run.proc.terminate()
+        await run.proc.wait(60)
         rate = claimed / (ended - started).total_seconds()
         self.progress(f"  {rate:,.0f}/s, host steal {stolen:.1f}%")
         return rate, stolen
